@@ -1,0 +1,223 @@
+"""The `hvlab` command. User mistakes end in one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from harness.errors import BadInput, CommandError, HvlabError
+
+# Commands that touch lab devices: on a kernel without dm-thin they run in the lab VM.
+LAB_COMMANDS = {"up", "down", "stop", "status", "devices", "guest", "backup", "restore",
+                "verify", "runs", "explain"}
+# Commands that must live on in the persistent VM (an ephemeral VM would take the lab down).
+NEEDS_PERSISTENT = {"up", "guest", "backup"}
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg)
+
+
+def _lab_name(name: str | None) -> str:
+    from harness.lab.definition import check_name
+    from harness.lab.substrate import lab_names
+
+    if name:
+        return check_name("lab", name)
+    if os.environ.get("HVLAB_LAB"):
+        return check_name("lab", os.environ["HVLAB_LAB"])
+    labs = lab_names()
+    return labs[0] if len(labs) == 1 else "hvlab"
+
+
+lab_name_opt = click.option("--lab-name", "-n", default=None,
+                            help="Lab name (default: the only lab, else 'hvlab').")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """hvlab: Hyper-V 2012 R2 host-level VSS backup on real Linux block devices."""
+
+
+@cli.command()
+@click.option("--lab", "lab_file", type=click.Path(path_type=Path), default=None,
+              help="Lab definition (TOML). Default: the built-in 2-VM lab.")
+@lab_name_opt
+@click.option("--backing-size", default=None, help="Override the backing size, e.g. 8G.")
+@click.option("--no-guests", is_flag=True, help="Do not start the guest emulators.")
+def up(lab_file: Path | None, lab_name: str | None, backing_size: str | None,
+       no_guests: bool) -> None:
+    """Bring a lab up (or back up after a restart, data intact)."""
+    from harness.lab import definition, substrate
+
+    defn = definition.load(lab_file, name=lab_name, backing_size=backing_size)
+    substrate.up(defn, start_guests=not no_guests, progress=_echo)
+
+
+@cli.command()
+@lab_name_opt
+def down(lab_name: str | None) -> None:
+    """Remove everything of a lab (devices, mounts, files) and verify nothing is left."""
+    from harness.lab import substrate
+
+    substrate.down(_lab_name(lab_name), progress=_echo)
+    _echo("lab removed; nothing left")
+
+
+@cli.command()
+@lab_name_opt
+def stop(lab_name: str | None) -> None:
+    """Take a lab offline but keep its backing files; `hvlab up` brings it back."""
+    from harness.lab import substrate
+
+    substrate.stop(_lab_name(lab_name), progress=_echo)
+    _echo("lab stopped; data kept")
+
+
+@cli.command()
+@lab_name_opt
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def devices(lab_name: str | None, as_json: bool) -> None:
+    """The device tree: file -> loop -> PV -> VG -> pool -> LV -> controller -> mount."""
+    from harness.lab import tree
+
+    t = tree.build(_lab_name(lab_name))
+    if as_json:
+        click.echo(json.dumps(t, indent=2))
+    else:
+        tree.render(t)
+
+
+@cli.command()
+@lab_name_opt
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(lab_name: str | None, as_json: bool) -> None:
+    """Lab state, device tree and guests."""
+    from harness.lab import tree
+
+    t = tree.build(_lab_name(lab_name))
+    if as_json:
+        click.echo(json.dumps(t, indent=2))
+    else:
+        tree.render(t, with_guests=True)
+
+
+@cli.command()
+def doctor() -> None:
+    """What this machine can do, what is missing, and how to get it."""
+    from harness.lab import doctor as doc
+
+    ok = doc.render(doc.checks())
+    if not ok:
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------------------ lab VM
+@cli.group()
+def vm() -> None:
+    """The lab VM (user-mode-linux) for kernels without device-mapper."""
+
+
+@vm.command("up")
+@click.option("--mem", default=None, help="VM memory, e.g. 2G.")
+def vm_up(mem: str | None) -> None:
+    from harness.vm import control
+
+    p = control.up(mem=mem or control.DEFAULT_MEM)
+    _echo(f"lab VM is up (pid {control.pid()}, state in {p.root})")
+
+
+@vm.command("down")
+def vm_down() -> None:
+    from harness.vm import control
+
+    _echo("lab VM stopped" if control.down() else "lab VM was not running")
+
+
+@vm.command("status")
+def vm_status() -> None:
+    from harness.vm import control, runner
+
+    _echo(f"runner: {runner.choose()}")
+    _echo(f"lab VM: {'up, pid ' + str(control.pid()) if control.is_up() else 'down'}")
+
+
+@vm.command("run", context_settings={"ignore_unknown_options": True})
+@click.option("--ephemeral", is_flag=True, help="Boot a fresh VM for this command only.")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+def vm_run(ephemeral: bool, argv: tuple[str, ...]) -> None:
+    """Run a command as root in the lab VM; its exit status is ours."""
+    from harness.vm import control
+
+    if ephemeral or not control.is_up():
+        sys.exit(control.run_ephemeral(list(argv)))
+    sys.exit(control.run_in(list(argv)))
+
+
+@vm.command("shell")
+def vm_shell() -> None:
+    """A root shell inside the lab VM (Ctrl-] detaches)."""
+    from harness.vm import control
+
+    control.shell()
+
+
+def _forward(args: list[str]) -> int:
+    """Run this same hvlab command inside the lab VM."""
+    from harness.vm import control
+
+    argv = [sys.executable, "-m", "harness.cli", *args]
+    if control.is_up():
+        return control.run_in(argv)
+    if args and args[0] in NEEDS_PERSISTENT:
+        click.echo("hvlab: this kernel has no device-mapper; starting the lab VM", err=True)
+        control.up()
+        return control.run_in(argv)
+    return control.run_ephemeral(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] in LAB_COMMANDS and "-h" not in args and "--help" not in args:
+            from harness.vm import runner
+
+            where = runner.choose()
+            if where == "uml":
+                sys.exit(_forward(args))
+            if where == "none":
+                raise HvlabError("no way to run a lab here: need root and dm-thin, or Debian's "
+                                 "user-mode-linux for the lab VM (`hvlab doctor` says more)")
+            if os.geteuid() != 0:
+                raise HvlabError("lab commands need root (loop devices, LVM, mounts)")
+        cli.main(args=args, prog_name="hvlab", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("hvlab: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"hvlab: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except BadInput as exc:
+        click.echo(f"hvlab: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except CommandError as exc:
+        click.echo(f"hvlab: {exc}", err=True)
+        if os.environ.get("HVLAB_VERBOSE"):
+            click.echo(f"  argv: {exc.argv}\n  stderr: {exc.stderr.strip()}", err=True)
+        sys.exit(1)
+    except HvlabError as exc:
+        click.echo(f"hvlab: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("hvlab: interrupted", err=True)
+        sys.exit(130)
+
+
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Lab definitions: TOML in, validated dataclasses out. Every mistake is one clear line."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from harness.errors import BadInput
+from harness.sys.fs import FILESYSTEMS, MIN_SIZE
+from harness.sys.lvm import parse_size
+
+# Safe for LVM and dm names and for our separators ('_' and '-' are ours, so not allowed here).
+NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+NAME_RULE = "1-12 characters: lowercase letters and digits, starting with a letter"
+PROFILES = ("windows", "linux", "none")
+MIN_BACKING = 128 << 20
+MAX_BACKING = 1 << 40
+
+
+def check_name(kind: str, value: object) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise BadInput(f"invalid {kind} name {value!r}: must be {NAME_RULE}")
+    return value
+
+
+def _size(what: str, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError:
+            pass
+    raise BadInput(f"invalid size {value!r} for {what}: use bytes or a number with K, M, G, T")
+
+
+@dataclass(frozen=True)
+class Disk:
+    name: str
+    size: int
+    fs: str
+
+
+@dataclass(frozen=True)
+class VM:
+    name: str
+    profile: str
+    disks: tuple[Disk, ...]
+
+
+@dataclass(frozen=True)
+class LabDef:
+    name: str
+    backing_size: int
+    backing_files: int
+    vms: tuple[VM, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> LabDef:
+        vms = tuple(
+            VM(v["name"], v["profile"], tuple(Disk(**k) for k in v["disks"])) for v in d["vms"]
+        )
+        return LabDef(d["name"], d["backing_size"], d["backing_files"], vms)
+
+    def vm(self, name: str) -> VM:
+        for v in self.vms:
+            if v.name == name:
+                return v
+        known = ", ".join(v.name for v in self.vms)
+        raise BadInput(f"unknown VM {name!r}: this lab has {known}")
+
+    def disks(self) -> list[tuple[VM, Disk]]:
+        return [(v, d) for v in self.vms for d in v.disks]
+
+
+def _table(where: str, value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadInput(f"malformed lab file: {where} must be a table")
+    return value
+
+
+def _unknown(where: str, table: dict[str, Any], allowed: set[str]) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise BadInput(f"malformed lab file: unknown key {extra[0]!r} in {where} "
+                       f"(allowed: {', '.join(sorted(allowed))})")
+
+
+def parse(data: dict[str, Any], *, name: str | None = None,
+          backing_size: str | None = None) -> LabDef:
+    """Validate a lab document (already parsed TOML); flags override the file."""
+    _unknown("the file", data, {"lab", "vm"})
+    lab = _table("[lab]", data.get("lab", {}))
+    _unknown("[lab]", lab, {"name", "backing_size", "backing_files"})
+    lab_name = check_name("lab", name if name is not None else lab.get("name", "hvlab"))
+    size = _size("backing_size", backing_size if backing_size is not None
+                 else lab.get("backing_size", "4G"))
+    if not MIN_BACKING <= size <= MAX_BACKING:
+        raise BadInput(f"backing size {size} bytes is out of range: allowed "
+                       f"{MIN_BACKING >> 20} MiB to {MAX_BACKING >> 40} TiB")
+    nfiles = lab.get("backing_files", 1)
+    if not isinstance(nfiles, int) or isinstance(nfiles, bool) or not 1 <= nfiles <= 8:
+        raise BadInput(f"invalid backing_files {nfiles!r}: allowed 1 to 8")
+    raw_vms = data.get("vm", [])
+    if not isinstance(raw_vms, list) or not raw_vms:
+        raise BadInput("malformed lab file: at least one [[vm]] is required")
+    vms: list[VM] = []
+    for i, rv in enumerate(raw_vms):
+        rv = _table(f"vm #{i + 1}", rv)
+        _unknown(f"vm #{i + 1}", rv, {"name", "profile", "disk"})
+        vname = check_name("VM", rv.get("name"))
+        if any(v.name == vname for v in vms):
+            raise BadInput(f"duplicate VM name {vname!r}: VM names must be unique in a lab")
+        profile = rv.get("profile", "windows")
+        if profile not in PROFILES:
+            raise BadInput(f"invalid profile {profile!r} for VM {vname}: "
+                           f"allowed {', '.join(PROFILES)}")
+        raw_disks = rv.get("disk", [])
+        if not isinstance(raw_disks, list) or not raw_disks:
+            raise BadInput(f"VM {vname} has no disks: add at least one [[vm.disk]]")
+        disks: list[Disk] = []
+        for j, rd in enumerate(raw_disks):
+            rd = _table(f"disk #{j + 1} of {vname}", rd)
+            _unknown(f"disk #{j + 1} of {vname}", rd, {"name", "size", "fs"})
+            dname = check_name("disk", rd.get("name"))
+            if any(d.name == dname for d in disks):
+                raise BadInput(f"duplicate disk name {dname!r} in VM {vname}")
+            fs = rd.get("fs", "ext4")
+            if fs not in FILESYSTEMS:
+                raise BadInput(f"invalid filesystem {fs!r} for {vname}/{dname}: "
+                               f"allowed {', '.join(FILESYSTEMS)}")
+            dsize = _size(f"{vname}/{dname}", rd.get("size", "256M"))
+            if dsize < MIN_SIZE[fs]:
+                raise BadInput(f"disk {vname}/{dname} size {dsize} bytes is below the "
+                               f"{fs} minimum of {MIN_SIZE[fs] >> 20} MiB")
+            if dsize > size:
+                raise BadInput(f"disk {vname}/{dname} size {dsize} bytes is beyond the "
+                               f"backing size of {size} bytes")
+            disks.append(Disk(dname, dsize, fs))
+        vms.append(VM(vname, profile, tuple(disks)))
+    return LabDef(lab_name, size, nfiles, tuple(vms))
+
+
+def default_text() -> str:
+    return resources.files("fixtures").joinpath("labs/default.toml").read_text()
+
+
+def load(path: Path | None = None, *, name: str | None = None,
+         backing_size: str | None = None) -> LabDef:
+    if path is None:
+        text, where = default_text(), "default lab"
+    else:
+        try:
+            text, where = path.read_text(), str(path)
+        except OSError as exc:
+            raise BadInput(f"cannot read lab file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"malformed lab file {where}: {exc}") from None
+    return parse(data, name=name, backing_size=backing_size)
+
+
+def with_name(defn: LabDef, name: str) -> LabDef:
+    return replace(defn, name=check_name("lab", name))

@@ -1,0 +1,69 @@
+"""The lab's side of the guest emulators: one per VM, started at `up`, stopped at `down`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from harness.lab.paths import Names
+
+if TYPE_CHECKING:
+    from harness.lab.definition import LabDef
+
+
+def socket_path(names: Names, vm: str) -> str:
+    return str(names.guest_dir(vm) / "ic.sock")
+
+
+def config_for(defn: LabDef, names: Names, vm: str, **knobs: Any) -> dict[str, Any]:
+    v = defn.vm(vm)
+    return {
+        "vm": vm,
+        "profile": v.profile,
+        "socket": socket_path(names, vm),
+        "run_dir": str(names.guest_dir(vm)),
+        "disks": [{"name": d.name, "mountpoint": str(names.mountpoint(vm, d.name))}
+                  for d in v.disks],
+        **knobs,
+    }
+
+
+def running_pids(names: Names) -> list[int]:
+    pids = []
+    root = names.dir / "guests"
+    if not root.exists():
+        return []
+    for pidfile in root.glob("*/guest.pid"):
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if psutil.pid_exists(pid) and _is_guest(pid):
+            pids.append(pid)
+    return pids
+
+
+def _is_guest(pid: int) -> bool:
+    try:
+        return "harness.guest.emulator" in " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
+
+
+def start_all(defn: LabDef, names: Names, **knobs: Any) -> None:
+    from harness.guest.supervise import start_guest
+
+    for vm in defn.vms:
+        names.guest_dir(vm.name).mkdir(parents=True, exist_ok=True)
+        start_guest(config_for(defn, names, vm.name, **knobs))
+
+
+def stop_all(names: Names) -> None:
+    root = names.dir / "guests"
+    if not root.exists():
+        return
+    from harness.guest.supervise import stop_guest
+
+    for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        stop_guest(run_dir, 10.0)

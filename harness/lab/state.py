@@ -1,0 +1,78 @@
+"""The lab state file: what the lab is and what it made. Written atomically (tmp, fsync, rename)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HvlabError
+from harness.lab.definition import LabDef
+from harness.lab.paths import Names
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@dataclass
+class State:
+    definition: LabDef
+    phase: str = "creating"  # creating | up | stopped | removing
+    loops: dict[str, str] = field(default_factory=dict)  # backing file -> /dev/loopN
+    formatted: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": 1, "definition": self.definition.to_dict(), "phase": self.phase,
+                "loops": self.loops, "formatted": self.formatted, "extra": self.extra}
+
+    def save(self) -> None:
+        names = Names(self.definition.name)
+        names.dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(names.state_file, self.to_dict())
+
+    @staticmethod
+    def load(lab: str) -> State | None:
+        path = Names(lab).state_file
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise HvlabError(f"lab state file {path} is unreadable ({exc}); "
+                             f"run `hvlab down --lab-name {lab}` to clean up") from None
+        return State(LabDef.from_dict(d["definition"]), d.get("phase", "up"),
+                     d.get("loops", {}), d.get("formatted", False), d.get("extra", {}))
+
+
+@contextmanager
+def locked(lab: str) -> Iterator[None]:
+    """One lab operation at a time (flock on the lab's lock file)."""
+    names = Names(lab)
+    names.dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(names.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HvlabError(f"lab {lab!r} is busy: another hvlab command holds its lock") from None
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,339 @@
+"""The storage substrate: backing files -> loops -> PV/VG -> thin pool -> thin LVs ->
+virtual controllers (dm-linear) -> filesystems -> mounts.
+
+`up` rolls back what it made on failure; `down` discovers by prefix/path (not only from the
+state file), removes in reverse order and verifies that nothing of the lab is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.errors import BadInput, HvlabError, LeakError
+from harness.lab import guests
+from harness.lab.definition import LabDef
+from harness.lab.paths import Names
+from harness.lab.state import State, locked
+from harness.sys import dm, fs, loop
+from harness.sys.lvm import Lvm
+from harness.sys.uevents import wait_node
+
+log = logging.getLogger("hvlab.lab")
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def lvm_for(names: Names) -> Lvm:
+    return Lvm(names.lvm_dir)
+
+
+@dataclass
+class Inventory:
+    """What of a lab exists right now, found by ownership (path, prefix, uuid), not by memory."""
+
+    loops: list[loop.Loop] = field(default_factory=list)
+    dm_devices: list[dm.DmDevice] = field(default_factory=list)
+    mounts: list[fs.Mount] = field(default_factory=list)
+    guests: list[int] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.loops or self.dm_devices or self.mounts or self.guests)
+
+    def describe(self) -> str:
+        parts = [lo.name for lo in self.loops] + [d.name for d in self.dm_devices]
+        parts += [m.target for m in self.mounts] + [f"guest pid {p}" for p in self.guests]
+        return ", ".join(parts)
+
+
+def inventory(lab: str) -> Inventory:
+    names = Names(lab)
+    owned = [d for d in dm.list_devices() if d.name.startswith(names.dm_prefixes)]
+    return Inventory(
+        loops=loop.loops_under(names.dir) if names.dir.exists() else [],
+        dm_devices=owned,
+        mounts=fs.mounts_under(names.dir) if names.dir.exists() else [],
+        guests=guests.running_pids(names),
+    )
+
+
+def is_up(lab: str) -> bool:
+    st = State.load(lab)
+    return st is not None and st.phase == "up" and bool(inventory(lab).loops)
+
+
+# --------------------------------------------------------------------------------------- up
+class _Undo:
+    """Undo actions registered right after each creation; run in reverse on failure."""
+
+    def __init__(self) -> None:
+        self.actions: list[tuple[str, Callable[[], None]]] = []
+
+    def push(self, what: str, fn: Callable[[], None]) -> None:
+        self.actions.append((what, fn))
+
+    def run(self) -> list[str]:
+        errors = []
+        for what, fn in reversed(self.actions):
+            try:
+                fn()
+            except Exception as exc:  # keep unwinding; report every failure
+                errors.append(f"{what}: {exc}")
+        return errors
+
+
+def up(defn: LabDef, *, start_guests: bool = True, progress: Progress = _quiet) -> State:
+    """Bring a lab up: create it, or re-attach an existing one (after a restart) with data."""
+    names = Names(defn.name)
+    if names.dir.exists() and not names.state_file.exists() and any(names.dir.iterdir()):
+        if not inventory(defn.name).empty() or names.backing_dir.exists():
+            raise BadInput(f"lab {defn.name!r} has leftovers but no state file: "
+                           f"run `hvlab down --lab-name {defn.name}` first")
+    with locked(defn.name):
+        st = State.load(defn.name)
+        if st is not None:
+            if st.phase == "creating" or st.phase == "removing":
+                raise BadInput(f"lab {defn.name!r} was left {st.phase} by an interrupted "
+                               f"command: run `hvlab down --lab-name {defn.name}` first")
+            if st.definition != defn:
+                raise BadInput(f"lab {defn.name!r} already exists with a different definition: "
+                               f"use the same lab file, or `hvlab down` it first")
+            if st.phase == "up" and inventory(defn.name).loops:
+                raise BadInput(f"lab {defn.name!r} is already up (hvlab status shows it)")
+            return _restart(st, names, start_guests, progress)
+        return _create(defn, names, start_guests, progress)
+
+
+def _attach_all(st: State, names: Names, undo: _Undo) -> list[str]:
+    devs = []
+    for i in range(st.definition.backing_files):
+        path = names.backing_file(i)
+        dev = loop.attach(path)
+        undo.push(f"detach {dev}", lambda d=dev: loop.detach(d))
+        st.loops[str(path)] = dev
+        devs.append(dev)
+    st.save()
+    return devs
+
+
+def _create(defn: LabDef, names: Names, start_guests: bool, progress: Progress) -> State:
+    undo = _Undo()
+    st = State(defn, phase="creating")
+    try:
+        names.dir.mkdir(parents=True, exist_ok=True)
+        st.save()
+        undo.push("remove lab directory", lambda: shutil.rmtree(names.dir, ignore_errors=True))
+        names.backing_dir.mkdir(exist_ok=True)
+        per_file = defn.backing_size // defn.backing_files
+        for i in range(defn.backing_files):
+            with open(names.backing_file(i), "wb") as f:
+                f.truncate(per_file)  # sparse
+        progress(f"backing files: {defn.backing_files} x {per_file >> 20} MiB (sparse)")
+        devs = _attach_all(st, names, undo)
+        progress(f"loops: {' '.join(devs)}")
+        lvm = lvm_for(names)
+        lvm.write_config(devs)
+        lvm("pvcreate", "-q", *devs)
+        lvm("vgcreate", "-q", "--addtag", names.tag, names.vg, *devs)
+        undo.push(f"remove VG {names.vg}", lambda: _deactivate(names))
+        lvm("lvcreate", "-q", "--type", "thin-pool", "-l", "90%VG", "--chunksize", "64k",
+            "-Zn", "--addtag", names.tag, "-n", names.pool, names.vg)
+        # A full pool must fail writes at once, not queue them for 60 s (hangs filesystems).
+        lvm("lvchange", "-q", "--errorwhenfull", "y", f"{names.vg}/{names.pool}")
+        progress(f"thin pool {names.vg}/{names.pool}")
+        for vm, disk in defn.disks():
+            lv = names.lv(vm.name, disk.name)
+            lvm("lvcreate", "-q", "-V", f"{disk.size}b", "-T", f"{names.vg}/{names.pool}",
+                "-n", lv, "--addtag", names.tag, "--addtag", "role_base",
+                "--addtag", f"vm_{vm.name}", "--addtag", f"disk_{disk.name}")
+            wait_node(names.lv_path(lv))
+            progress(f"thin LV {lv} ({disk.size >> 20} MiB virtual)")
+        _controllers(defn, names, undo)
+        for vm, disk in defn.disks():
+            fs.mkfs(f"/dev/mapper/{names.ctl(vm.name, disk.name)}", disk.fs,
+                    f"{vm.name}{disk.name}")
+            progress(f"mkfs.{disk.fs} {vm.name}/{disk.name}")
+        st.formatted = True
+        _mount_all(defn, names, undo)
+        if start_guests:
+            guests.start_all(defn, names)
+            undo.push("stop guests", lambda: guests.stop_all(names))
+        st.phase = "up"
+        st.save()
+        progress(f"lab {defn.name} is up")
+        return st
+    except BaseException as exc:
+        errors = undo.run()
+        if errors:
+            raise HvlabError(f"up failed ({exc}) and rollback left: {'; '.join(errors)}") from exc
+        raise
+
+
+def _restart(st: State, names: Names, start_guests: bool, progress: Progress) -> State:
+    defn = st.definition
+    undo = _Undo()
+    try:
+        missing = [names.backing_file(i) for i in range(defn.backing_files)
+                   if not names.backing_file(i).exists()]
+        if missing:
+            raise HvlabError(f"cannot restart lab {defn.name!r}: backing file {missing[0]} "
+                             f"is gone; run `hvlab down --lab-name {defn.name}`")
+        st.loops = {}
+        devs = _attach_all(st, names, undo)
+        progress(f"re-attached {' '.join(devs)}")
+        lvm = lvm_for(names)
+        lvm.write_config(devs)
+        lvm("vgchange", "-q", "-ay", names.vg)
+        undo.push(f"deactivate VG {names.vg}", lambda: _deactivate(names))
+        for vm, disk in defn.disks():
+            wait_node(names.lv_path(names.lv(vm.name, disk.name)))
+        _controllers(defn, names, undo)
+        _mount_all(defn, names, undo)
+        if start_guests:
+            guests.start_all(defn, names)
+            undo.push("stop guests", lambda: guests.stop_all(names))
+        st.phase = "up"
+        st.save()
+        progress(f"lab {defn.name} is up again (data kept)")
+        return st
+    except BaseException:
+        undo.run()
+        raise
+
+
+def _controllers(defn: LabDef, names: Names, undo: _Undo) -> None:
+    """The guest mounts a dm-linear 'controller' on the LV, never the LV: see platform notes."""
+    for vm, disk in defn.disks():
+        ctl = names.ctl(vm.name, disk.name)
+        dm.create_linear(ctl, names.lv_path(names.lv(vm.name, disk.name)),
+                         uuid=names.ctl_uuid(vm.name, disk.name))
+        undo.push(f"remove {ctl}", lambda c=ctl: dm.remove(c))
+        wait_node(f"/dev/mapper/{ctl}")
+
+
+def _mount_all(defn: LabDef, names: Names, undo: _Undo) -> None:
+    for vm, disk in defn.disks():
+        mp = names.mountpoint(vm.name, disk.name)
+        fs.mount(f"/dev/mapper/{names.ctl(vm.name, disk.name)}", mp, disk.fs)
+        undo.push(f"umount {mp}", lambda m=mp: fs.umount(m))
+
+
+# ------------------------------------------------------------------------------ stop / down
+def _deactivate(names: Names) -> None:
+    loops = loop.loops_under(names.dir)
+    if not loops:
+        return
+    lvm = lvm_for(names)
+    lvm.write_config([lo.name for lo in loops])
+    lvm("vgchange", "-q", "-an", names.vg, check=False)
+
+
+def _remove_dm(names: Names) -> None:
+    """Remove what is left with our prefix, least-held first, until nothing moves."""
+    for _ in range(20):
+        ours = [d for d in dm.list_devices() if d.name.startswith(names.dm_prefixes)]
+        if not ours:
+            return
+        progress = False
+        for dev in sorted(ours, key=lambda d: d.open_count):
+            if dev.open_count:
+                continue
+            if dev.suspended:
+                dm.run_resume(dev.name)
+            dm.remove(dev.name)
+            progress = True
+        if not progress:
+            return
+
+
+def teardown(lab: str, *, keep_data: bool, progress: Progress = _quiet) -> None:
+    """Remove every live object of the lab in reverse order; keep_data keeps backing files."""
+    names = Names(lab)
+    guests.stop_all(names)
+    # A frozen filesystem cannot be unmounted cleanly and blocks writers: thaw first.
+    for m in sorted(fs.mounts_under(names.dir), key=lambda m: -len(m.target)):
+        fs.thaw(Path(m.target))
+    for m in sorted(fs.mounts_under(names.dir), key=lambda m: -len(m.target)):
+        fs.umount(Path(m.target))
+        progress(f"umount {m.target}")
+    # Our own (non-LVM) devices first: controllers and flow devices sit on top of the LVs.
+    for _ in range(10):
+        ours = [d for d in dm.devices_with_prefix(f"{names.vg}_") if d.open_count == 0]
+        if not ours:
+            break
+        for d in ours:
+            dm.remove(d.name)
+            progress(f"remove {d.name}")
+    _deactivate(names)
+    _remove_dm(names)
+    for lo in loop.loops_under(names.dir) if names.dir.exists() else []:
+        loop.detach(lo.name)
+        progress(f"detach {lo.name}")
+    if not keep_data:
+        shutil.rmtree(names.dir, ignore_errors=True)
+    verify_clean(lab)
+
+
+def verify_clean(lab: str) -> None:
+    left = inventory(lab)
+    if not left.empty():
+        raise LeakError(f"lab {lab!r} left behind: {left.describe()}")
+
+
+def stop(lab: str, *, progress: Progress = _quiet) -> None:
+    """Take the lab offline (as a host shutdown would) but keep its data for the next `up`."""
+    st = State.load(lab)
+    if st is None:
+        raise BadInput(f"lab {lab!r} does not exist")
+    with locked(lab):
+        teardown(lab, keep_data=True, progress=progress)
+        st.phase = "stopped"
+        st.loops = {}
+        st.save()
+
+
+def down(lab: str, *, progress: Progress = _quiet, missing_ok: bool = False) -> None:
+    names = Names(lab)
+    if not names.dir.exists() and inventory(lab).empty():
+        if missing_ok:
+            return
+        raise BadInput(f"lab {lab!r} is not up: nothing to remove")
+    if names.dir.exists():
+        with locked(lab):
+            st = State.load(lab)
+            if st is not None:
+                st.phase = "removing"
+                st.save()
+            teardown(lab, keep_data=False, progress=progress)
+    else:
+        teardown(lab, keep_data=False, progress=progress)
+
+
+def wait_gone(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def lab_names() -> list[str]:
+    from harness.lab.paths import home
+
+    root = home()
+    if not root.exists():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "state.json").exists())
+
+
+def current_pid() -> int:
+    return os.getpid()

@@ -1,0 +1,151 @@
+"""The lab's device tree, as data (for --json) and as a picture (rich)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psutil
+from rich.console import Console
+from rich.tree import Tree
+
+from harness.lab import guests
+from harness.lab.paths import Names
+from harness.lab.state import State
+from harness.sys import dm, fs, loop
+from harness.sys.lvm import Lvm
+
+ROLE_TAGS = {
+    "role_base": "live disk (B)",
+    "role_checkpoint": "backup checkpoint (C)",
+    "role_autorecovery": "auto-recovery checkpoint (A)",
+    "role_external": "external snapshot (S)",
+    "role_reference": "reference snapshot (RCT)",
+}
+
+
+def _role(tags: str) -> str:
+    for t in tags.split(","):
+        if t in ROLE_TAGS:
+            return ROLE_TAGS[t]
+    return ""
+
+
+def holders(path: str) -> list[str]:
+    """Processes with files open below a mount point (psutil), as 'name[pid]'."""
+    out = []
+    prefix = path.rstrip("/") + "/"
+    for proc in psutil.process_iter(["pid", "name"]):
+        try:
+            files = proc.open_files()
+            cwd = proc.cwd()
+        except psutil.Error:
+            continue
+        if cwd.startswith(prefix) or cwd == path or any(
+                f.path.startswith(prefix) for f in files):
+            out.append(f"{proc.info['name']}[{proc.info['pid']}]")
+    return out
+
+
+def _fnum(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def build(lab: str) -> dict[str, Any]:
+    names = Names(lab)
+    st = State.load(lab)
+    out: dict[str, Any] = {"lab": lab, "dir": str(names.dir),
+                           "phase": st.phase if st else "absent", "files": [], "pool": None,
+                           "lvs": [], "controllers": [], "mounts": [], "guests": []}
+    if st is None:
+        return out
+    loops = {lo.back_file: lo.name for lo in loop.loops_under(names.dir)}
+    for i in range(st.definition.backing_files):
+        f = names.backing_file(i)
+        size = f.stat().st_size if f.exists() else 0
+        used = f.stat().st_blocks * 512 if f.exists() else 0
+        out["files"].append({"file": str(f), "size": size, "allocated": used,
+                             "loop": loops.get(str(f))})
+    if loops:
+        lvm = Lvm(names.lvm_dir)
+        rows = lvm.lvs(names.vg) if (names.lvm_dir / "lvm.conf").exists() else []
+        for r in rows:
+            if r["lv_name"] == names.pool:
+                out["pool"] = {"name": f"{names.vg}/{names.pool}", "size": int(r["lv_size"]),
+                               "data_percent": _fnum(r["data_percent"]),
+                               "metadata_percent": _fnum(r["metadata_percent"]),
+                               "vg": names.vg, "pvs": sorted(loops.values())}
+            elif r["lv_name"].startswith("["):
+                continue  # hidden pool internals
+            else:
+                out["lvs"].append({"name": r["lv_name"], "size": int(r["lv_size"]),
+                                   "allocated_percent": _fnum(r["data_percent"]),
+                                   "origin": r["origin"], "role": _role(r["lv_tags"]),
+                                   "tags": r["lv_tags"], "active": r["lv_active"],
+                                   "path": names.lv_path(r["lv_name"])})
+        by_majmin = {f"{r['lv_kernel_major']}:{r['lv_kernel_minor']}": r["lv_name"]
+                     for r in rows}
+        for d in dm.devices_with_prefix(f"{names.vg}_"):
+            target = dm.target_of(d.name)
+            out["controllers"].append({"name": d.name, "path": d.path,
+                                       "maps_to": by_majmin.get(target, target),
+                                       "open": d.open_count})
+    for m in fs.mounts_under(names.dir):
+        out["mounts"].append({"target": m.target, "source": os.path.realpath(m.source),
+                              "fstype": m.fstype, "device": m.source,
+                              "holders": holders(m.target)})
+    for vm in st.definition.vms:
+        from harness.guest.supervise import guest_status
+
+        run_dir = names.guest_dir(vm.name)
+        info = guest_status(run_dir) if run_dir.exists() else {"alive": False}
+        out["guests"].append({"vm": vm.name, "profile": vm.profile, **info,
+                              "socket": guests.socket_path(names, vm.name)})
+    return out
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+def render(t: dict[str, Any], *, with_guests: bool = False) -> None:
+    con = Console()
+    root = Tree(f"[bold]lab {t['lab']}[/] ({t['phase']}) - {t['dir']}")
+    if t["phase"] == "absent":
+        con.print(root)
+        con.print("no such lab; `hvlab up` creates it")
+        return
+    mounts_by_dev = {m["device"]: m for m in t["mounts"]}
+    ctl_by_lv: dict[str, list[dict[str, Any]]] = {}
+    for c in t["controllers"]:
+        ctl_by_lv.setdefault(c["maps_to"], []).append(c)
+    for f in t["files"]:
+        node = root.add(f"file {f['file']}  {_mb(f['size'])} ({_mb(f['allocated'])} allocated)")
+        node = node.add(f"loop {f['loop'] or '[red]not attached[/]'}")
+    pool = t["pool"]
+    if pool:
+        pnode = root.add(f"PV {' '.join(pool['pvs'])} -> VG {pool['vg']} -> thin pool "
+                         f"{pool['name']}  {_mb(pool['size'])}  data {pool['data_percent']}%  "
+                         f"meta {pool['metadata_percent']}%")
+        for lv in t["lvs"]:
+            extra = f" origin={lv['origin']}" if lv["origin"] else ""
+            role = f" [cyan]{lv['role']}[/]" if lv["role"] else ""
+            lnode = pnode.add(f"LV {lv['name']}{role}  {_mb(lv['size'])} virtual, "
+                              f"{lv['allocated_percent']}% allocated{extra}")
+            for c in ctl_by_lv.get(lv["name"], []):
+                cnode = lnode.add(f"controller {c['path']} (open {c['open']})")
+                m = mounts_by_dev.get(c["path"])
+                if m:
+                    held = ", ".join(m["holders"]) or "-"
+                    cnode.add(f"mount {m['target']} ({m['fstype']}) holders: {held}")
+    con.print(root)
+    if with_guests and t["guests"]:
+        for g in t["guests"]:
+            state = "running" if g.get("alive") else "stopped"
+            con.print(f"guest {g['vm']} ({g['profile']}): {state} "
+                      f"{g.get('state', '')} pid {g.get('pid', '-')}")
+
+

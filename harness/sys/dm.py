@@ -1,0 +1,106 @@
+"""dmsetup for the lab's own (non-LVM) devices: the virtual disk controllers.
+
+No udev in the lab VM, so every change runs with --noudevsync and we make the node ourselves.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.sys.run import run
+
+
+@dataclass(frozen=True)
+class DmDevice:
+    name: str
+    major: int
+    minor: int
+    open_count: int
+    suspended: bool
+
+    @property
+    def path(self) -> str:
+        return f"/dev/mapper/{self.name}"
+
+
+def available() -> bool:
+    return Path("/dev/mapper/control").exists()
+
+
+def list_devices() -> list[DmDevice]:
+    if not available():
+        return []
+    res = run(["dmsetup", "info", "-c", "--noheadings", "--separator", "|",
+               "-o", "name,major,minor,open,attr"], check=False)
+    if res.returncode != 0 or "No devices found" in res.stdout + res.stderr:
+        return []
+    devs = []
+    for line in res.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 5:
+            continue
+        name, major, minor, opened, attr = parts
+        devs.append(DmDevice(name, int(major), int(minor), int(opened), "s" in attr))
+    return devs
+
+
+def devices_with_prefix(prefix: str) -> list[DmDevice]:
+    return [d for d in list_devices() if d.name.startswith(prefix)]
+
+
+def block_size_sectors(dev: str) -> int:
+    return int(run(["blockdev", "--getsz", dev]).stdout.strip())
+
+
+def majmin(dev: str) -> str:
+    st = os.stat(dev)
+    if not stat.S_ISBLK(st.st_mode):
+        raise ValueError(f"{dev} is not a block device")
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+def linear_table(target_dev: str) -> str:
+    return f"0 {block_size_sectors(target_dev)} linear {majmin(target_dev)} 0"
+
+
+def _mknode(name: str) -> None:
+    run(["dmsetup", "mknodes", name], check=False)
+
+
+def create_linear(name: str, target_dev: str, *, uuid: str) -> str:
+    run(["dmsetup", "create", name, "--noudevsync", "-u", uuid, "--table",
+         linear_table(target_dev)])
+    _mknode(name)
+    return f"/dev/mapper/{name}"
+
+
+def redirect(name: str, target_dev: str) -> None:
+    """Point a live linear device at another target. --nolockfs: the guest may hold fsfreeze."""
+    table = linear_table(target_dev)
+    run(["dmsetup", "suspend", "--nolockfs", "--noudevsync", name])
+    try:
+        run(["dmsetup", "reload", name, "--table", table])
+    finally:
+        run(["dmsetup", "resume", "--noudevsync", name])
+
+
+def target_of(name: str) -> str:
+    """major:minor the linear device currently maps to."""
+    table = run(["dmsetup", "table", name]).stdout.split()
+    return table[3]
+
+
+def remove(name: str) -> None:
+    if not any(d.name == name for d in list_devices()):
+        return
+    run(["dmsetup", "remove", "--noudevsync", "--retry", name])
+    node = Path("/dev/mapper") / name
+    if node.exists() or node.is_symlink():
+        node.unlink()
+
+
+def run_resume(name: str) -> None:
+    run(["dmsetup", "resume", "--noudevsync", name], check=False)

@@ -1,0 +1,86 @@
+"""Filesystems: mkfs, mount/umount with verification, fsck, fsfreeze."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import LeakError
+from harness.sys.run import Result, run
+
+FILESYSTEMS = ("ext4", "xfs")
+# mkfs.xfs in Debian 12 refuses filesystems below 300 MiB.
+MIN_SIZE = {"ext4": 16 << 20, "xfs": 300 << 20}
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    fstype: str
+    options: str
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+
+
+def mounts() -> list[Mount]:
+    out = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        src, tgt, fstype, opts, *_ = line.split()
+        out.append(Mount(_unescape(src), _unescape(tgt), fstype, opts))
+    return out
+
+
+def mounts_under(directory: Path) -> list[Mount]:
+    prefix = str(directory.resolve()).rstrip("/") + "/"
+    return [m for m in mounts() if m.target.startswith(prefix)]
+
+
+def is_mounted(target: Path) -> bool:
+    t = str(target.resolve())
+    return any(m.target == t for m in mounts())
+
+
+def mkfs(dev: str, fstype: str, label: str) -> None:
+    if fstype == "ext4":
+        # lazy init off: otherwise ext4lazyinit keeps writing after mkfs and pollutes deltas.
+        run(["mkfs.ext4", "-q", "-F", "-L", label[:16], "-E",
+             "lazy_itable_init=0,lazy_journal_init=0,nodiscard", dev], timeout=300)
+    elif fstype == "xfs":
+        run(["mkfs.xfs", "-q", "-f", "-K", "-L", label[:12], dev], timeout=300)
+    else:
+        raise ValueError(fstype)
+
+
+def mount(dev: str, target: Path, fstype: str, *, read_only: bool = False,
+          extra: tuple[str, ...] = ()) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    opts = ["ro" if read_only else "rw", *extra]
+    if fstype == "xfs":
+        opts.append("nouuid")  # snapshots share the UUID of their origin
+    run(["mount", "-t", fstype, "-o", ",".join(opts), dev, str(target)])
+
+
+def umount(target: Path) -> None:
+    if not is_mounted(target):
+        return
+    run(["umount", str(target)])
+    if is_mounted(target):
+        raise LeakError(f"{target} is still mounted after umount")
+
+
+def fsck_readonly(dev: str, fstype: str) -> Result:
+    if fstype == "xfs":
+        return run(["xfs_repair", "-n", dev], check=False, timeout=600)
+    return run(["fsck.ext4", "-n", "-f", dev], check=False, timeout=600)
+
+
+def freeze(target: Path) -> None:
+    run(["fsfreeze", "--freeze", str(target)])
+
+
+def thaw(target: Path) -> bool:
+    """Thaw; False when it was not frozen (EINVAL), which is fine for recovery paths."""
+    return run(["fsfreeze", "--unfreeze", str(target)], check=False).returncode == 0

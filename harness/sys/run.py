@@ -1,0 +1,60 @@
+"""The one subprocess layer: argv lists only (never a shell), C locale, typed failures."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from harness.errors import CommandError
+
+log = logging.getLogger("hvlab.run")
+
+# Commands we ran, for tests and for `--verbose` traces.
+TRACE: list[list[str]] = []
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+    input: str | None = None,
+    timeout: float | None = 120.0,
+) -> Result:
+    """Run argv and capture its output. Raises CommandError on a non-zero exit when check."""
+    full_env = dict(os.environ)
+    full_env["LC_ALL"] = "C"
+    if env:
+        full_env.update(env)
+    args = [str(a) for a in argv]
+    TRACE.append(args)
+    log.debug("run %s", args)
+    try:
+        proc = subprocess.run(
+            args,
+            env=full_env,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(args, 127, f"{args[0]}: command not found") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(args, -1, f"timed out after {timeout}s") from exc
+    res = Result(args, proc.returncode, proc.stdout, proc.stderr)
+    if check and proc.returncode != 0:
+        raise CommandError(args, proc.returncode, proc.stderr, proc.stdout)
+    return res

@@ -1,0 +1,259 @@
+"""Start, use and stop the lab VM from the host."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import psutil
+
+from harness.errors import HvlabError
+from harness.vm import uml
+from harness.vm.uml import VmPaths
+
+PASS_ENV = ("CI", "HVLAB_HOME", "PYTEST_ADDOPTS", "COLUMNS", "TERM", "NO_COLOR",
+            "HVLAB_TEST_HOME", "HVLAB_VERBOSE")
+DEFAULT_MEM = os.environ.get("HVLAB_VM_MEM", "2G")
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def _cmdline(paths: VmPaths, umid: str, mem: str, console: str) -> list[str]:
+    return [uml.UML, f"umid={umid}", f"mem={mem}", "root=/dev/root", "rootfstype=hostfs",
+            "rootflags=/", "rw", "quiet", "loglevel=1", f"init={paths.init}", "con=null", console,
+            f"uml_dir={paths.root}"]
+
+
+def _require() -> None:
+    if not uml.available():
+        raise HvlabError("the lab VM needs Debian's user-mode-linux kernel: "
+                         "run `make deps` (apt-get install user-mode-linux)")
+    if os.geteuid() != 0:
+        raise HvlabError("the lab VM must be started as root (it attaches loop devices)")
+
+
+def _env() -> dict[str, str]:
+    return {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+
+
+# ---------------------------------------------------------------- one-shot (ephemeral) VM
+def run_ephemeral(argv: list[str], *, mem: str = DEFAULT_MEM) -> int:
+    """Boot a fresh VM, run argv as root inside with the console on our stdio, power off."""
+    _require()
+    root = uml.vm_root() / f"eph-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    paths = VmPaths(root)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        uml.prepare(paths)
+        # The console is a tty: stop it from turning \n into \r\n on our output.
+        workload = ["sh", "-c", 'stty -onlcr 2>/dev/null; exec "$@"', "hvlab-run", *argv]
+        paths.init.write_text(uml.init_script(paths, workload, _env()))
+        paths.init.chmod(0o755)
+        stdin = sys.stdin if sys.stdin and not sys.stdin.closed else None
+        cmd = _cmdline(paths, root.name, mem, "con0=fd:0,fd:1")
+        try:
+            proc = subprocess.Popen(cmd, stdin=stdin or subprocess.DEVNULL,
+                                    stdout=sys.stdout.fileno(), stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+        except OSError as exc:
+            raise HvlabError(f"cannot start the lab VM: {exc}") from None
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            _halt(root.name, paths, proc.pid)
+            raise
+        rc_file = root / "rc"
+        if not rc_file.exists():
+            raise HvlabError(f"the lab VM stopped before the command finished "
+                             f"(uml exit {proc.returncode})")
+        return int(rc_file.read_text().strip() or "1")
+    finally:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------ persistent VM
+def persistent_paths() -> VmPaths:
+    return VmPaths(uml.vm_root() / "lab-vm")
+
+
+def pid() -> int | None:
+    paths = persistent_paths()
+    try:
+        p = int(paths.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        proc = psutil.Process(p)
+        if "linux.uml" in " ".join(proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE:
+            return p
+    except psutil.Error:
+        pass
+    return None
+
+
+def is_up() -> bool:
+    return pid() is not None and persistent_paths().ready.exists()
+
+
+def up(*, mem: str = DEFAULT_MEM, timeout: float = 60.0) -> VmPaths:
+    _require()
+    paths = persistent_paths()
+    if is_up():
+        raise HvlabError("the lab VM is already running (hvlab vm status)")
+    if pid() is not None:
+        down()
+    paths.root.mkdir(parents=True, exist_ok=True)
+    uml.prepare(paths)
+    paths.ready.unlink(missing_ok=True)
+    workload = [_python(), "-m", "harness.vm.agent", str(paths.spool), "--shell"]
+    paths.init.write_text(uml.init_script(paths, workload, _env()))
+    paths.init.chmod(0o755)
+    log = open(paths.console_log, "wb")
+    proc = subprocess.Popen(_cmdline(paths, "hvlab", mem, "con0=null,fd:1 con1=pts"),
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    paths.pid_file.write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if paths.ready.exists():
+            return paths
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    _halt("hvlab", paths, proc.pid)
+    raise HvlabError(f"the lab VM did not come up; see {paths.console_log}")
+
+
+def _halt(umid: str, paths: VmPaths, p: int, timeout: float = 20.0) -> None:
+    subprocess.run(["uml_mconsole", str(paths.root / umid / "mconsole"), "halt"],
+                   capture_output=True, check=False, timeout=10)
+    try:
+        proc = psutil.Process(p)
+        proc.wait(timeout=timeout)
+    except psutil.TimeoutExpired:
+        # UML runs as a process tree (one per VM process): end the whole session.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p, signal.SIGKILL)
+    except psutil.Error:
+        pass
+
+
+def down(*, timeout: float = 30.0) -> bool:
+    """Orderly power-off: the agent exits and init powers off. Falls back to halt/kill."""
+    paths = persistent_paths()
+    p = pid()
+    if p is None:
+        paths.ready.unlink(missing_ok=True)
+        return False
+    paths.spool.mkdir(parents=True, exist_ok=True)
+    (paths.spool / "shutdown.req").write_text("{}")
+    try:
+        psutil.Process(p).wait(timeout=timeout)
+    except psutil.TimeoutExpired:
+        _halt("hvlab", paths, p)
+    except psutil.Error:
+        pass
+    paths.ready.unlink(missing_ok=True)
+    paths.pid_file.unlink(missing_ok=True)
+    return True
+
+
+def run_in(argv: list[str], *, cwd: str | None = None, timeout: float | None = None) -> int:
+    """Run argv in the persistent VM; stream its output here; return its exit status."""
+    if not is_up():
+        raise HvlabError("the lab VM is not running: start it with `hvlab vm up`")
+    spool = persistent_paths().spool
+    rid = uuid.uuid4().hex
+    req = {"argv": argv, "cwd": cwd or os.getcwd(), "env": _env()}
+    tmp = spool / f".{rid}.tmp"
+    tmp.write_text(json.dumps(req))
+    os.replace(tmp, spool / f"{rid}.req")
+    out_f, err_f, rc_f = (spool / f"{rid}.{s}" for s in ("out", "err", "rc"))
+    pos = {"out": 0, "err": 0}
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def pump() -> None:
+        for name, path, sink in (("out", out_f, sys.stdout), ("err", err_f, sys.stderr)):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(pos[name])
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            if data:
+                pos[name] += len(data)
+                sink.buffer.write(data)
+                sink.flush()
+
+    try:
+        while not rc_f.exists():
+            pump()
+            if pid() is None:
+                raise HvlabError("the lab VM stopped while the command ran")
+            if deadline is not None and time.monotonic() > deadline:
+                (spool / f"{rid}.kill").write_text("")
+                raise HvlabError(f"command timed out in the lab VM: {argv[0]}")
+            time.sleep(0.05)
+        pump()
+        return int(rc_f.read_text().strip() or "1")
+    except KeyboardInterrupt:
+        (spool / f"{rid}.kill").write_text("")
+        raise
+    finally:
+        for p in (out_f, err_f, rc_f):
+            p.unlink(missing_ok=True)
+
+
+def console_pty() -> str:
+    text = persistent_paths().console_log.read_text(errors="replace")
+    found = re.findall(r"(/dev/pts/\d+)", text)
+    if not found:
+        raise HvlabError("the lab VM has no shell console (was it started by `hvlab vm up`?)")
+    return found[-1]
+
+
+def shell() -> None:
+    """Attach this terminal to the VM's root shell. Ctrl-] detaches."""
+    import termios
+    import tty
+
+    if not is_up():
+        raise HvlabError("the lab VM is not running: start it with `hvlab vm up`")
+    fd = os.open(console_pty(), os.O_RDWR | os.O_NOCTTY)
+    interactive = sys.stdin.isatty()
+    old = termios.tcgetattr(sys.stdin.fileno()) if interactive else None
+    if interactive:
+        tty.setraw(sys.stdin.fileno())
+    sys.stdout.write("hvlab: attached to the lab VM (Ctrl-] detaches)\r\n")
+    sys.stdout.flush()
+    os.write(fd, b"\n")
+    try:
+        while True:
+            r, _, _ = select.select([sys.stdin.fileno(), fd], [], [])
+            if fd in r:
+                data = os.read(fd, 4096)
+                if not data:
+                    break
+                os.write(sys.stdout.fileno(), data)
+            if sys.stdin.fileno() in r:
+                data = os.read(sys.stdin.fileno(), 4096)
+                if not data or b"\x1d" in data:
+                    break
+                os.write(fd, data)
+    finally:
+        if old is not None:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, old)
+        os.close(fd)
+        sys.stdout.write("\r\nhvlab: detached\r\n")
