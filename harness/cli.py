@@ -166,11 +166,41 @@ def vm_shell() -> None:
     control.shell()
 
 
+def _register_flow_commands() -> None:
+    """backup, restore, verify, runs, explain live with the flow (harness/flow/commands.py)."""
+    from harness.flow import commands
+
+    for cmd in commands.COMMANDS:
+        cli.add_command(cmd)
+
+
+_register_flow_commands()
+
+
+def _prevalidate(args: list[str]) -> None:
+    """Catch bad input on the host, before a lab VM is booted for nothing."""
+    cmd = cli.commands.get(args[0]) if args else None
+    if cmd is None:
+        return
+    ctx = cmd.make_context(args[0], args[1:], parent=click.Context(cli), resilient_parsing=False)
+    params = ctx.params
+    if args[0] == "up":
+        from harness.lab import definition
+
+        definition.load(params["lab_file"], name=params["lab_name"],
+                        backing_size=params["backing_size"])
+    elif params.get("lab_name"):
+        from harness.lab.definition import check_name
+
+        check_name("lab", params["lab_name"])
+
+
 def _forward(args: list[str]) -> int:
     """Run this same hvlab command inside the lab VM."""
     from harness.vm import control
 
     argv = [sys.executable, "-m", "harness.cli", *args]
+    _prevalidate(args)
     if control.is_up():
         return control.run_in(argv)
     if args and args[0] in NEEDS_PERSISTENT:

@@ -99,5 +99,5 @@ cd {quote(os.getcwd())}
 {" ".join(quote(a) for a in workload)}
 echo $? > {quote(str(paths.root / "rc"))}
 sync
-poweroff -f
+poweroff -f >/dev/null 2>&1
 """
