@@ -8,9 +8,7 @@ state file), removes in reverse order and verifies that nothing of the lab is le
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,15 +315,6 @@ def down(lab: str, *, progress: Progress = _quiet, missing_ok: bool = False) -> 
         teardown(lab, keep_data=False, progress=progress)
 
 
-def wait_gone(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def lab_names() -> list[str]:
     from harness.lab.paths import home
 
@@ -333,7 +322,3 @@ def lab_names() -> list[str]:
     if not root.exists():
         return []
     return sorted(p.name for p in root.iterdir() if (p / "state.json").exists())
-
-
-def current_pid() -> int:
-    return os.getpid()

@@ -216,12 +216,20 @@ def run_in(argv: list[str], *, cwd: str | None = None, timeout: float | None = N
             p.unlink(missing_ok=True)
 
 
+def mconsole(*command: str) -> str:
+    """Ask the VM's management console (a host Unix socket) and return its answer."""
+    sock = persistent_paths().root / "hvlab" / "mconsole"
+    res = subprocess.run(["uml_mconsole", str(sock), *command], capture_output=True,
+                         text=True, check=False, timeout=10)
+    return res.stdout.strip()
+
+
 def console_pty() -> str:
-    text = persistent_paths().console_log.read_text(errors="replace")
-    found = re.findall(r"(/dev/pts/\d+)", text)
+    """The host pty of the VM's second console, where the agent keeps a root shell."""
+    found = re.findall(r"pts:(/dev/pts/\d+)", mconsole("config", "con1"))
     if not found:
         raise HvlabError("the lab VM has no shell console (was it started by `hvlab vm up`?)")
-    return found[-1]
+    return found[0]
 
 
 def shell() -> None:
