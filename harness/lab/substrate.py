@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from harness.errors import BadInput, HvlabError, LeakError
 from harness.lab import guests
@@ -24,6 +25,7 @@ from harness.sys.uevents import wait_node
 
 log = logging.getLogger("hvlab.lab")
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 
 def _quiet(_: str) -> None:
@@ -69,6 +71,10 @@ def is_up(lab: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------- up
+def _bind(fn: Callable[[T], None], arg: T) -> Callable[[], None]:
+    return lambda: fn(arg)
+
+
 class _Undo:
     """Undo actions registered right after each creation; run in reverse on failure."""
 
@@ -91,10 +97,10 @@ class _Undo:
 def up(defn: LabDef, *, start_guests: bool = True, progress: Progress = _quiet) -> State:
     """Bring a lab up: create it, or re-attach an existing one (after a restart) with data."""
     names = Names(defn.name)
-    if names.dir.exists() and not names.state_file.exists() and any(names.dir.iterdir()):
-        if not inventory(defn.name).empty() or names.backing_dir.exists():
-            raise BadInput(f"lab {defn.name!r} has leftovers but no state file: "
-                           f"run `hvlab down --lab-name {defn.name}` first")
+    orphaned = names.dir.exists() and not names.state_file.exists()
+    if orphaned and (not inventory(defn.name).empty() or names.backing_dir.exists()):
+        raise BadInput(f"lab {defn.name!r} has leftovers but no state file: "
+                       f"run `hvlab down --lab-name {defn.name}` first")
     with locked(defn.name):
         st = State.load(defn.name)
         if st is not None:
@@ -115,7 +121,7 @@ def _attach_all(st: State, names: Names, undo: _Undo) -> list[str]:
     for i in range(st.definition.backing_files):
         path = names.backing_file(i)
         dev = loop.attach(path)
-        undo.push(f"detach {dev}", lambda d=dev: loop.detach(d))
+        undo.push(f"detach {dev}", _bind(loop.detach, dev))
         st.loops[str(path)] = dev
         devs.append(dev)
     st.save()
@@ -213,7 +219,7 @@ def _controllers(defn: LabDef, names: Names, undo: _Undo) -> None:
         ctl = names.ctl(vm.name, disk.name)
         dm.create_linear(ctl, names.lv_path(names.lv(vm.name, disk.name)),
                          uuid=names.ctl_uuid(vm.name, disk.name))
-        undo.push(f"remove {ctl}", lambda c=ctl: dm.remove(c))
+        undo.push(f"remove {ctl}", _bind(dm.remove, ctl))
         wait_node(f"/dev/mapper/{ctl}")
 
 
@@ -221,7 +227,7 @@ def _mount_all(defn: LabDef, names: Names, undo: _Undo) -> None:
     for vm, disk in defn.disks():
         mp = names.mountpoint(vm.name, disk.name)
         fs.mount(f"/dev/mapper/{names.ctl(vm.name, disk.name)}", mp, disk.fs)
-        undo.push(f"umount {mp}", lambda m=mp: fs.umount(m))
+        undo.push(f"umount {mp}", _bind(fs.umount, mp))
 
 
 # ------------------------------------------------------------------------------ stop / down

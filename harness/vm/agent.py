@@ -7,6 +7,7 @@ fsync per chunk (hostfs would otherwise sit on dirty pages), then <id>.rc is wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -52,7 +53,7 @@ def _serve(spool: Path, rid: str, req: dict[str, object]) -> None:
     kill_file = spool / f"{rid}.kill"
     while open_streams:
         for key, _ in sel.select(timeout=0.2):
-            data = os.read(key.fd, 65536)  # type: ignore[arg-type]
+            data = os.read(key.fd, 65536)
             if not data:
                 sel.unregister(key.fileobj)
                 open_streams -= 1
@@ -63,10 +64,8 @@ def _serve(spool: Path, rid: str, req: dict[str, object]) -> None:
             os.fsync(f.fileno())
         if kill_file.exists():
             kill_file.unlink(missing_ok=True)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
     rc = proc.wait()
     for f in outs.values():
         f.close()

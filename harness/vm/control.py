@@ -229,7 +229,7 @@ def console_pty() -> str:
     found = re.findall(r"pts:(/dev/pts/\d+)", mconsole("config", "con1"))
     if not found:
         raise HvlabError("the lab VM has no shell console (was it started by `hvlab vm up`?)")
-    return found[0]
+    return str(found[0])
 
 
 def shell() -> None:

@@ -92,7 +92,9 @@ mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
-for m in {mods}; do modprobe -d {quote(str(paths.modroot))} $m || echo "hvlab-vm: modprobe $m failed"; done
+for m in {mods}; do
+    modprobe -d {quote(str(paths.modroot))} $m || echo "hvlab-vm: modprobe $m failed"
+done
 hostname hvlab-vm
 ip link set lo up 2>/dev/null
 cd {quote(os.getcwd())}
