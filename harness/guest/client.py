@@ -1,0 +1,114 @@
+"""Host side of the integration-services channel: one connection per request."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HvlabError
+
+
+class GuestError(HvlabError):
+    """The guest answered `ok: false` (or not at all)."""
+
+    def __init__(self, message: str, code: str = "failed", reply: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.reply = reply or {}
+
+
+class GuestTimeout(GuestError):
+    """The guest did not answer in time."""
+
+
+class GuestUnavailable(GuestError):
+    """No integration services: no socket, or nobody listening on it."""
+
+
+class GuestClient:
+    def __init__(self, socket_path: Path | str, timeout: float = 30.0) -> None:
+        self.socket_path = Path(socket_path)
+        self.timeout = timeout
+
+    def request(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+        """Send one request, return the reply; raises GuestError on `ok: false`."""
+        return self._check(op, self.raw(json.dumps({"op": op, "args": args}).encode(), timeout))
+
+    def raw(self, line: bytes, timeout: float | None = None) -> dict[str, Any]:
+        """Send one raw line (tests use it for malformed input) and return the parsed reply."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout if timeout is None else timeout)
+        try:
+            try:
+                sock.connect(str(self.socket_path))
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                raise GuestUnavailable(
+                    f"no integration services at {self.socket_path}: {exc.strerror}",
+                    "unavailable",
+                ) from exc
+            # A busy guest replies and closes before reading: its reply is still queued.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(line.rstrip(b"\n") + b"\n")
+            buf = b""
+            while b"\n" not in buf:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise GuestError("guest closed the channel without a reply", "closed")
+                buf += chunk
+        except TimeoutError as exc:
+            raise GuestTimeout(
+                f"guest did not answer within {sock.gettimeout()}s", "timeout"
+            ) from exc
+        except OSError as exc:
+            if isinstance(exc, GuestError):
+                raise
+            if isinstance(exc, ConnectionResetError):
+                # Reset before any reply: the listener died under us.
+                raise GuestUnavailable(
+                    f"guest at {self.socket_path} went away", "unavailable"
+                ) from exc
+            raise GuestError(f"guest channel error: {exc}", "channel") from exc
+        finally:
+            sock.close()
+        try:
+            reply = json.loads(buf.split(b"\n", 1)[0])
+        except ValueError as exc:
+            raise GuestError(f"guest sent malformed reply: {exc}", "bad_reply") from exc
+        if not isinstance(reply, dict):
+            raise GuestError("guest sent a non-object reply", "bad_reply")
+        return reply
+
+    @staticmethod
+    def _check(op: str, reply: dict[str, Any]) -> dict[str, Any]:
+        if not reply.get("ok"):
+            code = str(reply.get("code", "failed"))
+            raise GuestError(f"guest {op}: {reply.get('error', 'failed')}", code, reply)
+        return reply
+
+    def identify(self) -> dict[str, Any]:
+        return self.request("identify")
+
+    def prepare(self) -> dict[str, Any]:
+        return self.request("prepare")
+
+    def freeze(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        # Writers may take up to their own 60 s bound to quiesce.
+        return self.request("freeze", timeout=max(self.timeout, 70.0), timeout_s=timeout_s)
+
+    def thaw(self) -> dict[str, Any]:
+        return self.request("thaw")
+
+    def post_snapshot(self, devices: dict[str, str]) -> dict[str, Any]:
+        return self.request("post_snapshot", timeout=max(self.timeout, 120.0), devices=devices)
+
+    def abort(self) -> dict[str, Any]:
+        return self.request("abort")
+
+    def status(self) -> dict[str, Any]:
+        return self.request("status")
+
+    def workload(self, **knobs: Any) -> dict[str, Any]:
+        return self.request("workload", **knobs)
