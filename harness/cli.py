@@ -6,10 +6,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from harness.errors import BadInput, CommandError, HvlabError
+
+if TYPE_CHECKING:
+    from harness.lab.definition import LabDef
+    from harness.lab.paths import Names
 
 # Commands that touch lab devices: on a kernel without dm-thin they run in the lab VM.
 LAB_COMMANDS = {"up", "down", "stop", "status", "devices", "guest", "backup", "restore",
@@ -114,6 +119,79 @@ def doctor() -> None:
     ok = doc.render(doc.checks())
     if not ok:
         sys.exit(1)
+
+
+# ------------------------------------------------------------------------------ guests
+@cli.group()
+def guest() -> None:
+    """The guest emulators (one per VM): integration services, writers, workloads."""
+
+
+def _guest_ctx(lab_name: str | None) -> tuple[LabDef, Names]:
+    from harness.lab.paths import Names
+    from harness.lab.state import State
+
+    lab = _lab_name(lab_name)
+    st = State.load(lab)
+    if st is None or st.phase != "up":
+        raise BadInput(f"lab {lab!r} is not up")
+    return st.definition, Names(lab)
+
+
+@guest.command("status")
+@lab_name_opt
+@click.option("--json", "as_json", is_flag=True)
+def guest_status(lab_name: str | None, as_json: bool) -> None:
+    """State, writers, ops/s, frozen or not, per VM."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.guest.supervise import guest_status as status_of
+
+    defn, names = _guest_ctx(lab_name)
+    rows = {vm.name: status_of(names.guest_dir(vm.name)) for vm in defn.vms}
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title=f"guests of lab {names.lab}")
+    for col in ("VM", "profile", "alive", "pid", "state", "frozen", "txid", "ops/s", "writers"):
+        table.add_column(col)
+    for vm in defn.vms:
+        r = rows[vm.name]
+        st = r.get("status") or {}
+        writers = ", ".join(f"{w.get('name')}:{w.get('ops', '')}" for w in st.get("writers", []))
+        table.add_row(vm.name, vm.profile, str(r.get("alive")), str(r.get("pid") or "-"),
+                      str(st.get("state", "-")), str(st.get("frozen", "-")),
+                      str(st.get("committed_txid", "-")), str(st.get("ops_per_s", "-")), writers)
+    Console().print(table)
+
+
+@guest.command("start")
+@click.argument("vm_name")
+@lab_name_opt
+def guest_start(vm_name: str, lab_name: str | None) -> None:
+    """Start the guest emulator of VM (no-op if it runs)."""
+    from harness.guest.supervise import start_guest
+    from harness.lab import guests
+
+    defn, names = _guest_ctx(lab_name)
+    defn.vm(vm_name)
+    names.guest_dir(vm_name).mkdir(parents=True, exist_ok=True)
+    pid = start_guest(guests.config_for(defn, names, vm_name))
+    _echo(f"guest {vm_name} running (pid {pid})")
+
+
+@guest.command("stop")
+@click.argument("vm_name")
+@lab_name_opt
+def guest_stop(vm_name: str, lab_name: str | None) -> None:
+    """Stop the guest emulator of VM (thaws first if it is frozen)."""
+    from harness.guest.supervise import stop_guest
+
+    defn, names = _guest_ctx(lab_name)
+    defn.vm(vm_name)
+    stop_guest(names.guest_dir(vm_name), 10.0)
+    _echo(f"guest {vm_name} stopped")
 
 
 # ------------------------------------------------------------------------------ lab VM

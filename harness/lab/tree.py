@@ -145,7 +145,9 @@ def render(t: dict[str, Any], *, with_guests: bool = False) -> None:
     if with_guests and t["guests"]:
         for g in t["guests"]:
             state = "running" if g.get("alive") else "stopped"
-            con.print(f"guest {g['vm']} ({g['profile']}): {state} "
-                      f"{g.get('state', '')} pid {g.get('pid', '-')}")
+            st = g.get("status") or {}
+            frozen = " [red]FROZEN[/]" if st.get("frozen") else ""
+            con.print(f"guest {g['vm']} ({g['profile']}): {state}, pid {g.get('pid', '-')}, "
+                      f"committed txid {st.get('committed_txid', '-')}{frozen}")
 
 
