@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,20 @@ NEEDS_PERSISTENT = {"up", "guest", "backup"}
 
 def _echo(msg: str) -> None:
     click.echo(msg)
+
+
+@contextlib.contextmanager
+def _kernel_report() -> Iterator[None]:
+    """Print what the kernel says was created and removed (block uevents) during the block."""
+    from harness.sys.uevents import watch
+
+    with watch() as rec:
+        yield
+    made, gone = rec.created(), rec.removed()
+    changed = sorted({e.devname for e in rec.events if e.action == "change"})
+    if made or gone or changed:
+        _echo(f"kernel: added {', '.join(made) or '-'}; removed {', '.join(gone) or '-'}; "
+              f"changed {', '.join(changed) or '-'}")
 
 
 def _lab_name(name: str | None) -> str:
@@ -60,7 +76,8 @@ def up(lab_file: Path | None, lab_name: str | None, backing_size: str | None,
     from harness.lab import definition, substrate
 
     defn = definition.load(lab_file, name=lab_name, backing_size=backing_size)
-    substrate.up(defn, start_guests=not no_guests, progress=_echo)
+    with _kernel_report():
+        substrate.up(defn, start_guests=not no_guests, progress=_echo)
 
 
 @cli.command()
@@ -69,7 +86,8 @@ def down(lab_name: str | None) -> None:
     """Remove everything of a lab (devices, mounts, files) and verify nothing is left."""
     from harness.lab import substrate
 
-    substrate.down(_lab_name(lab_name), progress=_echo)
+    with _kernel_report():
+        substrate.down(_lab_name(lab_name), progress=_echo)
     _echo("lab removed; nothing left")
 
 
@@ -79,7 +97,8 @@ def stop(lab_name: str | None) -> None:
     """Take a lab offline but keep its backing files; `hvlab up` brings it back."""
     from harness.lab import substrate
 
-    substrate.stop(_lab_name(lab_name), progress=_echo)
+    with _kernel_report():
+        substrate.stop(_lab_name(lab_name), progress=_echo)
     _echo("lab stopped; data kept")
 
 

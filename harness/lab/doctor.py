@@ -49,6 +49,11 @@ def checks() -> list[Check]:
     for name, argv in tools.items():
         have = shutil.which(name) is not None
         out.append(Check(name, have, _version(argv) if have else "missing", "make deps"))
+    known = open("/proc/filesystems").read().split()
+    for fstype in ("ext4", "xfs"):
+        out.append(Check(f"{fstype} (fsfreeze-capable)", fstype in known,
+                         "in /proc/filesystems" if fstype in known else "not in this kernel",
+                         f"modprobe {fstype}", required=False))
     h = home()
     probe = h if h.exists() else h.parent
     free = shutil.disk_usage(probe).free
