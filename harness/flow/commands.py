@@ -2,6 +2,162 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
 import click
 
-COMMANDS: list[click.Command] = []
+from harness.errors import BadInput
+
+
+def _lab(name: str | None) -> str:
+    from harness.cli import _lab_name
+
+    return _lab_name(name)
+
+
+lab_opt = click.option("--lab-name", "-n", default=None,
+                       help="Lab name (default: the only lab, else 'hvlab').")
+
+
+def _paused(run: dict[str, Any], lab: str) -> None:
+    from harness.flow.engine import describe_devices
+    from harness.lab.paths import Names
+
+    click.echo(f"run {run['id']} paused after step {run.get('last_step')}; "
+               f"every artifact is in place:")
+    for path, role, note in describe_devices(run, Names(lab)):
+        click.echo(f"  {path:<60} {role}{'  (' + note + ')' if note else ''}")
+    click.echo(f"continue: hvlab backup --resume {run['id']}    "
+               f"unwind: hvlab backup --abort {run['id']}")
+
+
+@click.command()
+@click.argument("vms", nargs=-1)
+@lab_opt
+@click.option("--dest", type=click.Path(path_type=Path), default=None,
+              help="Backup directory (default: <lab dir>/backups/<run id>); must not exist.")
+@click.option("--pause-after", type=int, default=None,
+              help="Stop after step N (not 4-7) with every artifact in place.")
+@click.option("--resume", "resume_id", default=None, help="Continue a paused run.")
+@click.option("--abort", "abort_id", default=None, help="Unwind a paused or interrupted run.")
+@click.option("--no-fingerprints", is_flag=True, help="Skip the per-step content hashes.")
+def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
+           pause_after: int | None, resume_id: str | None, abort_id: str | None,
+           no_fingerprints: bool) -> None:
+    """Back up VMs through Hyper-V 2012 R2's 14 steps on real thin snapshots."""
+    from rich.progress import Progress
+
+    from harness.flow import engine
+
+    lab = _lab(lab_name)
+    if sum(bool(x) for x in (vms, resume_id, abort_id)) != 1:
+        raise BadInput("give VMs to back up, or --resume RUN, or --abort RUN (one of them)")
+    if abort_id:
+        run = engine.abort(lab, abort_id, say=click.echo)
+        click.echo(f"run {abort_id} aborted; live disks whole")
+        return
+    with Progress(transient=True) as prog:
+        if resume_id:
+            run = engine.resume(lab, resume_id, say=prog.console.print,
+                                fingerprints=not no_fingerprints, progress=prog,
+                                pause_after=pause_after)
+        else:
+            run = engine.start(lab, list(vms), dest=dest, pause_after=pause_after,
+                               say=prog.console.print, fingerprints=not no_fingerprints,
+                               progress=prog)
+    if run["state"] == "paused":
+        _paused(run, lab)
+        return
+    classes = {vm: run["vm"][vm]["class"] for vm in run["vms"]}
+    click.echo(f"run {run['id']} done: {run['dest']}  "
+               + ", ".join(f"{k}: {v}" for k, v in classes.items()))
+
+
+@click.command()
+@click.argument("backup_ref", metavar="BACKUP")
+@click.option("--as", "as_name", required=True, help="Name of the new VM disk set.")
+@click.option("--vm", default=None, help="Which VM of a multi-VM backup.")
+@lab_opt
+def restore(backup_ref: str, as_name: str, vm: str | None, lab_name: str | None) -> None:
+    """Create new thin LVs <NAME>_<disk> (and controllers) from a backup; starts no guest."""
+    from harness.backup.restore import restore as do_restore
+
+    rec = do_restore(_lab(lab_name), backup_ref, as_name, vm)
+    click.echo(f"restored {rec['vm']} from {rec['run']} as {as_name} ({rec['consistency']}):")
+    for c in rec["controllers"]:
+        click.echo(f"  {c}")
+
+
+@click.command()
+@click.argument("backup_ref", metavar="BACKUP")
+@lab_opt
+@click.option("--json", "as_json", is_flag=True)
+def verify(backup_ref: str, lab_name: str | None, as_json: bool) -> None:
+    """Checksums, then restore to a temporary LV: fsck -n, mount read-only, ledger check."""
+    from harness.backup.restore import verify as do_verify
+
+    rep = do_verify(_lab(lab_name), backup_ref)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+    else:
+        for r in rep["vms"]:
+            sums = "ok" if all(c["ok"] for c in r["checksums"]) else "MISMATCH"
+            click.echo(f"{r['vm']} ({r['consistency']}): checksums {sums}")
+            for d in r["disks"]:
+                click.echo(f"  {d['disk']} {d['fs']}: fsck -n "
+                           f"{'clean' if d['fsck_clean'] else 'NOT clean'}, read-only mount "
+                           f"{'ok' if d['mounted_ro'] else 'FAILED'}")
+            led = r.get("ledger")
+            if led:
+                click.echo(f"  ledger: {'consistent' if led['consistent'] else 'INCONSISTENT'}"
+                           f" (last txid {led['last_txid']}, {led['committed']} committed)"
+                           + (f" {led['problems'][:2]}" if led["problems"] else ""))
+            click.echo(f"  => {'OK' if r['ok'] else 'FAILED'}")
+    if not rep["ok"]:
+        raise SystemExit(1)
+
+
+@click.command("runs")
+@lab_opt
+@click.option("--json", "as_json", is_flag=True)
+def runs_cmd(lab_name: str | None, as_json: bool) -> None:
+    """Backup runs: id, VMs, mode, state, consistency."""
+    from rich.console import Console
+
+    from harness.flow import explain, runs
+    from harness.lab.paths import Names
+
+    rows = runs.all_runs(Names(_lab(lab_name)))
+    if as_json:
+        click.echo(json.dumps([{**r, "state": runs.effective_state(r)} for r in rows],
+                              indent=2))
+        return
+    Console().print(explain.runs_table(rows))
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@lab_opt
+@click.option("--json", "as_json", is_flag=True, help="The raw events.")
+def explain(run_id: str, lab_name: str | None, as_json: bool) -> None:
+    """The timeline of a run: what B, C, A, S held at each step, and where writes went."""
+    from rich.console import Console
+
+    from harness.flow import explain as ex
+    from harness.flow import runs
+    from harness.lab.paths import Names
+
+    names = Names(_lab(lab_name))
+    run = runs.load(names, run_id)
+    evs = runs.events(names, run_id)
+    if as_json:
+        click.echo(json.dumps({"run": run, "events": evs}, indent=2))
+        return
+    width = int(os.environ.get("COLUMNS", "0") or 0) or 200
+    ex.render_explain(run, evs, Console(width=width))
+
+
+COMMANDS: list[click.Command] = [backup, restore, verify, runs_cmd, explain]

@@ -1,0 +1,60 @@
+"""The backup's manifest.json: what was backed up, how consistent, when, and every step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from harness.errors import BadInput
+from harness.flow import runs
+from harness.lab.paths import Names
+from harness.lab.state import write_json_atomic
+
+NAME = "manifest.json"
+
+
+def build(names: Names, run: dict[str, Any]) -> dict[str, Any]:
+    vms = []
+    for vm in run["vms"]:
+        v = run["vm"][vm]
+        disks = []
+        for d, info in v["disks"].items():
+            img = run.get("images", {}).get(f"{vm}/{d}", {})
+            disks.append({"name": d, "fs": info["fs"], "size": info["size"],
+                          "consistency": v["class"], "image": img.get("file"),
+                          "sha256": img.get("sha256"), "mapped_blocks": img.get("mapped_blocks"),
+                          "block_bytes": img.get("block_bytes"),
+                          "bytes_read": img.get("bytes_read"),
+                          "auto_recovery_ranges": img.get("auto_recovery_ranges", []),
+                          "base_at_t0": img.get("base_at_t0")})
+        vms.append({"name": vm, "profile": v["profile"], "consistency": v["class"],
+                    "integration_services": v.get("answers"), "t0": v.get("t0"),
+                    "freeze_window": v.get("window"),
+                    "auto_recovery": v.get("auto_recovery_result"), "disks": disks})
+    return {"version": 1, "lab": run["lab"], "run": run["id"], "mode": run.get("mode"),
+            "created": run["created"], "vms": vms, "snapshot_set": run.get("snapshot_set"),
+            "pre": run.get("pre"), "post": run.get("post"),
+            "events": runs.events(names, run["id"])}
+
+
+def write(names: Names, run: dict[str, Any]) -> Path:
+    path = Path(run["dest"]) / NAME
+    write_json_atomic(path, build(names, run))
+    return path
+
+
+def locate(names: Names, backup: str) -> tuple[Path, dict[str, Any]]:
+    """A backup by directory (with manifest.json) or by run id."""
+    p = Path(backup)
+    if not (p / NAME).exists():
+        run_dir = names.runs_dir / backup / "run.json"
+        if "/" not in backup and run_dir.exists():
+            p = Path(json.loads(run_dir.read_text())["dest"])
+    if not (p / NAME).exists():
+        raise BadInput(f"no backup at {backup!r} (a backup directory or a finished run id)")
+    try:
+        data: dict[str, Any] = json.loads((p / NAME).read_text())
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"unreadable manifest {p / NAME}: {exc}") from None
+    return p, data

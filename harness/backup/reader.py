@@ -1,0 +1,115 @@
+"""Step 13: read the external snapshot S into sparse image files, mapped blocks only."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from harness.backup.thinmeta import Mapping, read_ranges
+
+Progress = Callable[[int], None]
+
+
+def _noop(_: int) -> None:
+    pass
+
+
+def read_image(dev: str, m: Mapping, size: int, dest: Path,
+               progress: Progress = _noop) -> dict[str, object]:
+    """Copy the mapped blocks of `dev` into a sparse file of `size` bytes; all-zero blocks stay
+    holes. Returns sha256 of the whole image (holes read as zeros), bytes read and written."""
+    read = written = 0
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        bs = m.block_bytes
+        for off, data in read_ranges(dev, m.ranges, bs):
+            read += len(data)
+            for i in range(0, len(data), bs):
+                block = data[i:i + bs]
+                if block.count(0) != len(block):
+                    os.pwrite(fd, block, off + i)
+                    written += len(block)
+            progress(len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {"sha256": sha256_file(dest), "bytes_read": read, "bytes_written": written,
+            "size": size, "mapped_blocks": m.mapped_blocks, "block_bytes": m.block_bytes}
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of the logical content; holes are hashed as zeros without reading them twice."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    zero = bytes(1 << 20)
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        pos = 0
+        while pos < size:
+            try:
+                data_at = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                data_at = size
+            while pos < data_at:  # a hole
+                n = min(len(zero), data_at - pos)
+                h.update(zero[:n])
+                pos += n
+            if pos >= size:
+                break
+            hole_at = os.lseek(fd, pos, os.SEEK_HOLE)
+            f.seek(pos)
+            while pos < hole_at:
+                chunk = f.read(min(1 << 20, hole_at - pos))
+                if not chunk:
+                    break
+                h.update(chunk)
+                pos += len(chunk)
+    return h.hexdigest()
+
+
+def data_segments(path: Path) -> list[tuple[int, int]]:
+    """(offset, length) of the non-hole parts of a sparse file."""
+    out: list[tuple[int, int]] = []
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, end - start))
+            pos = end
+    finally:
+        os.close(fd)
+    return out
+
+
+def write_image(image: Path, dev: str, block_bytes: int) -> int:
+    """Write an image's data onto a fresh thin device in whole pool blocks (the pool skips
+    zeroing, so a partly written block would expose stale data). Returns bytes written."""
+    written = 0
+    src = os.open(image, os.O_RDONLY)
+    dst = os.open(dev, os.O_WRONLY)
+    try:
+        for start, length in data_segments(image):
+            first = start // block_bytes * block_bytes
+            end = -(-(start + length) // block_bytes) * block_bytes
+            off = first
+            while off < end:
+                n = min(4 << 20, end - off)
+                data = os.pread(src, n, off).ljust(n, b"\0")
+                if data.count(0) != len(data):
+                    os.pwrite(dst, data, off)
+                    written += len(data)
+                off += n
+        os.fsync(dst)
+    finally:
+        os.close(src)
+        os.close(dst)
+    return written

@@ -1,0 +1,183 @@
+"""`hvlab restore` (a new VM disk set from a backup) and `hvlab verify` (is the backup good?)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.backup import manifest, reader
+from harness.errors import BadInput, HvlabError
+from harness.guest import ledger
+from harness.lab.definition import check_name
+from harness.lab.paths import Names
+from harness.lab.state import State, write_json_atomic
+from harness.sys import dm, fs
+from harness.sys.lvm import Lvm
+from harness.sys.uevents import wait_node
+
+
+def _pick_vm(man: dict[str, Any], vm: str | None) -> dict[str, Any]:
+    vms = man["vms"]
+    if vm is None:
+        if len(vms) != 1:
+            raise BadInput(f"this backup holds {len(vms)} VMs "
+                           f"({', '.join(v['name'] for v in vms)}): choose one with --vm")
+        chosen: dict[str, Any] = vms[0]
+        return chosen
+    for v in vms:
+        if v["name"] == vm:
+            found: dict[str, Any] = v
+            return found
+    raise BadInput(f"VM {vm!r} is not in this backup")
+
+
+def check_images(path: Path, vmrec: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for d in vmrec["disks"]:
+        img = path / str(d["image"])
+        actual = reader.sha256_file(img) if img.exists() else None
+        out.append({"disk": d["name"], "image": str(img), "expected": d["sha256"],
+                    "actual": actual, "ok": actual is not None and actual == d["sha256"]})
+    return out
+
+
+def _lab(names: Names) -> None:
+    st = State.load(names.lab)
+    if st is None or st.phase != "up":
+        raise BadInput(f"lab {names.lab!r} is not up")
+
+
+def restore_disks(names: Names, path: Path, vmrec: dict[str, Any], as_name: str,
+                  run_id: str, extra_tags: tuple[str, ...] = ()) -> list[str]:
+    """Thin LVs `<as_name>_<disk>` written from the images; returns the LV names."""
+    lvm = Lvm(names.lvm_dir)
+    made: list[str] = []
+    try:
+        for d in vmrec["disks"]:
+            lv = names.lv(as_name, d["name"])
+            tags = [names.tag, "role_base", f"vm_{as_name}", f"disk_{d['name']}",
+                    f"run_{run_id}", *extra_tags]
+            lvm("lvcreate", "-q", "-V", f"{d['size']}b", "-T", f"{names.vg}/{names.pool}",
+                "-n", lv, *[x for t in tags for x in ("--addtag", t)])
+            made.append(lv)
+            dev = f"/dev/mapper/{names.dm_lv_name(lv)}"
+            wait_node(dev)
+            reader.write_image(path / str(d["image"]), dev, int(d["block_bytes"]))
+    except BaseException:
+        for lv in reversed(made):
+            lvm("lvremove", "-q", "-y", f"{names.vg}/{lv}", check=False)
+        raise
+    return made
+
+
+def restore(lab: str, backup: str, as_name: str, vm: str | None = None) -> dict[str, Any]:
+    names = Names(lab)
+    check_name("VM", as_name)
+    _lab(names)
+    path, man = manifest.locate(names, backup)
+    if man["lab"] != lab:
+        raise BadInput(f"backup {backup} belongs to lab {man['lab']!r}, not {lab!r}")
+    vmrec = _pick_vm(man, vm)
+    st = State.load(lab)
+    assert st is not None
+    if any(v.name == as_name for v in st.definition.vms):
+        raise BadInput(f"{as_name!r} is a VM of this lab: restore onto a new name")
+    existing = {r["lv_name"] for r in Lvm(names.lvm_dir).lvs(names.vg)}
+    for d in vmrec["disks"]:
+        if names.lv(as_name, d["name"]) in existing or dm.devices_with_prefix(
+                names.ctl(as_name, d["name"])):
+            raise BadInput(f"{as_name!r} already exists in lab {lab} "
+                           f"({names.lv(as_name, d['name'])})")
+    bad = [c for c in check_images(path, vmrec) if not c["ok"]]
+    if bad:
+        raise HvlabError(f"backup image {bad[0]['image']} does not match its checksum")
+    made = restore_disks(names, path, vmrec, as_name, man["run"], ("restored",))
+    ctls = []
+    try:
+        for d in vmrec["disks"]:
+            ctl = names.ctl(as_name, d["name"])
+            dm.create_linear(ctl, names.lv_path(names.lv(as_name, d["name"])),
+                             uuid=names.ctl_uuid(as_name, d["name"]))
+            ctls.append(ctl)
+            wait_node(f"/dev/mapper/{ctl}")
+    except BaseException:
+        for c in ctls:
+            dm.remove(c)
+        for lv in made:
+            Lvm(names.lvm_dir)("lvremove", "-q", "-y", f"{names.vg}/{lv}", check=False)
+        raise
+    rec = {"name": as_name, "from": str(path), "run": man["run"], "vm": vmrec["name"],
+           "lvs": made, "controllers": [f"/dev/mapper/{c}" for c in ctls],
+           "consistency": vmrec["consistency"], "created": time.time()}
+    (names.dir / "restores").mkdir(exist_ok=True)
+    write_json_atomic(names.dir / "restores" / f"{as_name}.json", rec)
+    return rec
+
+
+def verify(lab: str, backup: str) -> dict[str, Any]:
+    """Checksums; then per VM: restore to temporary LVs, fsck -n, mount read-only, ledger
+    check; the temporary LVs are removed whatever happens."""
+    names = Names(lab)
+    _lab(names)
+    path, man = manifest.locate(names, backup)
+    report: dict[str, Any] = {"backup": str(path), "run": man["run"], "vms": [], "ok": True}
+    lvm = Lvm(names.lvm_dir)
+    for vmrec in man["vms"]:
+        cls = vmrec["consistency"]
+        r: dict[str, Any] = {"vm": vmrec["name"], "consistency": cls,
+                             "checksums": check_images(path, vmrec), "disks": []}
+        report["vms"].append(r)
+        if not all(c["ok"] for c in r["checksums"]):
+            report["ok"] = False
+            continue
+        tmp = "vfy" + secrets.token_hex(3)
+        made: list[str] = []
+        mounted: list[Path] = []
+        base = names.dir / "verify" / tmp
+        try:
+            made = restore_disks(names, path, vmrec, tmp, man["run"], ("verify",))
+            roots: dict[str, Path] = {}
+            for d in vmrec["disks"]:
+                lv = names.lv(tmp, d["name"])
+                lvm("lvchange", "-q", "-pr", f"{names.vg}/{lv}")
+                dev = f"/dev/mapper/{names.dm_lv_name(lv)}"
+                fsck = fs.fsck_readonly(dev, d["fs"])
+                disk: dict[str, Any] = {"disk": d["name"], "fs": d["fs"],
+                                        "fsck_clean": fsck.returncode == 0,
+                                        "fsck": (fsck.stdout + fsck.stderr).strip()[-300:]}
+                mp = base / d["name"]
+                try:
+                    fs.mount(dev, mp, d["fs"], read_only=True)
+                    mounted.append(mp)
+                    roots[d["name"]] = mp
+                    disk["mounted_ro"] = True
+                except HvlabError as exc:
+                    disk["mounted_ro"] = False
+                    disk["mount_error"] = str(exc)
+                r["disks"].append(disk)
+            if len(roots) == len(vmrec["disks"]):
+                res = ledger.check(roots)
+                r["ledger"] = res.to_dict()
+            else:
+                r["ledger"] = None
+        finally:
+            for mp in reversed(mounted):
+                fs.umount(mp)
+            for lv in made:
+                lvm("lvremove", "-q", "-y", f"{names.vg}/{lv}", check=False)
+            with contextlib.suppress(OSError):
+                for p in sorted(base.glob("*"), reverse=True):
+                    p.rmdir()
+                base.rmdir()
+        fs_ok = all(d["fsck_clean"] and d["mounted_ro"] for d in r["disks"])
+        app_ok = bool(r["ledger"] and r["ledger"]["consistent"])
+        # What each class promises: application -> all; filesystem -> fs; crash -> checksums.
+        r["ok"] = {"application-consistent": fs_ok and app_ok,
+                   "filesystem-consistent": fs_ok}.get(cls, True)
+        report["ok"] = report["ok"] and r["ok"]
+    (path / "verify.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,157 @@
+"""What the thin pool has mapped, read from a metadata snapshot of the live pool.
+
+`reserve_metadata_snap` is sent to the pool's `-tpool` device, `thin_dump`/`thin_delta` read the
+snapshot through the hidden `_tmeta` device, and the snapshot is **always** released in a finally
+(the kernel holds only one). Block numbers are in units of the pool's data block size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from harness.lab.paths import Names
+from harness.sys.run import run
+
+SECTOR = 512
+
+
+def tpool_dev(names: Names) -> str:
+    return f"/dev/mapper/{names.dm_lv_name(names.pool)}-tpool"
+
+
+def tmeta_dev(names: Names) -> str:
+    return f"/dev/mapper/{names.dm_lv_name(names.pool)}_tmeta"
+
+
+Range = tuple[int, int]  # (first virtual block, length)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """The virtual blocks a thin device has mapped, plus the data block each one points at."""
+
+    dev_id: int
+    block_bytes: int
+    ranges: list[Range]  # merged virtual ranges, sorted
+    pairs: list[tuple[int, int]]  # (virtual block, data block), sorted
+
+    @property
+    def mapped_blocks(self) -> int:
+        return sum(n for _, n in self.ranges)
+
+
+def _merge(blocks: Iterable[int]) -> list[Range]:
+    out: list[Range] = []
+    for b in sorted(blocks):
+        if out and out[-1][0] + out[-1][1] == b:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((b, 1))
+    return out
+
+
+def parse_dump(xml_text: str) -> tuple[int, dict[int, list[tuple[int, int]]]]:
+    """thin_dump XML -> (data block size in bytes, {dev_id: [(virtual, data), ...]})."""
+    root = ET.fromstring(xml_text)
+    block_bytes = int(root.get("data_block_size", "128")) * SECTOR
+    devs: dict[int, list[tuple[int, int]]] = {}
+    for dev in root.iter("device"):
+        pairs: list[tuple[int, int]] = []
+        for m in dev:
+            if m.tag == "single_mapping":
+                pairs.append((int(m.get("origin_block", 0)), int(m.get("data_block", 0))))
+            elif m.tag == "range_mapping":
+                ob, db, n = (int(m.get(k, 0)) for k in ("origin_begin", "data_begin", "length"))
+                pairs.extend((ob + i, db + i) for i in range(n))
+        devs[int(dev.get("dev_id", -1))] = sorted(pairs)
+    return block_bytes, devs
+
+
+def parse_delta(xml_text: str) -> dict[str, list[Range]]:
+    """thin_delta XML -> {"different": [...], "left_only": [...], "right_only": [...]}."""
+    out: dict[str, list[Range]] = {"different": [], "left_only": [], "right_only": []}
+    for el in ET.fromstring(xml_text).iter():
+        if el.tag in out:
+            out[el.tag].append((int(el.get("begin", 0)), int(el.get("length", 0))))
+    return out
+
+
+class MetadataSnap:
+    """An open metadata snapshot: query mappings and deltas of any thin id."""
+
+    def __init__(self, names: Names) -> None:
+        self.names = names
+        self._dump: tuple[int, dict[int, list[tuple[int, int]]]] | None = None
+
+    def dump(self) -> tuple[int, dict[int, list[tuple[int, int]]]]:
+        if self._dump is None:
+            res = run(["thin_dump", "--metadata-snap", tmeta_dev(self.names)], timeout=120)
+            self._dump = parse_dump(res.stdout)
+        return self._dump
+
+    def mapping(self, dev_id: int) -> Mapping:
+        block_bytes, devs = self.dump()
+        pairs = devs.get(dev_id, [])
+        return Mapping(dev_id, block_bytes, _merge(v for v, _ in pairs), pairs)
+
+    def delta(self, thin1: int, thin2: int) -> dict[str, list[Range]]:
+        res = run(["thin_delta", "--metadata-snap", "--thin1", str(thin1), "--thin2",
+                   str(thin2), tmeta_dev(self.names)], timeout=120)
+        return parse_delta(res.stdout)
+
+
+@contextmanager
+def metadata_snap(names: Names) -> Iterator[MetadataSnap]:
+    tpool = tpool_dev(names)
+    run(["dmsetup", "message", tpool, "0", "reserve_metadata_snap"])
+    try:
+        yield MetadataSnap(names)
+    finally:
+        run(["dmsetup", "message", tpool, "0", "release_metadata_snap"], check=False)
+
+
+def pool_usage(names: Names) -> tuple[int, int]:
+    """(used data blocks, total data blocks) from the pool's status line."""
+    fields = run(["dmsetup", "status", tpool_dev(names)]).stdout.split()
+    used, total = fields[5].split("/")
+    return int(used), int(total)
+
+
+# ------------------------------------------------------------------------------ block reads
+CHUNK = 4 << 20
+
+
+def read_ranges(dev: str, ranges: Iterable[Range], block_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, data) for each mapped range, read with O_DIRECT (no stale page cache)."""
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, CHUNK)
+    try:
+        for first, n in ranges:
+            off, end = first * block_bytes, (first + n) * block_bytes
+            while off < end:
+                size = min(CHUNK, end - off)
+                view = memoryview(buf)[:size]
+                got = os.preadv(fd, [view], off)
+                yield off, bytes(view[:got])
+                view.release()
+                if got <= 0:
+                    break
+                off += got
+    finally:
+        buf.close()
+        os.close(fd)
+
+
+def fingerprint(dev: str, m: Mapping) -> dict[str, object]:
+    """sha256 over (offset, content) of the mapped blocks, and how many blocks are mapped."""
+    h = hashlib.sha256()
+    for off, data in read_ranges(dev, m.ranges, m.block_bytes):
+        h.update(off.to_bytes(8, "little"))
+        h.update(data)
+    return {"sha256": h.hexdigest(), "mapped_blocks": m.mapped_blocks, "thin_id": m.dev_id}

@@ -1,0 +1,137 @@
+"""Run records: `<runs_dir>/<id>/run.json` (atomic writes) and `events.jsonl`, and VM locks."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from harness.errors import BadInput, HvlabError
+from harness.lab.paths import Names
+from harness.lab.state import write_json_atomic
+
+ACTIVE = ("running", "paused", "aborting")
+FINAL = ("done", "failed", "aborted")
+
+
+def new_id() -> str:
+    return "r" + time.strftime("%Y%m%d%H%M%S") + secrets.token_hex(2)
+
+
+def run_dir(names: Names, run_id: str) -> Path:
+    return names.runs_dir / run_id
+
+
+def save(names: Names, run: dict[str, Any]) -> None:
+    d = run_dir(names, run["id"])
+    d.mkdir(parents=True, exist_ok=True)
+    run["updated"] = time.time()
+    write_json_atomic(d / "run.json", run)
+
+
+def load(names: Names, run_id: str) -> dict[str, Any]:
+    if "/" in run_id or not run_id:
+        raise BadInput(f"invalid run id {run_id!r}")
+    path = run_dir(names, run_id) / "run.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"no run {run_id!r} in lab {names.lab!r} (`hvlab runs` lists them)")\
+            from None
+    except (OSError, ValueError) as exc:
+        raise HvlabError(f"run record {path} is unreadable: {exc}") from None
+    return data
+
+
+def all_runs(names: Names) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if not names.runs_dir.exists():
+        return out
+    for p in sorted(names.runs_dir.glob("*/run.json")):
+        try:
+            out.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def alive(run: dict[str, Any]) -> bool:
+    pid = run.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE and abs(p.create_time() -
+                                                          float(run.get("pid_started", 0))) < 2
+    except psutil.Error:
+        return False
+
+
+def effective_state(run: dict[str, Any]) -> str:
+    """`running` with a dead process reads as `interrupted`."""
+    st = str(run.get("state"))
+    if st in ("running", "aborting") and not alive(run):
+        return "interrupted"
+    return st
+
+
+def active_runs(names: Names) -> list[dict[str, Any]]:
+    return [r for r in all_runs(names) if r.get("state") in ACTIVE]
+
+
+def append_event(names: Names, run_id: str, event: dict[str, Any]) -> None:
+    with open(run_dir(names, run_id) / "events.jsonl", "a") as f:
+        f.write(json.dumps(event, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def events(names: Names, run_id: str) -> list[dict[str, Any]]:
+    path = run_dir(names, run_id) / "events.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def mark_self(run: dict[str, Any]) -> None:
+    run["pid"] = os.getpid()
+    run["pid_started"] = psutil.Process().create_time()
+
+
+class VmLocks:
+    """flock per VM while a process works on a run: one running backup per VM."""
+
+    def __init__(self, names: Names, vms: list[str]) -> None:
+        self.names, self.vms = names, vms
+        self.fds: list[int] = []
+
+    def __enter__(self) -> VmLocks:
+        d = self.names.runs_dir / "locks"
+        d.mkdir(parents=True, exist_ok=True)
+        try:
+            for vm in self.vms:
+                fd = os.open(d / f"{vm}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                self.fds.append(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise BadInput(f"VM {vm} is already in a running backup "
+                                   f"(another hvlab process holds it)") from None
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def release(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,133 @@
+"""Veeam's 14 steps of a Hyper-V 2012 R2 on-host backup, as data, and the lab action of each.
+
+The wording is the seed question's (shared/seed/). Steps 1-10 run per VM (each VM its own
+freeze window, steps 4-7); 11-14 run once for the whole job (one external snapshot set).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.errors import BadInput
+
+
+@dataclass(frozen=True)
+class Step:
+    number: int
+    name: str
+    veeam: str
+    lab: str
+    per_vm: bool
+    in_freeze: bool = False
+
+
+STEPS: tuple[Step, ...] = (
+    Step(1, "request",
+         "Veeam Backup & Replication interacts with the Microsoft Hyper-V host VSS Service and "
+         "requests backup of a specific VM.",
+         "register the run, check leftovers of earlier runs, lock the VM", True),
+    Step(2, "pass to guest",
+         "The Microsoft VSS Writer on the Microsoft Hyper-V host passes the request to the "
+         "Microsoft Hyper-V Integration Components (HV-IC) installed inside the VM guest OS.",
+         "identify the guest over its integration-services socket; choose the consistency "
+         "class (no answer: crash-consistent)", True),
+    Step(3, "guest requestor",
+         "The HV-IC acts as a VSS Requestor for the framework inside the VM. It communicates "
+         "with this framework and requests backup of Microsoft VSS-aware applications running "
+         "on the VM.",
+         "guest `prepare`", True),
+    Step(4, "quiesce",
+         "VSS Writers for Microsoft VSS-aware applications on the VM are instructed to quiesce "
+         "application data.",
+         "guest `freeze`: writers hold, FIFREEZE on every disk of the VM (window opens)", True,
+         True),
+    Step(5, "backup checkpoint",
+         "After the applications are quiesced, Microsoft Hyper-V VSS takes a backup checkpoint "
+         "of the VM. Every virtual disk of a VM receives a temporary file named GUID.avhdx. All "
+         "new writes that occur to the VM until the volume snapshot is taken are redirected to "
+         "this file",
+         "C = thin snapshot of B per disk; controller redirected to C (suspend --nolockfs, "
+         "reload, resume): live writes go to C", True, True),
+    Step(6, "auto-recovery checkpoint",
+         "Right after taking the backup checkpoint, Microsoft Hyper-V VSS takes another "
+         "auxiliary checkpoint - auto-recovery checkpoint. Every virtual disk of a VM receives "
+         "a temporary file named GUID-Autorecovery.avhdx. [...] it is taken independently in a "
+         "new checkpoint chain.",
+         "A = writable thin snapshot of B per disk (sibling of C)", True, True),
+    Step(7, "internal snapshot",
+         "The framework inside the VM takes an internal snapshot using a Microsoft Hyper-V "
+         "Integration Services Shadow Copy provider in the VM guest OS.",
+         "T0: the guest's shadow copy commits = C exists and the controller points at it", True,
+         True),
+    Step(8, "snapshot to HV-IC",
+         "The created internal snapshot is passed to the HV-IC.",
+         "guest `thaw` (window closes; its length is recorded, limit 10 s)", True),
+    Step(9, "ready",
+         "The HV-IC notifies the hypervisor that the VM is ready for backup.",
+         "guest `status`: thawed, no flush-and-hold timeout", True),
+    Step(10, "auto-recovery",
+         "Microsoft Hyper-V VSS performs auto-recovery - it mounts the auto-recovery checkpoint "
+         "to the VM, rolls back data on the VM to the consistent state.",
+         "attach A as dm-linear `ar` controllers, guest `post_snapshot` repairs A, detach "
+         "(windows only)", True),
+    Step(11, "external snapshot",
+         "The Microsoft Hyper-V host VSS provider takes a snapshot of a volume on which VM "
+         "disks are located (external snapshot).",
+         "S = read-only thin snapshots of B and A of every disk of every VM in the job", False),
+    Step(12, "drop auto-recovery",
+         "The auto-recovery checkpoint is merged with the original VM.",
+         "remove A from the live side (it lives on in S)", False),
+    Step(13, "read",
+         "The volume snapshot is presented to VBR. Veeam Backup & Replication reads VM data "
+         "from the volume snapshot in one of two backup modes - on-host backup or off-host "
+         "backup.",
+         "read the blocks the pool has mapped for S_A into sparse images (on-host)", False),
+    Step(14, "delete snapshot, merge",
+         "After the backup is complete, the volume snapshot is deleted, and the backup "
+         "checkpoint is merged with the original VM",
+         "remove S; merge C into B: remove B, rename C to B's name (the controller already "
+         "maps C: no interruption)", False),
+)
+
+BY_NUMBER = {s.number: s for s in STEPS}
+FREEZE_STEPS = frozenset(s.number for s in STEPS if s.in_freeze)
+LAST = STEPS[-1].number
+
+APP = "application-consistent"
+FS = "filesystem-consistent"
+CRASH = "crash-consistent"
+
+
+def step(number: int) -> Step:
+    return BY_NUMBER[number]
+
+
+def consistency_for(profile: str, answers: bool) -> str:
+    """The class a disk gets: windows -> application, linux -> filesystem, else crash."""
+    if not answers or profile == "none":
+        return CRASH
+    return APP if profile == "windows" else FS
+
+
+def plan(vms: list[str]) -> list[tuple[int, str | None]]:
+    """The order of execution: steps 1-10 per VM (VM by VM), then 11-14 once for the job."""
+    out: list[tuple[int, str | None]] = []
+    for vm in vms:
+        out += [(s.number, vm) for s in STEPS if s.per_vm]
+    out += [(s.number, None) for s in STEPS if not s.per_vm]
+    return out
+
+
+def pause_position(vms: list[str], after: int | None) -> int | None:
+    """Index in plan(vms) after which to pause (the last VM's step N), or None."""
+    if after is None:
+        return None
+    if after in FREEZE_STEPS:
+        raise BadInput(f"cannot pause after step {after}: steps {min(FREEZE_STEPS)}-"
+                       f"{max(FREEZE_STEPS)} are inside the guest's freeze window, and a paused "
+                       f"run must never hold a guest frozen")
+    if not 1 <= after < LAST:
+        raise BadInput(f"--pause-after must be a step from 1 to {LAST - 1} (not 4-7), "
+                       f"got {after}")
+    p = plan(vms)
+    return max(i for i, (n, _) in enumerate(p) if n == after)

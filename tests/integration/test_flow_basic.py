@@ -1,0 +1,235 @@
+"""The 14-step flow on real thin snapshots (run in the lab VM): invariants 1-9 of issue 4."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fixtures.plugin import LabHandle
+from harness.backup import restore as rst
+from harness.errors import BadInput
+from harness.flow import engine, runs
+from harness.guest import ledger
+from harness.guest.client import GuestClient
+from harness.lab import guests
+from harness.sys import dm, fs
+from harness.sys.lvm import Lvm
+from harness.sys.run import run
+
+pytestmark = pytest.mark.integration
+
+
+def _lvs(h: LabHandle) -> dict[str, str]:
+    return {r["lv_name"]: r["lv_tags"] for r in Lvm(h.names.lvm_dir).lvs(h.names.vg)}
+
+
+def _ctl_lv(h: LabHandle, vm: str, disk: str) -> str:
+    return engine._lv_of_majmin(h.names, dm.target_of(h.names.ctl(vm, disk)))
+
+
+def _mount_ro(dev: str, fstype: str, mp: Path) -> None:
+    opts = ("noload",) if fstype == "ext4" else ("norecovery",)
+    fs.mount(dev, mp, fstype, read_only=True, extra=opts)
+
+
+def _by_step(evs: list[dict[str, Any]], vm: str | None = None) -> dict[int, dict[str, Any]]:
+    return {e["step"]: e for e in evs if e.get("step") and e.get("vm") in (vm, None)}
+
+
+def test_backup_two_vms_pause_resume_invariants(lab_with_guests: LabHandle,
+                                                tmp_path: Path) -> None:
+    h = lab_with_guests
+    lab, names = h.defn.name, h.names
+    keep = h.mountpoint("vm01", "disk0") / "scratch" / "keep.tmp"
+    keep.parent.mkdir(exist_ok=True)
+    keep.write_text("excluded from backups by the VSS writer\n")
+    run_ = engine.start(lab, ["vm01", "vm02"], pause_after=9)
+    rid = run_["id"]
+    assert run_["state"] == "paused"
+    # Paused after step 9: thawed, the guest writes to C; A exists.
+    for vm, disk in (("vm01", "disk0"), ("vm01", "disk1"), ("vm02", "disk0")):
+        assert _ctl_lv(h, vm, disk) == f"{vm}_{disk}_c_{rid}"
+        assert not GuestClient(guests.socket_path(names, vm)).status()["frozen"]
+    tags = _lvs(h)
+    assert "role_autorecovery" in tags[f"vm01_disk0_a_{rid}"]
+    assert "role_checkpoint" in tags[f"vm01_disk0_c_{rid}"]
+    with pytest.raises(BadInput, match="already in a running backup"):
+        engine.start(lab, ["vm02"])
+    # Written after T0: must be on the live disk, never in A, S or the backup.
+    after = h.mountpoint("vm01", "disk0") / "after_t0.txt"
+    after.write_text("written after T0\n")
+    run(["sync"])
+    run_ = engine.resume(lab, rid, pause_after=11)
+    assert run_["state"] == "paused"
+    # Raw B@T0 (S_B) holds the guest's unfinished transaction; A's fix-ups are not in it.
+    sb = {d: engine.Ctx(names, run_).lv_dev(run_["vm"]["vm01"]["disks"][d]["S_B"])
+          for d in ("disk0", "disk1")}
+    roots = {}
+    try:
+        for d, fstype in (("disk0", "ext4"), ("disk1", "xfs")):
+            _mount_ro(sb[d], fstype, tmp_path / "sb" / d)
+            roots[d] = tmp_path / "sb" / d
+        raw = ledger.check(roots)
+        assert (roots["disk0"] / "scratch" / "keep.tmp").exists()
+        assert not (roots["disk0"] / "after_t0.txt").exists()
+    finally:
+        for mp in roots.values():
+            fs.umount(mp)
+    assert not raw.consistent and raw.unfinished is not None, raw
+    run_ = engine.resume(lab, rid)
+    assert run_["state"] == "done"
+    with pytest.raises(BadInput, match="nothing to resume"):
+        engine.resume(lab, rid)
+
+    evs = runs.events(names, rid)
+    # 6: step order, per-VM 1-10 then the job's 11-14.
+    order = [(e["step"], e["vm"]) for e in evs]
+    assert order == ([(n, "vm01") for n in range(1, 11)] + [(n, "vm02") for n in range(1, 11)]
+                     + [(n, None) for n in range(11, 15)])
+    for vm in ("vm01", "vm02"):
+        v = run_["vm"][vm]
+        w = v["window"]
+        # 1: C made only while frozen; all disks of the VM inside one window (< 10 s).
+        for info in v["disks"].values():
+            assert w["frozen_at"] <= info["c_created_at"] <= w["thawed_at"]
+        assert w["seconds"] < 10
+        st = _by_step(evs, vm)
+        assert st[8]["detail"]["window_s"] < 10
+        assert all(e["fingerprints"] is None for n, e in st.items() if 4 <= n <= 7)
+        for d in v["disks"]:
+            key = f"{vm}/{d}"
+            fps = [e["fingerprints"][key] for n, e in sorted(st.items()) if 8 <= n <= 13]
+            # 2: B does not change between T0 and the merge.
+            assert len({f["B"]["sha256"] for f in fps}) == 1, key
+            # 4: A derives from B@T0.
+            assert fps[0]["A"]["sha256"] == fps[0]["B"]["sha256"]
+            assert fps[3]["S_B"]["sha256"] == fps[0]["B"]["sha256"]
+            # live writes went to C after T0, to B before
+            assert st[3]["writes_to"][key]["artifact"] == "B"
+            assert st[9]["writes_to"][key]["artifact"] == "C"
+            assert st[14]["writes_to"][key]["artifact"] == "B"
+    assert run_["vm"]["vm01"]["class"] == "application-consistent"
+    assert run_["vm"]["vm02"]["class"] == "filesystem-consistent"
+    # 8: the LV set is back (pool usage grows only by what the guests wrote).
+    assert run_["post"]["lvs"] == run_["pre"]["lvs"]
+    assert not engine.leftovers(names, Lvm(names.lvm_dir), ["vm01", "vm02"], set())
+
+    dest = Path(run_["dest"])
+    man = json.loads((dest / "manifest.json").read_text())
+    assert [v["consistency"] for v in man["vms"]] == ["application-consistent",
+                                                      "filesystem-consistent"]
+    assert len(man["events"]) == 24
+    v1 = man["vms"][0]
+    # 5: raw B@T0 differs where auto-recovery worked (thin_delta S_B..S_A).
+    assert all(d["auto_recovery_ranges"] for d in v1["disks"])
+    assert not man["vms"][1]["disks"][0]["auto_recovery_ranges"]
+    # 3 + 4: after_t0 and the excluded file are on the live disk, not in the backup image.
+    assert after.exists() and keep.exists()
+    lo = run(["losetup", "-f", "--show", "-r", str(dest / "vm01_disk0.img")]).stdout.strip()
+    try:
+        _mount_ro(lo, "ext4", tmp_path / "img")
+        try:
+            assert not (tmp_path / "img" / "after_t0.txt").exists()
+            assert not (tmp_path / "img" / "scratch" / "keep.tmp").exists()
+        finally:
+            fs.umount(tmp_path / "img")
+    finally:
+        run(["losetup", "-d", lo])
+    # 5: the backup is fsck-clean, mounts read-only and passes the writers' checker.
+    rep = rst.verify(lab, rid)
+    assert rep["ok"], json.dumps(rep, indent=1)
+    assert rep["vms"][0]["ledger"]["consistent"]
+    # restore (and bad input around it)
+    rec = rst.restore(lab, str(dest), "rest", vm="vm01")
+    assert Path(rec["controllers"][0]).exists()
+    assert fs.fsck_readonly(rec["controllers"][0], "ext4").returncode == 0
+    with pytest.raises(BadInput, match="already exists"):
+        rst.restore(lab, str(dest), "rest", vm="vm01")
+    with pytest.raises(BadInput, match="already exists"):
+        engine.start(lab, ["vm02"], dest=dest)
+    with pytest.raises(BadInput, match="unknown VM"):
+        engine.start(lab, ["vm09"])
+
+
+def _quiet_guest(h: LabHandle, vm: str) -> None:
+    GuestClient(guests.socket_path(h.names, vm)).workload(pause=True)
+
+
+def test_failure_thaws_and_unwinds_then_clean_run(lab_with_guests: LabHandle,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    h = lab_with_guests
+    lab, names = h.defn.name, h.names
+    _quiet_guest(h, "vm01")  # pool usage is pool-wide: no guest may write
+    _quiet_guest(h, "vm02")
+    run(["sync"])
+    before = _lvs(h)
+
+    def boom(ctx: engine.Ctx, vm: str) -> dict[str, Any]:
+        raise RuntimeError("injected failure inside the freeze window")
+
+    monkeypatch.setattr(engine, "s06", boom)  # after C exists and the controller maps it
+    with pytest.raises(engine.FlowFailed, match="injected"):
+        engine.start(lab, ["vm02"])
+    monkeypatch.undo()
+    # 7: thawed; C merged into B (the guest had written to it); nothing left.
+    st = GuestClient(guests.socket_path(names, "vm02")).status()
+    assert not st["frozen"]
+    assert not (names.guest_dir("vm02") / "frozen").exists()
+    assert _ctl_lv(h, "vm02", "disk0") == "vm02_disk0"
+    assert set(_lvs(h)) == set(before)
+    (h.mountpoint("vm02", "disk0") / "still_writable").write_text("ok\n")
+    failed = [r for r in runs.all_runs(names) if r["state"] == "failed"]
+    assert len(failed) == 1 and "merged C" in " ".join(failed[0]["unwound"])
+    # 8: a clean run of a quiet guest returns LV set and pool usage to the pre-backup state.
+    run_ = engine.start(lab, ["vm02"])
+    assert run_["state"] == "done"
+    assert run_["post"]["lvs"] == run_["pre"]["lvs"]
+    assert abs(run_["post"]["pool_used_blocks"] - run_["pre"]["pool_used_blocks"]) <= 4
+
+
+NONE_LAB: dict[str, Any] = {
+    "lab": {"name": "x", "backing_size": "512M"},
+    "vm": [{"name": "vm03", "profile": "none",
+            "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}],
+}
+
+
+def test_crash_consistent_pause_abort_and_leftovers(lab_factory: Callable[..., LabHandle]
+                                                   ) -> None:
+    h = lab_factory(NONE_LAB, start_guests=True)
+    lab, names = h.defn.name, h.names
+    run_ = engine.start(lab, ["vm03"], pause_after=11)
+    rid = run_["id"]
+    assert run_["vm"]["vm03"]["class"] == "crash-consistent"  # 9: labelled
+    assert run_["vm"]["vm03"].get("window") is None
+    assert _ctl_lv(h, "vm03", "disk0") == f"vm03_disk0_c_{rid}"
+    (h.mountpoint("vm03", "disk0") / "while_paused").write_text("keep me\n")
+    run(["sync"])
+    with pytest.raises(BadInput, match="cannot pause"):
+        engine.start(lab, ["vm03"], pause_after=5)
+    engine.abort(lab, rid)
+    # abort merged C: the write made while paused is on the live disk, nothing is left.
+    assert _ctl_lv(h, "vm03", "disk0") == "vm03_disk0"
+    assert (h.mountpoint("vm03", "disk0") / "while_paused").read_text() == "keep me\n"
+    assert sorted(_lvs(h)) == sorted(["pool", "vm03_disk0", "[pool_tdata]", "[pool_tmeta]",
+                                      "[lvol0_pmspare]"])
+    assert runs.load(names, rid)["state"] == "aborted"
+    with pytest.raises(BadInput, match="nothing to abort"):
+        engine.abort(lab, rid)
+    # a leftover auto-recovery checkpoint is found and reported, never reused
+    Lvm(names.lvm_dir)("lvcreate", "-q", "-s", "-kn", "-n", "vm03_disk0_a_old",
+                       "--addtag", names.tag, "--addtag", "role_autorecovery",
+                       "--addtag", "vm_vm03", "--addtag", "disk_disk0", "--addtag",
+                       "run_rold", f"{names.vg}/vm03_disk0")
+    with pytest.raises(BadInput, match="auto-recovery checkpoint exists"):
+        engine.start(lab, ["vm03"])
+    Lvm(names.lvm_dir)("lvremove", "-q", "-y", f"{names.vg}/vm03_disk0_a_old")
+    run_ = engine.start(lab, ["vm03"], fingerprints=False)
+    assert run_["state"] == "done"
+    rep = rst.verify(lab, run_["id"])
+    assert rep["vms"][0]["consistency"] == "crash-consistent"
+    assert all(c["ok"] for c in rep["vms"][0]["checksums"])
