@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import select
-import threading
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,10 +25,9 @@ class Uevent:
 
 @dataclass
 class Recorder:
-    """Collects block uevents in a background thread while a `with watch()` block runs."""
+    """Block uevents seen while a `with watch()` block ran (filled in when the block ends)."""
 
     events: list[Uevent] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
 
     def created(self) -> list[str]:
         return [e.name or e.devname for e in self.events if e.action == "add"]
@@ -61,21 +60,23 @@ def _dm_name(devname: str) -> str:
 
 @contextmanager
 def watch() -> Iterator[Recorder]:
-    """Record block uevents for the duration of the block. Degrades to nothing if unavailable."""
+    """Record block uevents for the duration of the block. Degrades to nothing if unavailable.
+
+    The kernel queues the events on our socket; we drain it in this thread when the block ends
+    (pyroute2's sockets must not be read from another thread)."""
     rec = Recorder()
     try:
         sock = UeventSocket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         sock.bind()
     except OSError:
         yield rec
         return
-
-    def loop() -> None:
-        while not rec._stop.is_set():
-            r, _, _ = select.select([sock], [], [], 0.1)
-            if not r:
-                continue
-            try:
+    try:
+        yield rec
+    finally:
+        try:
+            while select.select([sock], [], [], 0.25)[0]:
                 for msg in sock.get():
                     ev = _decode(msg)
                     if ev is None:
@@ -83,18 +84,8 @@ def watch() -> Iterator[Recorder]:
                     if ev.action == "add" and ev.devname.startswith("dm-") and not ev.name:
                         ev = Uevent(ev.action, ev.devname, _dm_name(ev.devname), ev.at)
                     rec.events.append(ev)
-            except Exception:  # a malformed message must not kill the recorder
-                continue
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    try:
-        yield rec
-    finally:
-        time.sleep(0.05)  # let the last events of the block arrive
-        rec._stop.set()
-        t.join(timeout=2)
-        sock.close()
+        finally:
+            sock.close()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
