@@ -30,10 +30,11 @@ class Recorder:
     events: list[Uevent] = field(default_factory=list)
 
     def created(self) -> list[str]:
-        return [e.name or e.devname for e in self.events if e.action == "add"]
+        return list(dict.fromkeys(e.name or e.devname for e in self.events if e.action == "add"))
 
     def removed(self) -> list[str]:
-        return [e.name or e.devname for e in self.events if e.action == "remove"]
+        return list(dict.fromkeys(
+            e.name or e.devname for e in self.events if e.action == "remove"))
 
 
 def _decode(msg: Any) -> Uevent | None:
