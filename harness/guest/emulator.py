@@ -259,14 +259,18 @@ class Guest:
         with self._lock:
             if gen != self._gen or self.state != "frozen":
                 return
-            # Recorded first: status readers (lock-free) see the timeout as soon as the fs thaws.
-            self.pending_timeout = {"error_code": FLUSH_WRITES_TIMEOUT}
             try:
                 frozen_for = self._thaw_now()
             except Exception:
                 log.exception("watchdog thaw failed")
                 return
-            self.pending_timeout.update(thawed_at=self.thawed_at, frozen_for_s=frozen_for)
+            # Set after the thaw, under the lock status() also takes: a reader never sees
+            # "timed out" together with "frozen".
+            self.pending_timeout = {
+                "error_code": FLUSH_WRITES_TIMEOUT,
+                "thawed_at": self.thawed_at,
+                "frozen_for_s": frozen_for,
+            }
             log.warning("flush-and-hold timeout: thawed by the watchdog after %.2fs", frozen_for)
         self.write_status()
 
@@ -390,6 +394,10 @@ class Guest:
 
     # --- status
     def status(self) -> dict[str, Any]:
+        with self._lock:
+            return self._status()
+
+    def _status(self) -> dict[str, Any]:
         lw = self.ledger_writer
         return {
             "vm": self.cfg.vm,
