@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from harness.backup.thinmeta import Mapping, read_ranges
 
@@ -16,27 +17,57 @@ def _noop(_: int) -> None:
     pass
 
 
+ZERO_CHUNK = bytes(4 << 20)
+
+
+def _hash_zeros(h: Any, n: int) -> None:
+    while n > 0:
+        k = min(n, len(ZERO_CHUNK))
+        h.update(ZERO_CHUNK[:k])
+        n -= k
+
+
+def _nonzero_runs(data: bytes, bs: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of the runs of whole blocks in `data` that are not all zeros."""
+    run_start: int | None = None
+    for i in range(0, len(data), bs):
+        if data.count(0, i, i + bs) == min(bs, len(data) - i):
+            if run_start is not None:
+                yield run_start, i
+                run_start = None
+        elif run_start is None:
+            run_start = i
+    if run_start is not None:
+        yield run_start, len(data)
+
+
 def read_image(dev: str, m: Mapping, size: int, dest: Path,
                progress: Progress = _noop) -> dict[str, object]:
     """Copy the mapped blocks of `dev` into a sparse file of `size` bytes; all-zero blocks stay
-    holes. Returns sha256 of the whole image (holes read as zeros), bytes read and written."""
+    holes. The sha256 of the whole logical image (holes as zeros, as `sha256sum` sees it) is
+    computed while copying, so the image is never read back."""
     read = written = 0
+    h = hashlib.sha256()
+    hashed = 0  # the logical image is hashed up to here
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.ftruncate(fd, size)
-        bs = m.block_bytes
-        for off, data in read_ranges(dev, m.ranges, bs):
+        for off, data in read_ranges(dev, m.ranges, m.block_bytes):
+            data = data[:max(0, size - off)]
             read += len(data)
-            for i in range(0, len(data), bs):
-                block = data[i:i + bs]
-                if block.count(0) != len(block):
-                    os.pwrite(fd, block, off + i)
-                    written += len(block)
+            _hash_zeros(h, off - hashed)
+            h.update(data)
+            hashed = off + len(data)
+            view = memoryview(data)
+            for a, b in _nonzero_runs(data, m.block_bytes):  # one write per run, not per block
+                os.pwrite(fd, view[a:b], off + a)
+                written += b - a
             progress(len(data))
+        _hash_zeros(h, size - hashed)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return {"sha256": sha256_file(dest), "bytes_read": read, "bytes_written": written,
+    return {"sha256": h.hexdigest(), "bytes_read": read, "bytes_written": written,
             "size": size, "mapped_blocks": m.mapped_blocks, "block_bytes": m.block_bytes}
 
 
