@@ -7,6 +7,7 @@ snapshot through the hidden `_tmeta` device, and the snapshot is **always** rele
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import mmap
 import os
@@ -108,12 +109,25 @@ class MetadataSnap:
 
 @contextmanager
 def metadata_snap(names: Names) -> Iterator[MetadataSnap]:
+    """The pool's one metadata snapshot, shared by every process of the lab through a flock.
+    Holding the flock means no live holder exists, so a reservation left by a killed process
+    is released and taken again."""
     tpool = tpool_dev(names)
-    run(["dmsetup", "message", tpool, "0", "reserve_metadata_snap"])
+    names.dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(names.dir / "metadata-snap.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        yield MetadataSnap(names)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # short waits: other holders only read metadata
+        reserve = ["dmsetup", "message", tpool, "0", "reserve_metadata_snap"]
+        release = ["dmsetup", "message", tpool, "0", "release_metadata_snap"]
+        if run(reserve, check=False).returncode != 0:
+            run(release, check=False)  # stale, from a killed process
+            run(reserve)
+        try:
+            yield MetadataSnap(names)
+        finally:
+            run(release, check=False)
     finally:
-        run(["dmsetup", "message", tpool, "0", "release_metadata_snap"], check=False)
+        os.close(fd)
 
 
 def pool_usage(names: Names) -> tuple[int, int]:

@@ -95,6 +95,16 @@ class Ctx:
     def lvs(self) -> dict[str, dict[str, Any]]:
         return {r["lv_name"]: r for r in self.lvm.lvs(self.names.vg)}
 
+    def exists(self, lv: str) -> bool:
+        return lv in self.lvs()
+
+    def remove_lv(self, lv: str) -> bool:
+        """lvremove if present; False when it was already gone (a killed run did it)."""
+        if not self.exists(lv):
+            return False
+        self.lvm("lvremove", "-q", "-y", f"{self.names.vg}/{lv}")
+        return True
+
 
 def lv_name(vm: str, disk: str, kind: str, run_id: str) -> str:
     return f"{vm}_{disk}_{KIND[kind]}_{run_id}"
@@ -248,7 +258,8 @@ def s06(ctx: Ctx, vm: str) -> dict[str, Any]:
     ctx.save()
     for v, d, info in ctx.disks(vm):
         a = info["A"]
-        ctx.snapshot(info["B"], a, ROLE_OF["A"], v, d)
+        if not ctx.exists(a):
+            ctx.snapshot(info["B"], a, ROLE_OF["A"], v, d)
         info["A_exists"] = True
         made.append(a)
     ctx.save()
@@ -269,6 +280,8 @@ def s08(ctx: Ctx, vm: str) -> dict[str, Any]:
     v = ctx.vm(vm)
     if not v["answers"]:
         return {"skipped": "nothing frozen"}
+    if not v["frozen"] and "thawed_at" in v["window"]:  # resumed after a kill past the thaw
+        return {"window_s": round(v["window"]["seconds"], 3), "timed_out": False}
     rep = ctx.client(vm).thaw()
     end = time.time()
     v["frozen"] = False
@@ -309,6 +322,8 @@ def s10(ctx: Ctx, vm: str) -> dict[str, Any]:
             name = ar_ctl(ctx.names, vm, d)
             info["ar_ctl"] = name
             ctx.save()
+            if any(x.name == name for x in dm.list_devices()):
+                dm.remove(name)  # left by a killed run: attach afresh
             devices[d] = dm.create_linear(name, ctx.lv_dev(info["A"]),
                                           uuid=f"{ctx.names.uuid_prefix}ar-{vm}-{d}")
             wait_node(devices[d])
@@ -333,7 +348,8 @@ def s11(ctx: Ctx, vm: None) -> dict[str, Any]:
             name = lv_name(v, d, art, ctx.run["id"])
             info[art] = name
             ctx.save()
-            ctx.snapshot(origin, name, ROLE_OF[art], v, d, read_only=True)
+            if not ctx.exists(name):  # a resumed step 11 keeps what the killed one made
+                ctx.snapshot(origin, name, ROLE_OF[art], v, d, read_only=True)
             info[f"{art}_exists"] = True
             made.append(name)
     ctx.run["snapshot_set"] = {"start": start, "end": time.time(), "members": made}
@@ -345,7 +361,7 @@ def s12(ctx: Ctx, vm: None) -> dict[str, Any]:
     removed = []
     for _, _, info in ctx.disks():
         if info.get("A_exists"):
-            ctx.lvm("lvremove", "-q", "-y", f"{ctx.names.vg}/{info['A']}")
+            ctx.remove_lv(info["A"])
             info["A_exists"] = False
             removed.append(info["A"])
             ctx.save()
@@ -403,8 +419,9 @@ def promote(ctx: Ctx, vm: str, disk: str, info: dict[str, Any]) -> None:
     """Merge C into B: B's LV goes, C takes its name and the live-disk role. The controller
     maps C's dm device, which LVM renames in place: the guest sees nothing."""
     vg = ctx.names.vg
-    ctx.lvm("lvremove", "-q", "-y", f"{vg}/{info['B']}")
-    ctx.lvm("lvrename", "-q", vg, info["C"], info["B"])
+    if ctx.exists(info["C"]):  # else a killed run already renamed it: only the tags are left
+        ctx.remove_lv(info["B"])
+        ctx.lvm("lvrename", "-q", vg, info["C"], info["B"])
     info["C_exists"] = False
     info["merged"] = True
     ctx.save()
@@ -417,13 +434,14 @@ def s14(ctx: Ctx, vm: None) -> dict[str, Any]:
     for _, _, info in ctx.disks():
         for art in ("S_B", "S_A"):
             if info.get(f"{art}_exists"):
-                ctx.lvm("lvremove", "-q", "-y", f"{ctx.names.vg}/{info[art]}")
+                ctx.remove_lv(info[art])
                 info[f"{art}_exists"] = False
                 removed.append(info[art])
                 ctx.save()
     merged = []
     for v, d, info in ctx.disks():
-        promote(ctx, v, d, info)
+        if not info.get("merged"):
+            promote(ctx, v, d, info)
         merged.append(f"{info['C']} -> {info['B']}")
     return {"removed": removed, "merged": merged}
 
@@ -689,6 +707,9 @@ def resume(lab: str, run_id: str, *, say: Say = _quiet, fingerprints: bool = Tru
         raise BadInput(f"run {run_id} is {state}: nothing to resume")
     if state not in ("paused", "interrupted"):
         raise BadInput(f"run {run_id} is {state} in another process")
+    if run_.get("state") == "aborting":
+        raise BadInput(f"run {run_id} was interrupted while aborting: "
+                       f"`hvlab backup --abort {run_id}` finishes it")
     plan = S.plan(run_["vms"])
     if state == "interrupted" and 0 < run_["pos"] < len(plan) and (
             any(run_["vm"][v].get("frozen") for v in run_["vms"])):

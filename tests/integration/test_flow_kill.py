@@ -1,0 +1,119 @@
+"""A backup process killed with SIGKILL in the middle of a step is recoverable by the next
+command: `--resume` finishes the run, `--abort` unwinds it, and either leaves the LV set as it
+was. The kill points are half-done steps: the object exists, the run record does not say so."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from fixtures.plugin import LabHandle
+from harness.backup import restore as rst
+from harness.flow import engine, runs
+from harness.guest.client import GuestClient
+from harness.lab import guests
+from harness.sys import dm
+from harness.sys.lvm import Lvm
+
+pytestmark = pytest.mark.integration
+
+ONE_VM: dict[str, Any] = {
+    "lab": {"name": "k", "backing_size": "512M"},
+    "vm": [{"name": "vm01", "profile": "windows",
+            "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}],
+}
+
+# Each patch runs the real operation, then kills the process before the run record is saved.
+KILLERS = {
+    "step 10, A attached to the guest": """
+orig = engine.dm.create_linear
+def patched(*a, **k):
+    out = orig(*a, **k); die(); return out
+engine.dm.create_linear = patched
+""",
+    "step 11, S_B made, S_A not": """
+orig = engine.Ctx.snapshot
+def patched(self, origin, name, role, *a, **k):
+    orig(self, origin, name, role, *a, **k)
+    if role == engine.ROLE_OF["S_B"]: die()
+engine.Ctx.snapshot = patched
+""",
+    "step 13, metadata snapshot reserved": """
+orig = thinmeta.MetadataSnap.delta
+def patched(self, *a):
+    orig(self, *a); die()
+thinmeta.MetadataSnap.delta = patched
+""",
+    "step 14, B removed, C not yet renamed": """
+orig = engine.Ctx.remove_lv
+def patched(self, lv):
+    out = orig(self, lv)
+    if lv == "vm01_disk0": die()
+    return out
+engine.Ctx.remove_lv = patched
+""",
+}
+
+SCRIPT = """
+import os, signal, sys
+from harness.flow import engine
+from harness.backup import thinmeta
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+{patch}
+engine.start(sys.argv[1], ["vm01"], fingerprints=False)
+"""
+
+
+def _lv_set(h: LabHandle) -> set[str]:
+    return {r["lv_name"] for r in Lvm(h.names.lvm_dir).lvs(h.names.vg)}
+
+
+def _ctl_maps_base(h: LabHandle) -> bool:
+    rows = {r["lv_name"]: r for r in Lvm(h.names.lvm_dir).lvs(h.names.vg)}
+    b = rows["vm01_disk0"]
+    return dm.target_of(h.names.ctl("vm01", "disk0")) == (
+        f"{b['lv_kernel_major']}:{b['lv_kernel_minor']}")
+
+
+def _killed_run(h: LabHandle, point: str) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(patch=KILLERS[point]),
+                           h.defn.name], env=dict(os.environ), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -9, proc.stderr
+    (run_,) = runs.all_runs(h.names)
+    assert runs.effective_state(run_) == "interrupted"
+    return run_
+
+
+@pytest.mark.parametrize("point", list(KILLERS))
+def test_killed_mid_step_then_resume(lab_factory: Callable[..., LabHandle], point: str) -> None:
+    h = lab_factory(ONE_VM, start_guests=True)
+    pre = _lv_set(h)
+    run_ = _killed_run(h, point)
+    done = engine.resume(h.defn.name, run_["id"], fingerprints=False)
+    assert done["state"] == "done"
+    assert _lv_set(h) == pre and _ctl_maps_base(h)
+    assert not GuestClient(guests.socket_path(h.names, "vm01")).status()["frozen"]
+    assert rst.verify(h.defn.name, run_["id"])["ok"]
+
+
+@pytest.mark.parametrize("point", ["step 11, S_B made, S_A not",
+                                   "step 14, B removed, C not yet renamed"])
+def test_killed_mid_step_then_abort(lab_factory: Callable[..., LabHandle], point: str) -> None:
+    h = lab_factory(ONE_VM, start_guests=True)
+    pre = _lv_set(h)
+    marker = h.mountpoint("vm01", "disk0") / "live.txt"
+    run_ = _killed_run(h, point)
+    marker.write_text("written after the kill\n")
+    engine.abort(h.defn.name, run_["id"])
+    assert runs.load(h.names, run_["id"])["state"] == "aborted"
+    assert _lv_set(h) == pre and _ctl_maps_base(h)
+    assert marker.read_text() == "written after the kill\n"
+    with pytest.raises(Exception, match="nothing to resume"):
+        engine.resume(h.defn.name, run_["id"])
