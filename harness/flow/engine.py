@@ -459,7 +459,7 @@ def _event(ctx: Ctx, n: int, vm: str | None, fn: Callable[[Ctx, Any], dict[str, 
     ev: dict[str, Any] = {"run": ctx.run["id"], "step": n, "name": st.name, "vm": vm,
                           "veeam": st.veeam, "lab": st.lab, "in_freeze": st.in_freeze}
     ev["start"] = time.time()
-    with watch() as rec:
+    with watch(settle=0.0 if st.in_freeze else 0.25) as rec:
         try:
             ev["detail"] = fn(ctx, vm)
         except BaseException as exc:

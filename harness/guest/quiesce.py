@@ -33,26 +33,25 @@ def _ioctl(mountpoint: Path | str, req: int) -> None:
         os.close(fd)
 
 
-def freeze_fs(mountpoint: Path | str) -> bool:
-    """Freeze one filesystem. False if it was already frozen (EBUSY counts as success)."""
+def _fs_ioctl(mountpoint: Path | str, req: int, benign: int) -> bool:
+    """One freeze/thaw ioctl; False when the kernel says it was already in that state."""
     try:
-        _ioctl(mountpoint, FIFREEZE)
+        _ioctl(mountpoint, req)
     except OSError as exc:
-        if exc.errno == errno.EBUSY:
+        if exc.errno == benign:
             return False
         raise
     return True
+
+
+def freeze_fs(mountpoint: Path | str) -> bool:
+    """Freeze one filesystem. False if it was already frozen (EBUSY counts as success)."""
+    return _fs_ioctl(mountpoint, FIFREEZE, errno.EBUSY)
 
 
 def thaw_fs(mountpoint: Path | str) -> bool:
     """Thaw one filesystem. False if it was not frozen (EINVAL)."""
-    try:
-        _ioctl(mountpoint, FITHAW)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return False
-        raise
-    return True
+    return _fs_ioctl(mountpoint, FITHAW, errno.EINVAL)
 
 
 def freeze_all(mountpoints: Sequence[Path | str]) -> list[str]:

@@ -166,12 +166,7 @@ def _create(defn: LabDef, names: Names, start_guests: bool, progress: Progress) 
                     f"{vm.name}{disk.name}")
             progress(f"mkfs.{disk.fs} {vm.name}/{disk.name}")
         st.formatted = True
-        _mount_all(defn, names, undo)
-        if start_guests:
-            guests.start_all(defn, names)
-            undo.push("stop guests", lambda: guests.stop_all(names))
-        st.phase = "up"
-        st.save()
+        _go_live(st, names, undo, start_guests)
         progress(f"lab {defn.name} is up")
         return st
     except BaseException as exc:
@@ -179,6 +174,16 @@ def _create(defn: LabDef, names: Names, start_guests: bool, progress: Progress) 
         if errors:
             raise HvlabError(f"up failed ({exc}) and rollback left: {'; '.join(errors)}") from exc
         raise
+
+
+def _go_live(st: State, names: Names, undo: _Undo, start_guests: bool) -> None:
+    """Last part of both `up` paths: mount every disk, start the guests, record phase up."""
+    _mount_all(st.definition, names, undo)
+    if start_guests:
+        guests.start_all(st.definition, names)
+        undo.push("stop guests", lambda: guests.stop_all(names))
+    st.phase = "up"
+    st.save()
 
 
 def _restart(st: State, names: Names, start_guests: bool, progress: Progress) -> State:
@@ -200,12 +205,7 @@ def _restart(st: State, names: Names, start_guests: bool, progress: Progress) ->
         for vm, disk in defn.disks():
             wait_node(names.lv_path(names.lv(vm.name, disk.name)))
         _controllers(defn, names, undo)
-        _mount_all(defn, names, undo)
-        if start_guests:
-            guests.start_all(defn, names)
-            undo.push("stop guests", lambda: guests.stop_all(names))
-        st.phase = "up"
-        st.save()
+        _go_live(st, names, undo, start_guests)
         progress(f"lab {defn.name} is up again (data kept)")
         return st
     except BaseException:

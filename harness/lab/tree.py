@@ -90,7 +90,9 @@ def build(lab: str) -> dict[str, Any]:
                      for r in rows}
         for d in dm.devices_with_prefix(f"{names.vg}_"):
             target = dm.target_of(d.name)
-            out["controllers"].append({"name": d.name, "path": d.path,
+            kind = ("auto-recovery attach (step 10)" if d.name.startswith(f"{names.vg}_ar_")
+                    else "controller")
+            out["controllers"].append({"name": d.name, "path": d.path, "kind": kind,
                                        "maps_to": by_majmin.get(target, target),
                                        "open": d.open_count})
     for m in fs.mounts_under(names.dir):
@@ -136,7 +138,8 @@ def render(t: dict[str, Any], *, with_guests: bool = False) -> None:
             lnode = pnode.add(f"LV {lv['name']}{role}  {_mb(lv['size'])} virtual, "
                               f"{lv['allocated_percent']}% allocated{extra}")
             for c in ctl_by_lv.get(lv["name"], []):
-                cnode = lnode.add(f"controller {c['path']} (open {c['open']})")
+                cnode = lnode.add(f"{c.get('kind', 'controller')} {c['path']} "
+                                  f"(open {c['open']})")
                 m = mounts_by_dev.get(c["path"])
                 if m:
                     held = ", ".join(m["holders"]) or "-"

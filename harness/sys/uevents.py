@@ -60,11 +60,13 @@ def _dm_name(devname: str) -> str:
 
 
 @contextmanager
-def watch() -> Iterator[Recorder]:
+def watch(settle: float = 0.25) -> Iterator[Recorder]:
     """Record block uevents for the duration of the block. Degrades to nothing if unavailable.
 
     The kernel queues the events on our socket; we drain it in this thread when the block ends
-    (pyroute2's sockets must not be read from another thread)."""
+    (pyroute2's sockets must not be read from another thread), until `settle` seconds pass
+    without one. dm and loop emit their uevents inside the ioctl, so settle=0 (drain what is
+    queued) loses nothing from them; it is what the freeze window uses."""
     rec = Recorder()
     try:
         sock = UeventSocket()
@@ -77,7 +79,7 @@ def watch() -> Iterator[Recorder]:
         yield rec
     finally:
         try:
-            while select.select([sock], [], [], 0.25)[0]:
+            while select.select([sock], [], [], settle)[0]:
                 for msg in sock.get():
                     ev = _decode(msg)
                     if ev is None:

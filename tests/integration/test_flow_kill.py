@@ -17,8 +17,6 @@ from harness.backup import restore as rst
 from harness.flow import engine, runs
 from harness.guest.client import GuestClient
 from harness.lab import guests
-from harness.sys import dm
-from harness.sys.lvm import Lvm
 
 pytestmark = pytest.mark.integration
 
@@ -70,17 +68,6 @@ engine.start(sys.argv[1], ["vm01"], fingerprints=False)
 """
 
 
-def _lv_set(h: LabHandle) -> set[str]:
-    return {r["lv_name"] for r in Lvm(h.names.lvm_dir).lvs(h.names.vg)}
-
-
-def _ctl_maps_base(h: LabHandle) -> bool:
-    rows = {r["lv_name"]: r for r in Lvm(h.names.lvm_dir).lvs(h.names.vg)}
-    b = rows["vm01_disk0"]
-    return dm.target_of(h.names.ctl("vm01", "disk0")) == (
-        f"{b['lv_kernel_major']}:{b['lv_kernel_minor']}")
-
-
 def _killed_run(h: LabHandle, point: str) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-c", SCRIPT.format(patch=KILLERS[point]),
                            h.defn.name], env=dict(os.environ), capture_output=True, text=True,
@@ -94,11 +81,11 @@ def _killed_run(h: LabHandle, point: str) -> dict[str, Any]:
 @pytest.mark.parametrize("point", list(KILLERS))
 def test_killed_mid_step_then_resume(lab_factory: Callable[..., LabHandle], point: str) -> None:
     h = lab_factory(ONE_VM, start_guests=True)
-    pre = _lv_set(h)
+    pre = h.lv_names()
     run_ = _killed_run(h, point)
     done = engine.resume(h.defn.name, run_["id"], fingerprints=False)
     assert done["state"] == "done"
-    assert _lv_set(h) == pre and _ctl_maps_base(h)
+    assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
     assert not GuestClient(guests.socket_path(h.names, "vm01")).status()["frozen"]
     assert rst.verify(h.defn.name, run_["id"])["ok"]
 
@@ -107,13 +94,13 @@ def test_killed_mid_step_then_resume(lab_factory: Callable[..., LabHandle], poin
                                    "step 14, B removed, C not yet renamed"])
 def test_killed_mid_step_then_abort(lab_factory: Callable[..., LabHandle], point: str) -> None:
     h = lab_factory(ONE_VM, start_guests=True)
-    pre = _lv_set(h)
+    pre = h.lv_names()
     marker = h.mountpoint("vm01", "disk0") / "live.txt"
     run_ = _killed_run(h, point)
     marker.write_text("written after the kill\n")
     engine.abort(h.defn.name, run_["id"])
     assert runs.load(h.names, run_["id"])["state"] == "aborted"
-    assert _lv_set(h) == pre and _ctl_maps_base(h)
+    assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
     assert marker.read_text() == "written after the kill\n"
     with pytest.raises(Exception, match="nothing to resume"):
         engine.resume(h.defn.name, run_["id"])

@@ -13,8 +13,6 @@ from harness.backup import restore as rst
 from harness.flow import engine, runs
 from harness.guest.client import GuestClient
 from harness.lab import guests
-from harness.sys import dm
-from harness.sys.lvm import Lvm
 
 pytestmark = pytest.mark.integration
 
@@ -24,17 +22,6 @@ ONE_VM: dict[str, Any] = {
             "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}],
 }
 ALLOWED = [1, 2, 3, 8, 9, 10, 11, 12, 13]
-
-
-def _lv_set(h: LabHandle) -> set[str]:
-    return {r["lv_name"] for r in Lvm(h.names.lvm_dir).lvs(h.names.vg)}
-
-
-def _ctl_target_is_base(h: LabHandle) -> bool:
-    rows = {r["lv_name"]: r for r in Lvm(h.names.lvm_dir).lvs(h.names.vg)}
-    b = rows["vm01_disk0"]
-    return dm.target_of(h.names.ctl("vm01", "disk0")) == (
-        f"{b['lv_kernel_major']}:{b['lv_kernel_minor']}")
 
 
 def test_backup_while_the_guest_writes_at_full_rate(lab_factory: Callable[..., LabHandle]
@@ -49,7 +36,7 @@ def test_backup_while_the_guest_writes_at_full_rate(lab_factory: Callable[..., L
     assert after > before, "the guest kept committing through the backup"
     report = rst.verify(h.defn.name, run_["id"])
     assert report["ok"], report
-    assert _ctl_target_is_base(h)
+    assert h.controller_maps_base("vm01", "disk0")
 
 
 @pytest.mark.parametrize("step", ALLOWED)
@@ -57,7 +44,7 @@ def test_pause_after_each_step_then_resume_or_abort(lab_factory: Callable[..., L
                                                     step: int) -> None:
     h = lab_factory(ONE_VM, start_guests=True)
     lab = h.defn.name
-    pre = _lv_set(h)
+    pre = h.lv_names()
     client = GuestClient(guests.socket_path(h.names, "vm01"))
 
     paused = engine.start(lab, ["vm01"], pause_after=step, fingerprints=False)
@@ -67,12 +54,12 @@ def test_pause_after_each_step_then_resume_or_abort(lab_factory: Callable[..., L
     marker.write_text("live write\n")
     engine.abort(lab, paused["id"])
     assert runs.load(h.names, paused["id"])["state"] == "aborted"
-    assert _lv_set(h) == pre and _ctl_target_is_base(h)
+    assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
     assert marker.read_text() == "live write\n", "abort must keep the live writes"
 
     paused = engine.start(lab, ["vm01"], pause_after=step, fingerprints=False)
     done = engine.resume(lab, paused["id"], fingerprints=False)
     assert done["state"] == "done"
-    assert _lv_set(h) == pre and _ctl_target_is_base(h)
+    assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
     assert marker.read_text() == "live write\n"
     assert rst.verify(lab, done["id"])["ok"]
