@@ -142,7 +142,9 @@ def runs_cmd(lab_name: str | None, as_json: bool) -> None:
 @click.argument("run_id", metavar="RUN")
 @lab_opt
 @click.option("--json", "as_json", is_flag=True, help="The raw events.")
-def explain(run_id: str, lab_name: str | None, as_json: bool) -> None:
+@click.option("--svg", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also save the picture and timeline as an SVG file.")
+def explain(run_id: str, lab_name: str | None, as_json: bool, svg: Path | None) -> None:
     """The timeline of a run: what B, C, A, S held at each step, and where writes went."""
     from rich.console import Console
 
@@ -157,7 +159,14 @@ def explain(run_id: str, lab_name: str | None, as_json: bool) -> None:
         click.echo(json.dumps({"run": run, "events": evs}, indent=2))
         return
     width = int(os.environ.get("COLUMNS", "0") or 0) or 200
-    ex.render_explain(run, evs, Console(width=width))
+    con = Console(width=width, record=svg is not None)
+    ex.render_explain(run, evs, con)
+    if svg is not None:
+        try:
+            con.save_svg(str(svg), title=f"hvlab explain {run_id}")
+        except OSError as exc:
+            raise BadInput(f"cannot write --svg {svg}: {exc.strerror}") from None
+        click.echo(f"saved {svg}")
 
 
 COMMANDS: list[click.Command] = [backup, restore, verify, runs_cmd, explain]

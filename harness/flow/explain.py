@@ -81,11 +81,77 @@ def timeline(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Table]:
     return tables
 
 
+LANE_STYLE = {"B": "green", "C": "yellow", "A": "magenta", "S_B": "blue", "S_A": "blue"}
+
+
+def _names_in(detail: dict[str, Any], key: str) -> list[str]:
+    return [str(x).split(" -> ")[0] for x in detail.get(key) or []]
+
+
+def lanes(run: dict[str, Any], events: list[dict[str, Any]]) -> Table:
+    """The picture: one column per step, per disk a lane for each artifact (present, changed
+    since last measured), the guest's freeze and where its writes went."""
+    t = Table(title="lanes: what exists after each step", show_lines=False, box=None,
+              caption="[green]█[/] B  [yellow]█[/] C  [magenta]█[/] A  [blue]█[/] S; "
+                      "[bold]*[/] content changed; [cyan]❄[/] guest frozen; "
+                      "writes: the artifact the guest's controller maps")
+    t.add_column("", no_wrap=True)
+    for ev in events:
+        t.add_column(str(ev.get("step") or "U"), justify="center", no_wrap=True)
+    for label, cells in lane_rows(run, events).items():
+        t.add_row(label, *cells)
+    return t
+
+
+def lane_rows(run: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Row label -> one rich-markup cell per event (empty: absent / not frozen)."""
+    art_of: dict[str, tuple[str, str]] = {}  # LV name -> (disk key, artifact)
+    for vm in run["vms"]:
+        for disk, info in run["vm"][vm]["disks"].items():
+            for a in ARTS:
+                if info.get(a):
+                    art_of[info[a]] = (f"{vm}/{disk}", a)
+    rows: dict[str, list[str]] = {}
+    present: set[tuple[str, str]] = {(f"{vm}/{d}", "B") for vm in run["vms"]
+                                     for d in run["vm"][vm]["disks"]}
+    last: dict[tuple[str, str], Any] = {}
+    for i, ev in enumerate(events):
+        detail = ev.get("detail") or {}
+        for lv in _names_in(detail, "made"):
+            if lv in art_of:
+                present.add(art_of[lv])
+        for lv in _names_in(detail, "removed") + _names_in(detail, "merged"):
+            if lv in art_of:
+                present.discard(art_of[lv])
+        if ev.get("step") is None:  # unwind: only the live disks are left
+            present = {p for p in present if p[1] == "B"}
+        for vm in run["vms"]:
+            frozen = ev.get("in_freeze") and ev.get("vm") == vm
+            rows.setdefault(f"{vm} guest", [""] * len(events))[i] = "[cyan]❄[/]" if frozen else ""
+            for disk in run["vm"][vm]["disks"]:
+                key = f"{vm}/{disk}"
+                wt = ((ev.get("writes_to") or {}).get(key) or {}).get("artifact", "?")
+                rows.setdefault(f"{key} writes", [""] * len(events))[i] = (
+                    f"[{LANE_STYLE.get(wt, 'white')}]{wt}[/]")
+                fps = ((ev.get("fingerprints") or {}).get(key)) or {}
+                for a in ARTS:
+                    cell = ""
+                    if (key, a) in present:
+                        fp = (fps.get(a) or {}).get("sha256")
+                        changed = fp is not None and last.get((key, a)) not in (None, fp)
+                        if fp is not None:
+                            last[(key, a)] = fp
+                        cell = f"[{LANE_STYLE[a]}]██[/]" + ("[bold]*[/]" if changed else " ")
+                    rows.setdefault(f"{key} {a}", [""] * len(events))[i] = cell
+    return {label: cells for label, cells in rows.items() if any(cells)}
+
+
 def render_explain(run: dict[str, Any], events: list[dict[str, Any]],
                    console: Console | None = None) -> None:
     con = console or Console()
     con.print(f"[bold]run {run['id']}[/]  lab {run['lab']}  VMs {' '.join(run['vms'])}  "
               f"state {runs.effective_state(run)}  backup {run['dest']}")
+    con.print(lanes(run, events))
     for t in timeline(run, events):
         con.print(t)
     con.print(

@@ -1,0 +1,58 @@
+"""The lanes picture of `hvlab explain`, from a synthetic run record (pure logic)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness.flow.explain import lane_rows
+
+RUN: dict[str, Any] = {
+    "vms": ["vm01"],
+    "vm": {"vm01": {"disks": {"disk0": {"B": "b", "C": "c", "A": "a", "S_B": "sb",
+                                        "S_A": "sa"}}}},
+}
+
+
+def _ev(step: int, writes: str, detail: dict[str, Any] | None = None,
+        fp: dict[str, str] | None = None, in_freeze: bool = False) -> dict[str, Any]:
+    return {"step": step, "vm": "vm01" if step <= 10 else None, "in_freeze": in_freeze,
+            "detail": detail or {},
+            "writes_to": {"vm01/disk0": {"artifact": writes}},
+            "fingerprints": None if in_freeze else
+            {"vm01/disk0": {k: {"sha256": v} for k, v in (fp or {}).items()}}}
+
+
+EVENTS = [
+    _ev(3, "B", fp={"B": "b1"}),
+    _ev(4, "B", in_freeze=True),
+    _ev(5, "C", {"made": ["c"]}, in_freeze=True),
+    _ev(6, "C", {"made": ["a"]}, in_freeze=True),
+    _ev(8, "C", fp={"B": "b2", "C": "c1", "A": "b2"}),
+    _ev(10, "C", fp={"B": "b2", "C": "c2", "A": "a2"}),
+    _ev(11, "C", {"made": ["sb", "sa"]}, fp={"B": "b2", "C": "c3", "A": "a2", "S_B": "b2",
+                                             "S_A": "a2"}),
+    _ev(12, "C", {"removed": ["a"]}, fp={"B": "b2", "C": "c3", "S_B": "b2", "S_A": "a2"}),
+    _ev(14, "B", {"removed": ["sb", "sa"], "merged": ["c -> b"]}, fp={"B": "c3"}),
+]
+
+
+def _present(cells: list[str]) -> list[bool]:
+    return ["██" in c for c in cells]
+
+
+def test_lanes_show_each_artifact_only_while_it_exists() -> None:
+    rows = lane_rows(RUN, EVENTS)
+    assert _present(rows["vm01/disk0 B"]) == [True] * 9
+    assert _present(rows["vm01/disk0 C"]) == [False, False, True, True, True, True, True, True,
+                                              False]
+    assert _present(rows["vm01/disk0 A"]) == [False, False, False, True, True, True, True, False,
+                                              False]
+    assert _present(rows["vm01/disk0 S_A"]) == [False] * 6 + [True, True, False]
+
+
+def test_lanes_mark_changes_freeze_and_writes() -> None:
+    rows = lane_rows(RUN, EVENTS)
+    changed_a = ["*" in c for c in rows["vm01/disk0 A"]]
+    assert changed_a[5] and not changed_a[6], "auto-recovery (step 10) changed A, step 11 not"
+    assert ["❄" in c for c in rows["vm01 guest"]] == [False, True, True, True] + [False] * 5
+    assert ["C" in c for c in rows["vm01/disk0 writes"]] == [False] * 2 + [True] * 6 + [False]
