@@ -53,8 +53,8 @@ def timeline(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Table]:
                      f"{key}  ({v.get('class')}; T0 {_ts(v.get('t0'))}; no freeze)")
             t = Table(title=title, caption="cells: sha256 prefix / mapped blocks; * = changed "
                       "since last measured; ~ = not measured inside the freeze window")
-            for col in ("step", "who", "what", "s", "writes to", *ARTS):
-                t.add_column(col, no_wrap=col != "what")
+            for col in ("step", "who", "what", "s", "writes", *ARTS):
+                t.add_column(col, no_wrap=col != "what", min_width=18 if col == "what" else None)
             last: dict[str, dict[str, Any]] = {}
             for ev in events:
                 if ev.get("vm") not in (None, vm):
@@ -76,7 +76,7 @@ def timeline(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Table]:
                 if skipped:
                     name += f" [dim](skipped: {skipped})[/]"
                 t.add_row(str(ev.get("step") or "-"), ev.get("vm") or "job", name, dur,
-                          f"{wt.get('artifact', '?')} {wt.get('lv', '')}", *cells)
+                          str(wt.get("artifact", "?")), *cells)
             tables.append(t)
     return tables
 
@@ -88,32 +88,40 @@ def _names_in(detail: dict[str, Any], key: str) -> list[str]:
     return [str(x).split(" -> ")[0] for x in detail.get(key) or []]
 
 
-def lanes(run: dict[str, Any], events: list[dict[str, Any]]) -> Table:
-    """The picture: one column per step, per disk a lane for each artifact (present, changed
-    since last measured), the guest's freeze and where its writes went."""
-    t = Table(title="lanes: what exists after each step", show_lines=False, box=None,
-              caption="[green]█[/] B  [yellow]█[/] C  [magenta]█[/] A  [blue]█[/] S; "
-                      "[bold]*[/] content changed; [cyan]❄[/] guest frozen; "
-                      "writes: the artifact the guest's controller maps")
-    t.add_column("", no_wrap=True)
-    for ev in events:
-        t.add_column(str(ev.get("step") or "U"), justify="center", no_wrap=True)
-    for label, cells in lane_rows(run, events).items():
-        t.add_row(label, *cells)
-    return t
-
-
-def lane_rows(run: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Row label -> one rich-markup cell per event (empty: absent / not frozen)."""
-    art_of: dict[str, tuple[str, str]] = {}  # LV name -> (disk key, artifact)
+def lanes(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Table]:
+    """The picture, one per VM: a column per step (the VM's own 1-10, then the job's 11-14),
+    per disk a lane for each artifact (present; * = changed since last measured), the guest's
+    freeze and where its writes went."""
+    out = []
     for vm in run["vms"]:
-        for disk, info in run["vm"][vm]["disks"].items():
+        evs = [ev for ev in events if ev.get("vm") in (None, vm)]
+        t = Table(title=f"{vm}: what exists after each step", box=None,
+                  caption="[green]██[/] B  [yellow]██[/] C  [magenta]██[/] A  [blue]██[/] S  "
+                          "[bold]*[/] changed  [cyan]❄[/] guest frozen  U unwind; writes: "
+                          "what the guest's controller maps")
+        t.add_column("", no_wrap=True)
+        for ev in evs:
+            t.add_column(str(ev.get("step") or "U"), justify="center", no_wrap=True)
+        for label, cells in lane_rows(run, evs, vm).items():
+            t.add_row(label, *cells)
+        out.append(t)
+    return out
+
+
+def lane_rows(run: dict[str, Any], events: list[dict[str, Any]], vm: str | None = None
+              ) -> dict[str, list[str]]:
+    """Row label -> one rich-markup cell per event (empty: absent / not frozen), for one VM's
+    disks or all of them."""
+    vms = [vm] if vm else run["vms"]
+    art_of: dict[str, tuple[str, str]] = {}  # LV name -> (disk key, artifact)
+    for v in vms:
+        for disk, info in run["vm"][v]["disks"].items():
             for a in ARTS:
                 if info.get(a):
-                    art_of[info[a]] = (f"{vm}/{disk}", a)
+                    art_of[info[a]] = (f"{v}/{disk}", a)
     rows: dict[str, list[str]] = {}
-    present: set[tuple[str, str]] = {(f"{vm}/{d}", "B") for vm in run["vms"]
-                                     for d in run["vm"][vm]["disks"]}
+    present: set[tuple[str, str]] = {(f"{v}/{d}", "B") for v in vms
+                                     for d in run["vm"][v]["disks"]}
     last: dict[tuple[str, str], Any] = {}
     for i, ev in enumerate(events):
         detail = ev.get("detail") or {}
@@ -125,11 +133,11 @@ def lane_rows(run: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, li
                 present.discard(art_of[lv])
         if ev.get("step") is None:  # unwind: only the live disks are left
             present = {p for p in present if p[1] == "B"}
-        for vm in run["vms"]:
-            frozen = ev.get("in_freeze") and ev.get("vm") == vm
-            rows.setdefault(f"{vm} guest", [""] * len(events))[i] = "[cyan]❄[/]" if frozen else ""
-            for disk in run["vm"][vm]["disks"]:
-                key = f"{vm}/{disk}"
+        for v in vms:
+            frozen = ev.get("in_freeze") and ev.get("vm") == v
+            rows.setdefault(f"{v} guest", [""] * len(events))[i] = "[cyan]❄[/]" if frozen else ""
+            for disk in run["vm"][v]["disks"]:
+                key = f"{v}/{disk}"
                 wt = ((ev.get("writes_to") or {}).get(key) or {}).get("artifact", "?")
                 rows.setdefault(f"{key} writes", [""] * len(events))[i] = (
                     f"[{LANE_STYLE.get(wt, 'white')}]{wt}[/]")
@@ -151,7 +159,8 @@ def render_explain(run: dict[str, Any], events: list[dict[str, Any]],
     con = console or Console()
     con.print(f"[bold]run {run['id']}[/]  lab {run['lab']}  VMs {' '.join(run['vms'])}  "
               f"state {runs.effective_state(run)}  backup {run['dest']}")
-    con.print(lanes(run, events))
+    for t in lanes(run, events):
+        con.print(t)
     for t in timeline(run, events):
         con.print(t)
     con.print(

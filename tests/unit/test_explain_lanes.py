@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
 from typing import Any
 
-from harness.flow.explain import lane_rows
+from rich.console import Console
+
+from harness.flow.explain import lane_rows, render_explain
 
 RUN: dict[str, Any] = {
     "vms": ["vm01"],
@@ -19,7 +23,7 @@ def _ev(step: int, writes: str, detail: dict[str, Any] | None = None,
             "detail": detail or {},
             "writes_to": {"vm01/disk0": {"artifact": writes}},
             "fingerprints": None if in_freeze else
-            {"vm01/disk0": {k: {"sha256": v} for k, v in (fp or {}).items()}}}
+            {"vm01/disk0": {k: {"sha256": v, "mapped_blocks": 1} for k, v in (fp or {}).items()}}}
 
 
 EVENTS = [
@@ -56,3 +60,16 @@ def test_lanes_mark_changes_freeze_and_writes() -> None:
     assert changed_a[5] and not changed_a[6], "auto-recovery (step 10) changed A, step 11 not"
     assert ["❄" in c for c in rows["vm01 guest"]] == [False, True, True, True] + [False] * 5
     assert ["C" in c for c in rows["vm01/disk0 writes"]] == [False] * 2 + [True] * 6 + [False]
+
+
+def test_render_explain_records_an_svg(tmp_path: Path) -> None:
+    run = {**RUN, "id": "r1", "lab": "t", "dest": "/nowhere", "state": "done"}
+    run["vm"] = {"vm01": {**RUN["vm"]["vm01"], "class": "application-consistent",
+                          "t0": 1.0, "window": {"seconds": 0.5}}}
+    events = [{**ev, "name": f"step {ev['step']}", "start": 0.0, "end": 0.1} for ev in EVENTS]
+    con = Console(record=True, width=160, file=io.StringIO())
+    render_explain(run, events, con)
+    svg = tmp_path / "x.svg"
+    con.save_svg(str(svg))
+    text = svg.read_text()
+    assert text.startswith("<svg") and "exists" in text and "after" in text
