@@ -482,9 +482,12 @@ def _event(ctx: Ctx, n: int, vm: str | None, fn: Callable[[Ctx, Any], dict[str, 
 def _say_event(ctx: Ctx, ev: dict[str, Any]) -> None:
     d = ev.get("detail") or {}
     who = ev["vm"] or "job"
-    extra = d.get("skipped") or ", ".join(f"{k}={v}" for k, v in d.items()
+    def fmt(v: Any) -> str:
+        return " ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    extra = d.get("skipped") or ", ".join(f"{k}={fmt(v)}" for k, v in d.items()
                                           if k in ("class", "made", "removed", "merged",
-                                                   "window_s", "t0", "consistent_after"))
+                                                   "window_s", "consistent_after"))
     w = ", ".join(f"{k}->{x['artifact']}" for k, x in ev["writes_to"].items()
                   if ev["vm"] is None or k.startswith(f"{ev['vm']}/"))
     ctx.say(f"[{ev['step']:02d}] {who:5} {ev['name']:<24} {ev['end'] - ev['start']:6.2f}s  "
