@@ -21,7 +21,7 @@ def build(names: Names, run: dict[str, Any]) -> dict[str, Any]:
         disks = []
         for d, info in v["disks"].items():
             img = run.get("images", {}).get(f"{vm}/{d}", {})
-            disks.append({"name": d, "fs": info["fs"], "size": info["size"],
+            disks.append({"name": d, "fs": info["fs"], "size": img.get("size", info["size"]),
                           "consistency": v["class"], "image": img.get("file"),
                           "sha256": img.get("sha256"), "mapped_blocks": img.get("mapped_blocks"),
                           "block_bytes": img.get("block_bytes"),

@@ -53,7 +53,9 @@ def read_image(dev: str, m: Mapping, size: int, dest: Path,
     try:
         os.ftruncate(fd, size)
         for off, data in read_ranges(dev, m.ranges, m.block_bytes):
-            data = data[:max(0, size - off)]
+            if off >= size:  # the caller passes the device's size: nothing maps past it
+                break
+            data = data[:size - off]
             read += len(data)
             _hash_zeros(h, off - hashed)
             h.update(data)

@@ -222,8 +222,16 @@ def s05(ctx: Ctx, vm: str) -> dict[str, Any]:
     """C per disk, all controllers of the VM held (suspend --nolockfs) across snapshot and
     redirect: no write can reach B after C was taken, even without a guest freeze."""
     made = []
-    disks = ctx.disks(vm)
     suspended: list[str] = []
+    disks = []
+    for v, d, info in ctx.disks(vm):  # resumed after a kill: keep a C already in use
+        c = info.get("C")
+        if c and ctx.exists(c):
+            if dm.target_of(info["ctl"]) == dm.majmin(ctx.lv_dev(c)):
+                info.setdefault("c_created_at", time.time())
+                continue
+            ctx.remove_lv(c)  # made, never mapped: take it again under suspension
+        disks.append((v, d, info))
     try:
         for _, _, info in disks:
             _suspend(info["ctl"])
@@ -243,7 +251,7 @@ def s05(ctx: Ctx, vm: str) -> dict[str, Any]:
     finally:
         for ctl in suspended:
             _resume(ctl)
-    for _, _, info in disks:
+    for _, _, info in ctx.disks(vm):
         info["redirected"] = dm.target_of(info["ctl"]) == dm.majmin(ctx.lv_dev(info["C"]))
         if not info["redirected"]:
             raise HvlabError(f"controller {info['ctl']} does not map C after the redirect")
@@ -348,8 +356,11 @@ def s11(ctx: Ctx, vm: None) -> dict[str, Any]:
             name = lv_name(v, d, art, ctx.run["id"])
             info[art] = name
             ctx.save()
-            if not ctx.exists(name):  # a resumed step 11 keeps what the killed one made
+            if not ctx.exists(name):
                 ctx.snapshot(origin, name, ROLE_OF[art], v, d, read_only=True)
+            else:  # made by a killed step 11; a kill inside lvcreate may leave it inactive
+                ctx.lvm("lvchange", "-q", "-ay", vg_lv(ctx, name))
+                wait_node(ctx.lv_dev(name))
             info[f"{art}_exists"] = True
             made.append(name)
     ctx.run["snapshot_set"] = {"start": start, "end": time.time(), "members": made}
@@ -396,7 +407,9 @@ def s13(ctx: Ctx, vm: None) -> dict[str, Any]:
         m = maps[info["S_A"]]
         file = dest / f"{v}_{d}.img"
         file.unlink(missing_ok=True)  # a resumed step 13 starts its images over
-        res = reader.read_image(ctx.lv_dev(info["S_A"]), m, int(info["size"]), file, advance)
+        dev = ctx.lv_dev(info["S_A"])
+        # The LV's own size (rounded up to whole extents; the filesystem spans all of it).
+        res = reader.read_image(dev, m, _dev_size(dev), file, advance)
         delta = deltas[key]
         bs = m.block_bytes
         images[key] = {
@@ -415,18 +428,40 @@ def s13(ctx: Ctx, vm: None) -> dict[str, Any]:
                        for k, i in images.items()}}
 
 
+def _dev_size(dev: str) -> int:
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
 def promote(ctx: Ctx, vm: str, disk: str, info: dict[str, Any]) -> None:
     """Merge C into B: B's LV goes, C takes its name and the live-disk role. The controller
-    maps C's dm device, which LVM renames in place: the guest sees nothing."""
+    maps C's dm device, which LVM renames in place: the guest sees nothing. Every part is
+    skipped when already done, so a run killed half-way through finishes it."""
     vg = ctx.names.vg
-    if ctx.exists(info["C"]):  # else a killed run already renamed it: only the tags are left
+    if ctx.exists(info["C"]):
         ctx.remove_lv(info["B"])
         ctx.lvm("lvrename", "-q", vg, info["C"], info["B"])
     info["C_exists"] = False
+    ctx.save()
+    retag_base(ctx, info["B"])
     info["merged"] = True
     ctx.save()
-    ctx.lvm("lvchange", "-q", "--deltag", "role_checkpoint", "--deltag",
-            f"run_{ctx.run['id']}", "--addtag", "role_base", f"{vg}/{info['B']}")
+
+
+def retag_base(ctx: Ctx, lv: str) -> None:
+    """A renamed C still carries its checkpoint tags: make it the live disk (idempotent)."""
+    tags = ctx.lvs()[lv]["lv_tags"].split(",")
+    stale = [t for t in tags if t == "role_checkpoint" or t.startswith("run_")]
+    if stale or "role_base" not in tags:
+        ctx.lvm("lvchange", "-q", *[x for t in stale for x in ("--deltag", t)],
+                "--addtag", "role_base", f"{vg_lv(ctx, lv)}")
+
+
+def vg_lv(ctx: Ctx, lv: str) -> str:
+    return f"{ctx.names.vg}/{lv}"
 
 
 def s14(ctx: Ctx, vm: None) -> dict[str, Any]:
@@ -440,8 +475,7 @@ def s14(ctx: Ctx, vm: None) -> dict[str, Any]:
                 ctx.save()
     merged = []
     for v, d, info in ctx.disks():
-        if not info.get("merged"):
-            promote(ctx, v, d, info)
+        promote(ctx, v, d, info)  # idempotent: a resumed step 14 finishes a half-done merge
         merged.append(f"{info['C']} -> {info['B']}")
     return {"removed": removed, "merged": merged}
 
@@ -559,17 +593,27 @@ def thaw_all(ctx: Ctx) -> list[str]:
     return notes
 
 
+def resume_controllers(ctx: Ctx) -> None:
+    """Resume every controller of the run: one left suspended by a killed step 5 holds the
+    guest's writes. A table loaded before the kill (C) becomes live, which is what step 5
+    had decided; steps that follow check what the controller maps."""
+    for _, _, info in ctx.disks():
+        dm.run_resume(info["ctl"])
+
+
 def unwind(ctx: Ctx, final: str) -> list[str]:
     """Undo a run at any point, leaving the live disks whole."""
     run_ = ctx.run
     run_["state"] = "aborting"
     runs.mark_self(run_)
     ctx.save()
+    # Resume before thawing: ext4's thaw writes its superblock, and on a controller left
+    # suspended (a kill inside step 5) that write, and the thaw with it, would never end.
+    resume_controllers(ctx)
     notes = thaw_all(ctx)
     vg = ctx.names.vg
     existing = ctx.lvs()
     for v, d, info in ctx.disks():
-        dm.run_resume(info["ctl"])  # in case a failure left it suspended
         name = ar_ctl(ctx.names, v, d)
         if any(x.name == name for x in dm.list_devices()):
             dm.remove(name)
@@ -588,6 +632,10 @@ def unwind(ctx: Ctx, final: str) -> list[str]:
             else:
                 ctx.lvm("lvremove", "-q", "-y", f"{vg}/{c}")
                 notes.append(f"removed C {c} (never written)")
+        elif c and info["B"] in existing and f"run_{run_['id']}" in existing[info["B"]][
+                "lv_tags"].split(","):
+            retag_base(ctx, info["B"])  # killed between the rename and the retag
+            notes.append(f"finished the merge of C into {info['B']}")
         info["C_exists"] = False
         ctx.save()
     if run_.get("dest_made") and run_.get("state") != "done":
@@ -726,6 +774,8 @@ def resume(lab: str, run_id: str, *, say: Say = _quiet, fingerprints: bool = Tru
         ctx = Ctx(names, run_, say, fingerprints)
         ctx.progress = progress
         ctx.save()
+        if state == "interrupted":
+            resume_controllers(ctx)
         ctx.say(f"run {run_id}: resuming at step {plan[run_['pos']][0]}")
         return execute(ctx)
 

@@ -134,7 +134,8 @@ def lane_rows(run: dict[str, Any], events: list[dict[str, Any]], vm: str | None 
         if ev.get("step") is None:  # unwind: only the live disks are left
             present = {p for p in present if p[1] == "B"}
         for v in vms:
-            frozen = ev.get("in_freeze") and ev.get("vm") == v
+            frozen = (ev.get("in_freeze") and ev.get("vm") == v
+                      and run["vm"][v].get("answers") is not False)  # crash-consistent: never
             rows.setdefault(f"{v} guest", [""] * len(events))[i] = "[cyan]❄[/]" if frozen else ""
             for disk in run["vm"][v]["disks"]:
                 key = f"{v}/{disk}"

@@ -174,7 +174,9 @@ class Writer(threading.Thread):
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
-        rate = sum(1 for t in self._recent if t > now - 5.0) / 5.0
+        # list() copies in C under the GIL; iterating the deque while the writer thread
+        # appends would raise "deque mutated during iteration".
+        rate = sum(1 for t in list(self._recent) if t > now - 5.0) / 5.0
         return {
             "name": self.wname,
             "kind": self.kind,

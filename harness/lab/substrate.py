@@ -261,6 +261,12 @@ def _remove_dm(names: Names) -> None:
 def teardown(lab: str, *, keep_data: bool, progress: Progress = _quiet) -> None:
     """Remove every live object of the lab in reverse order; keep_data keeps backing files."""
     names = Names(lab)
+    # A controller left suspended by a killed backup would hang the guest's writes, its exit
+    # and the umount: resume first (removing everything, the table it then maps is moot).
+    for d in dm.list_devices():
+        if d.name.startswith(names.dm_prefixes) and d.suspended:
+            dm.run_resume(d.name)
+            progress(f"resumed suspended {d.name}")
     guests.stop_all(names)
     # A frozen filesystem cannot be unmounted cleanly and blocks writers: thaw first.
     for m in sorted(fs.mounts_under(names.dir), key=lambda m: -len(m.target)):
@@ -294,9 +300,18 @@ def verify_clean(lab: str) -> None:
 
 def stop(lab: str, *, progress: Progress = _quiet) -> None:
     """Take the lab offline (as a host shutdown would) but keep its data for the next `up`."""
+    from harness.flow import runs  # the flow sits above the lab: import late
+
     st = State.load(lab)
     if st is None:
         raise BadInput(f"lab {lab!r} does not exist")
+    names = Names(lab)
+    busy = runs.active_runs(names)
+    if busy:
+        # Its guest may write to a checkpoint C that a restart would not map: finish it first.
+        raise BadInput(f"lab {lab!r} has backup run {busy[0]['id']} "
+                       f"({runs.effective_state(busy[0])}): `hvlab backup --resume` or "
+                       f"`--abort` it before `hvlab stop`")
     with locked(lab):
         teardown(lab, keep_data=True, progress=progress)
         st.phase = "stopped"

@@ -49,9 +49,34 @@ def _env() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- one-shot (ephemeral) VM
+def reap_orphans() -> list[int]:
+    """Kill one-shot VMs whose hvlab process is gone (a SIGKILL leaves UML's helper processes
+    behind, PDEATHSIG reaches only the main one). Their umid names the owner: eph-<pid>-<id>."""
+    reaped = []
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        umid = next((a[5:] for a in p.info["cmdline"] or [] if a.startswith("umid=eph-")), None)
+        m = re.fullmatch(r"eph-(\d+)-[0-9a-f]+", umid or "")
+        if not m:
+            continue
+        try:
+            owner = psutil.Process(int(m.group(1)))
+            if owner.create_time() <= p.info["create_time"] and owner.is_running():
+                continue  # its hvlab process is alive
+        except psutil.Error:
+            pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpgid(p.pid), signal.SIGKILL)
+            reaped.append(p.pid)
+        import shutil
+
+        shutil.rmtree(uml.vm_root() / str(umid), ignore_errors=True)
+    return reaped
+
+
 def run_ephemeral(argv: list[str], *, mem: str = DEFAULT_MEM) -> int:
     """Boot a fresh VM, run argv as root inside with the console on our stdio, power off."""
     _require()
+    reap_orphans()
     root = uml.vm_root() / f"eph-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     paths = VmPaths(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -66,14 +91,20 @@ def run_ephemeral(argv: list[str], *, mem: str = DEFAULT_MEM) -> int:
         try:
             proc = subprocess.Popen(cmd, stdin=stdin or subprocess.DEVNULL,
                                     stdout=sys.stdout.fileno(), stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=_die_with_parent)
         except OSError as exc:
             raise HvlabError(f"cannot start the lab VM: {exc}") from None
+        # A one-shot VM never outlives its command: Ctrl-C, SIGTERM (a CI timeout) and SIGHUP
+        # halt it; a SIGKILL of this process reaches it through PDEATHSIG.
+        old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
         try:
             proc.wait()
         except KeyboardInterrupt:
-            _halt(root.name, paths, proc.pid)
+            _halt(root.name, paths, proc.pid, timeout=5.0)
             raise
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
         rc_file = root / "rc"
         if not rc_file.exists():
             raise HvlabError(f"the lab VM stopped before the command finished "
@@ -136,6 +167,18 @@ def up(*, mem: str = DEFAULT_MEM, timeout: float = 60.0) -> VmPaths:
         time.sleep(0.1)
     _halt("hvlab", paths, proc.pid)
     raise HvlabError(f"the lab VM did not come up; see {paths.console_log}")
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the hvlab process that started it dies."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _halt(umid: str, paths: VmPaths, p: int, timeout: float = 20.0) -> None:

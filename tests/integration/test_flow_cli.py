@@ -66,3 +66,12 @@ def test_backup_restore_verify_bad_input(lab: LabHandle, tmp_path: Path) -> None
     assert lab.lv_names() == lvs_before, "bad input changed the LV set"
     assert {r["id"] for r in runs.all_runs(lab.names)} == runs_before, "a run was registered"
     assert lab.controller_maps_base("vm02", "disk0")
+
+
+def test_stop_is_refused_while_a_backup_is_paused(lab: LabHandle) -> None:
+    n = lab.defn.name
+    paused = engine.start(n, ["vm02"], pause_after=9, fingerprints=False)
+    assert paused["state"] == "paused" and not lab.controller_maps_base("vm02", "disk0")
+    assert _one_line_error(hvlab("stop", "-n", n), "before `hvlab stop`") is None
+    engine.abort(n, paused["id"])
+    assert lab.controller_maps_base("vm02", "disk0")

@@ -14,9 +14,11 @@ import pytest
 
 from fixtures.plugin import LabHandle
 from harness.backup import restore as rst
+from harness.errors import BadInput
 from harness.flow import engine, runs
 from harness.guest.client import GuestClient
 from harness.lab import guests
+from harness.sys.lvm import Lvm
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +48,12 @@ orig = thinmeta.MetadataSnap.delta
 def patched(self, *a):
     orig(self, *a); die()
 thinmeta.MetadataSnap.delta = patched
+""",
+    "step 14, C renamed, tags not yet fixed": """
+orig = engine.retag_base
+def patched(ctx, lv):
+    die()
+engine.retag_base = patched
 """,
     "step 14, B removed, C not yet renamed": """
 orig = engine.Ctx.remove_lv
@@ -104,3 +112,43 @@ def test_killed_mid_step_then_abort(lab_factory: Callable[..., LabHandle], point
     assert marker.read_text() == "written after the kill\n"
     with pytest.raises(Exception, match="nothing to resume"):
         engine.resume(h.defn.name, run_["id"])
+
+
+def test_killed_inside_the_freeze_with_controllers_suspended(
+        lab_factory: Callable[..., LabHandle]) -> None:
+    """Killed in step 5 between the suspend and the resume of the controller, with the guest
+    frozen: resume is refused, abort resumes the controller, thaws and removes C."""
+    h = lab_factory(ONE_VM, start_guests=True)
+    pre = h.lv_names()
+    KILLERS["step 5, controller suspended"] = """
+orig = engine.Ctx.snapshot
+def patched(self, origin, name, role, *a, **k):
+    orig(self, origin, name, role, *a, **k)
+    if role == engine.ROLE_OF["C"]: die()
+engine.Ctx.snapshot = patched
+"""
+    try:
+        run_ = _killed_run(h, "step 5, controller suspended")
+    finally:
+        del KILLERS["step 5, controller suspended"]
+    with pytest.raises(BadInput, match="inside a freeze window"):
+        engine.resume(h.defn.name, run_["id"])
+    engine.abort(h.defn.name, run_["id"])
+    assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
+    assert not GuestClient(guests.socket_path(h.names, "vm01")).status()["frozen"]
+    probe = h.mountpoint("vm01", "disk0") / "after-abort.txt"
+    probe.write_text("the disk takes writes again\n")
+    assert probe.read_text() == "the disk takes writes again\n"
+
+
+def test_resume_finishes_the_retag_of_a_merged_checkpoint(
+        lab_factory: Callable[..., LabHandle]) -> None:
+    h = lab_factory(ONE_VM, start_guests=True)
+    run_ = _killed_run(h, "step 14, C renamed, tags not yet fixed")
+    engine.resume(h.defn.name, run_["id"], fingerprints=False)
+    rows = {r["lv_name"]: r for r in Lvm(h.names.lvm_dir).lvs(h.names.vg)}
+    tags = rows["vm01_disk0"]["lv_tags"].split(",")
+    assert "role_base" in tags and "role_checkpoint" not in tags
+    assert not [t for t in tags if t.startswith("run_")]
+    again = engine.start(h.defn.name, ["vm01"], fingerprints=False)  # no leftover reported
+    assert again["state"] == "done"

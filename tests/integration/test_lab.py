@@ -21,6 +21,7 @@ from harness.lab import definition, substrate
 from harness.lab.paths import Names
 from harness.sys import dm, fs, loop
 from harness.sys.lvm import Lvm
+from harness.sys.run import run
 
 pytestmark = pytest.mark.integration
 
@@ -212,3 +213,14 @@ def test_crash_recovery_by_discovery_without_state_file(lab_factory: Callable[..
     assert res.returncode == 2 and "hvlab down" in res.stderr
     substrate.down("nostate")
     assert_nothing_left("nostate")
+
+
+def test_down_resumes_a_controller_left_suspended(lab_with_guests: LabHandle) -> None:
+    """As a backup killed inside step 5 leaves it: the guest's writes hang on the suspended
+    controller until `down` resumes it; down then removes everything."""
+    h = lab_with_guests
+    ctl = h.names.ctl("vm01", "disk0")
+    run(["dmsetup", "suspend", "--nolockfs", "--noudevsync", ctl])
+    assert next(d for d in dm.list_devices() if d.name == ctl).suspended
+    substrate.down(h.defn.name)
+    assert_nothing_left(h.defn.name)

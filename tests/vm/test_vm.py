@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,3 +81,37 @@ def test_shell_attaches_to_a_root_shell_in_the_vm(vm_env: Path) -> None:
         _, status = os.waitpid(pid, 0)
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _uml_of(owner: int) -> list[int]:
+    import psutil
+
+    tag = f"umid=eph-{owner}-"
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any(a.startswith(tag) for a in p.info["cmdline"] or [])]
+
+
+def _wait(pred: Any, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_one_shot_vm_never_outlives_its_command(vm_env: Path, sig: int) -> None:
+    """SIGTERM (a CI timeout) halts the VM at once; after a SIGKILL the helpers PDEATHSIG
+    cannot reach are reaped by the next one-shot run."""
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "vm", "run", "--ephemeral",
+                             "--", "sleep", "600"], env=os.environ, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait(lambda: len(_uml_of(proc.pid)) > 0), "the VM did not start"
+    finally:
+        proc.send_signal(sig)
+        proc.wait(60)
+    if sig == signal.SIGKILL:
+        assert hvlab("vm", "run", "--ephemeral", "--", "true").returncode == 0
+    assert _wait(lambda: not _uml_of(proc.pid), 30), "VM processes outlived their command"
