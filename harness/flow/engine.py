@@ -11,6 +11,7 @@ controllers, S and A are removed; C is merged into B if the controller already w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -27,7 +28,7 @@ from harness.guest.quiesce import recover_after_crash
 from harness.lab import guests
 from harness.lab.paths import Names
 from harness.lab.state import State, locked
-from harness.sys import dm
+from harness.sys import dm, fs
 from harness.sys.lvm import Lvm
 from harness.sys.run import run
 from harness.sys.uevents import wait_node, watch
@@ -320,6 +321,22 @@ def ar_ctl(names: Names, vm: str, disk: str) -> str:
     return f"{names.vg}_ar_{vm}_{disk}"
 
 
+def detach_ar(ctx: Ctx, name: str) -> bool:
+    """Remove an auto-recovery attach device; first unmount it where a killed guest left it
+    mounted (only mounts inside the lab dir: nothing else is ours). True if it existed."""
+    if not any(x.name == name for x in dm.list_devices()):
+        return False
+    node = os.path.realpath(f"/dev/mapper/{name}")
+    for m in fs.mounts_under(ctx.names.dir):
+        if m.source.startswith("/dev/") and os.path.realpath(m.source) == node:
+            fs.umount(Path(m.target))
+            for d in (Path(m.target), Path(m.target).parent):  # the guest's ar-XXXX/<disk>
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+    dm.remove(name)
+    return True
+
+
 def s10(ctx: Ctx, vm: str) -> dict[str, Any]:
     v = ctx.vm(vm)
     if v["class"] != S.APP or not v.get("auto_recovery"):
@@ -330,15 +347,14 @@ def s10(ctx: Ctx, vm: str) -> dict[str, Any]:
             name = ar_ctl(ctx.names, vm, d)
             info["ar_ctl"] = name
             ctx.save()
-            if any(x.name == name for x in dm.list_devices()):
-                dm.remove(name)  # left by a killed run: attach afresh
+            detach_ar(ctx, name)  # left by a killed run: attach afresh
             devices[d] = dm.create_linear(name, ctx.lv_dev(info["A"]),
                                           uuid=f"{ctx.names.uuid_prefix}ar-{vm}-{d}")
             wait_node(devices[d])
         rep = ctx.client(vm).post_snapshot(devices)
     finally:
         for _, d, _info in ctx.disks(vm):
-            dm.remove(ar_ctl(ctx.names, vm, d))
+            detach_ar(ctx, ar_ctl(ctx.names, vm, d))
     v["auto_recovery_result"] = {k: rep.get(k) for k in ("auto_recovery", "repaired", "check")}
     ctx.save()
     check = rep.get("check") or {}
@@ -615,8 +631,7 @@ def unwind(ctx: Ctx, final: str) -> list[str]:
     existing = ctx.lvs()
     for v, d, info in ctx.disks():
         name = ar_ctl(ctx.names, v, d)
-        if any(x.name == name for x in dm.list_devices()):
-            dm.remove(name)
+        if detach_ar(ctx, name):
             notes.append(f"removed {name}")
         for art in ("S_A", "S_B", "A"):
             lv = info.get(art)

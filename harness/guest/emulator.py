@@ -37,7 +37,10 @@ from harness.guest.writers import (
     Writer,
     WriterError,
 )
+from harness.sys import fs
 from harness.sys.run import run
+
+AR_PREFIX = "ar-"  # auto-recovery mounts: <run_dir>/ar-XXXX/<disk>
 
 log = logging.getLogger("hvlab.guest")
 
@@ -347,7 +350,9 @@ class Guest:
         order = [n for n, _ in self.cfg.disks if n in devices]
         mounted: list[Path] = []
         roots: dict[str, Path] = {}
-        base = Path(tempfile.mkdtemp(prefix=f"hvlab-ar-{self.cfg.vm}-"))
+        # Under the run dir (inside the lab dir), so a mount left by a killed guest is found
+        # and removed by the next guest start or by `hvlab down`.
+        base = Path(tempfile.mkdtemp(prefix=AR_PREFIX, dir=self.cfg.run_dir))
         try:
             for name in order:
                 dev = devices[name]
@@ -425,6 +430,22 @@ class Guest:
             log.exception("cannot write status.json")
 
 
+def clean_stale_ar_mounts(run_dir: Path) -> list[str]:
+    """Unmount and remove auto-recovery mount dirs a killed guest left in run_dir."""
+    done = []
+    for m in sorted(fs.mounts_under(run_dir), key=lambda m: -len(m.target)):
+        if Path(m.target).parent.name.startswith(AR_PREFIX):
+            fs.umount(Path(m.target))
+            done.append(m.target)
+    for d in run_dir.glob(f"{AR_PREFIX}*"):
+        for sub in d.iterdir():
+            with contextlib.suppress(OSError):
+                sub.rmdir()
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="harness.guest.emulator")
     ap.add_argument("--config", required=True, type=Path)
@@ -436,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO,
         format="%(asctime)s %(process)d %(threadName)s %(levelname)s %(name)s: %(message)s",
     )
+    for left in clean_stale_ar_mounts(cfg.run_dir):
+        log.warning("unmounted an auto-recovery mount a killed guest left: %s", left)
     guest = Guest(cfg)
     signal.signal(signal.SIGTERM, lambda *_: guest.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: guest.stop_event.set())

@@ -5,11 +5,13 @@ was. The kill points are half-done steps: the object exists, the run record does
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 import pytest
 
 from fixtures.plugin import LabHandle
@@ -18,6 +20,7 @@ from harness.errors import BadInput
 from harness.flow import engine, runs
 from harness.guest.client import GuestClient
 from harness.lab import guests
+from harness.sys import fs
 from harness.sys.lvm import Lvm
 
 pytestmark = pytest.mark.integration
@@ -152,3 +155,41 @@ def test_resume_finishes_the_retag_of_a_merged_checkpoint(
     assert not [t for t in tags if t.startswith("run_")]
     again = engine.start(h.defn.name, ["vm01"], fingerprints=False)  # no leftover reported
     assert again["state"] == "done"
+
+
+@pytest.mark.parametrize("guest_restarted", [False, True])
+def test_killed_while_the_guest_had_A_mounted(lab_factory: Callable[..., LabHandle],
+                                               guest_restarted: bool) -> None:
+    """Host and guest both die during step 10's auto-recovery, with A still mounted in the
+    guest's run dir: the next guest start or the resumed step 10 unmounts it, and the run
+    finishes as if nothing happened."""
+    h = lab_factory(ONE_VM, start_guests=True)
+    pre = h.lv_names()
+    run_dir = h.names.guest_dir("vm01")
+    KILLERS["step 10, A mounted in the guest"] = f"""
+import subprocess
+from harness.guest.client import GuestClient
+def patched(self, devices):
+    mnt = {str(run_dir)!r} + "/ar-killed/disk0"
+    os.makedirs(mnt)
+    subprocess.run(["mount", devices["disk0"], mnt], check=True)
+    die()
+GuestClient.post_snapshot = patched
+"""
+    try:
+        run_ = _killed_run(h, "step 10, A mounted in the guest")
+    finally:
+        del KILLERS["step 10, A mounted in the guest"]
+    assert fs.mounts_under(run_dir)
+    if guest_restarted:
+        pid = guests.running_pids(h.names)[0]
+        proc = psutil.Process(pid)
+        os.kill(pid, signal.SIGKILL)
+        proc.wait(30)
+        guests.start_all(h.defn, h.names)
+        assert not fs.mounts_under(run_dir)
+    done = engine.resume(h.defn.name, run_["id"], fingerprints=False)
+    assert done["state"] == "done"
+    assert not fs.mounts_under(run_dir) and not list(run_dir.glob("ar-*"))
+    assert h.lv_names() == pre
+    assert rst.verify(h.defn.name, run_["id"])["ok"]
