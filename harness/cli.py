@@ -200,6 +200,34 @@ def guest_start(vm_name: str, lab_name: str | None) -> None:
     _echo(f"guest {vm_name} running (pid {pid})")
 
 
+@guest.command("workload")
+@click.argument("vm_name")
+@lab_name_opt
+@click.option("--ops-per-s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="New rate for the chosen writers.")
+@click.option("--pause/--resume", "pause", default=None, help="Hold or release the writers.")
+@click.option("--writer", default=None, help="One writer by name (default: all).")
+def guest_workload(vm_name: str, lab_name: str | None, ops_per_s: float | None,
+                   pause: bool | None, writer: str | None) -> None:
+    """Change a running guest's workload: pause/resume writers, set their rate."""
+    from harness.guest.client import GuestClient, GuestError
+    from harness.lab import guests
+
+    defn, names = _guest_ctx(lab_name)
+    if defn.vm(vm_name).profile == "none":
+        raise BadInput(f"VM {vm_name} has profile none: no integration-services channel")
+    if ops_per_s is None and pause is None:
+        raise BadInput("give --ops-per-s RATE and/or --pause/--resume")
+    try:
+        rep = GuestClient(guests.socket_path(names, vm_name)).workload(
+            pause=pause, ops_per_s=ops_per_s, writer=writer)
+    except GuestError as exc:
+        raise HvlabError(f"guest {vm_name}: {exc}") from None
+    for w in rep["writers"]:
+        _echo(f"{w.get('name')}: {w.get('state')}, target {w.get('target_ops_per_s')} ops/s, "
+              f"now {w.get('ops_per_s')} ops/s")
+
+
 @guest.command("stop")
 @click.argument("vm_name")
 @lab_name_opt
@@ -342,8 +370,15 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("hvlab: interrupted", err=True)
         sys.exit(130)
+    except (TimeoutError, OSError) as exc:
+        # The environment, not our logic: a device node that never came, a directory we
+        # may not write. One line; HVLAB_VERBOSE=1 shows where.
+        click.echo(f"hvlab: {exc}", err=True)
+        if os.environ.get("HVLAB_VERBOSE"):
+            import traceback
 
-
+            traceback.print_exc()
+        sys.exit(1)
 
 
 if __name__ == "__main__":

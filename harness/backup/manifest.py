@@ -50,11 +50,16 @@ def locate(names: Names, backup: str) -> tuple[Path, dict[str, Any]]:
     if not (p / NAME).exists():
         run_dir = names.runs_dir / backup / "run.json"
         if "/" not in backup and run_dir.exists():
-            p = Path(json.loads(run_dir.read_text())["dest"])
+            try:
+                p = Path(json.loads(run_dir.read_text())["dest"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise BadInput(f"run {backup}: unreadable run record ({exc!r})") from None
     if not (p / NAME).exists():
         raise BadInput(f"no backup at {backup!r} (a backup directory or a finished run id)")
     try:
         data: dict[str, Any] = json.loads((p / NAME).read_text())
     except (OSError, ValueError) as exc:
         raise BadInput(f"unreadable manifest {p / NAME}: {exc}") from None
+    if not isinstance(data, dict) or not {"lab", "run", "vms"} <= data.keys():
+        raise BadInput(f"{p / NAME} is not an hvlab backup manifest (needs lab, run, vms)")
     return p, data

@@ -179,5 +179,8 @@ def verify(lab: str, backup: str) -> dict[str, Any]:
         r["ok"] = {"application-consistent": fs_ok and app_ok,
                    "filesystem-consistent": fs_ok}.get(cls, True)
         report["ok"] = report["ok"] and r["ok"]
-    (path / "verify.json").write_text(json.dumps(report, indent=2))
+    try:
+        (path / "verify.json").write_text(json.dumps(report, indent=2))
+    except OSError as exc:  # a read-only backup is still verifiable
+        report["report_not_saved"] = str(exc)
     return report

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from harness.errors import HvlabError
 from harness.lab.paths import Names
 from harness.sys.run import run
 
@@ -133,8 +134,12 @@ def metadata_snap(names: Names) -> Iterator[MetadataSnap]:
 def pool_usage(names: Names) -> tuple[int, int]:
     """(used data blocks, total data blocks) from the pool's status line."""
     fields = run(["dmsetup", "status", tpool_dev(names)]).stdout.split()
-    used, total = fields[5].split("/")
-    return int(used), int(total)
+    try:
+        used, total = fields[5].split("/")
+        return int(used), int(total)
+    except (IndexError, ValueError):
+        raise HvlabError(f"thin pool {tpool_dev(names)} reports no usage (status: "
+                         f"{' '.join(fields[3:]) or 'empty'}); the pool may have failed") from None
 
 
 # ------------------------------------------------------------------------------ block reads

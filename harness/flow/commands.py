@@ -55,6 +55,10 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
     lab = _lab(lab_name)
     if sum(bool(x) for x in (vms, resume_id, abort_id)) != 1:
         raise BadInput("give VMs to back up, or --resume RUN, or --abort RUN (one of them)")
+    if abort_id and (dest or pause_after is not None or no_fingerprints):
+        raise BadInput("--abort takes no other option (--dest, --pause-after, --no-fingerprints)")
+    if resume_id and dest:
+        raise BadInput("--dest is fixed when a run starts; --resume cannot change it")
     if abort_id:
         run = engine.abort(lab, abort_id, say=click.echo)
         click.echo(f"run {abort_id} aborted; live disks whole")

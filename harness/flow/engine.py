@@ -228,7 +228,7 @@ def s05(ctx: Ctx, vm: str) -> dict[str, Any]:
     for v, d, info in ctx.disks(vm):  # resumed after a kill: keep a C already in use
         c = info.get("C")
         if c and ctx.exists(c):
-            if dm.target_of(info["ctl"]) == dm.majmin(ctx.lv_dev(c)):
+            if _maps(ctx, info["ctl"], c):
                 info.setdefault("c_created_at", time.time())
                 continue
             ctx.remove_lv(c)  # made, never mapped: take it again under suspension
@@ -262,12 +262,14 @@ def s05(ctx: Ctx, vm: str) -> dict[str, Any]:
 
 def s06(ctx: Ctx, vm: str) -> dict[str, Any]:
     made = []
+    # Only a resumed run (name already recorded) pays for an lvs scan: this is in the freeze.
+    known = {d for _, d, info in ctx.disks(vm) if info.get("A")}
     for v, d, info in ctx.disks(vm):
         info["A"] = lv_name(v, d, "A", ctx.run["id"])
     ctx.save()
     for v, d, info in ctx.disks(vm):
         a = info["A"]
-        if not ctx.exists(a):
+        if d not in known or not ctx.exists(a):
             ctx.snapshot(info["B"], a, ROLE_OF["A"], v, d)
         info["A_exists"] = True
         made.append(a)
@@ -399,9 +401,9 @@ def s13(ctx: Ctx, vm: None) -> dict[str, Any]:
     from harness.backup import reader
 
     dest = Path(ctx.run["dest"])
-    dest.mkdir(parents=True, exist_ok=True)
-    ctx.run["dest_made"] = True
-    ctx.save()
+    if not owns_dest(dest, ctx.run["id"]):
+        raise HvlabError(f"backup directory {dest} is missing or no longer this run's "
+                         f"(no {DEST_MARK} naming {ctx.run['id']})")
     images: dict[str, Any] = {}
     lvs = [info[a] for _, _, info in ctx.disks() for a in ("S_B", "S_A")]
     ids = thin_ids(ctx, lvs)
@@ -584,9 +586,12 @@ def finish(ctx: Ctx) -> None:
     from harness.backup import manifest
 
     ctx.run["post"] = snapshot_state(ctx)
+    ctx.save()
+    # The manifest first: a kill between the two leaves a resumable run, never a "done" run
+    # whose backup cannot be verified or restored.
+    manifest.write(ctx.names, {**ctx.run, "state": "done"})
     ctx.run["state"] = "done"
     ctx.save()
-    manifest.write(ctx.names, ctx.run)
 
 
 def thaw_all(ctx: Ctx) -> list[str]:
@@ -617,6 +622,13 @@ def resume_controllers(ctx: Ctx) -> None:
         dm.run_resume(info["ctl"])
 
 
+def _maps(ctx: Ctx, ctl: str, lv: str) -> bool:
+    """Does controller ctl map lv? An LV left inactive by a kill inside lvcreate has no
+    node, so nothing maps it."""
+    dev = ctx.lv_dev(lv)
+    return os.path.exists(dev) and dm.target_of(ctl) == dm.majmin(dev)
+
+
 def unwind(ctx: Ctx, final: str) -> list[str]:
     """Undo a run at any point, leaving the live disks whole."""
     run_ = ctx.run
@@ -641,7 +653,7 @@ def unwind(ctx: Ctx, final: str) -> list[str]:
             info[f"{art}_exists"] = False
         c = info.get("C")
         if c and c in existing:
-            if dm.target_of(info["ctl"]) == dm.majmin(ctx.lv_dev(c)):
+            if _maps(ctx, info["ctl"], c):
                 promote(ctx, v, d, info)
                 notes.append(f"merged C {c} into {info['B']} (the guest already wrote to it)")
             else:
@@ -653,9 +665,13 @@ def unwind(ctx: Ctx, final: str) -> list[str]:
             notes.append(f"finished the merge of C into {info['B']}")
         info["C_exists"] = False
         ctx.save()
+    dest = Path(run_["dest"])
     if run_.get("dest_made") and run_.get("state") != "done":
-        shutil.rmtree(run_["dest"], ignore_errors=True)
-        notes.append(f"removed partial backup {run_['dest']}")
+        if owns_dest(dest, run_["id"]):
+            shutil.rmtree(dest, ignore_errors=True)
+            notes.append(f"removed partial backup {dest}")
+        elif dest.exists():
+            notes.append(f"left {dest}: not marked as this run's")
     run_["unwound"] = notes
     run_["state"] = final
     run_["post"] = snapshot_state(ctx)
@@ -697,6 +713,26 @@ def leftovers(names: Names, lvm: Lvm, vms: list[str], live_runs: set[str]
     return out
 
 
+DEST_MARK = ".hvlab-run"
+
+
+def claim_dest(dest: Path, run_id: str) -> None:
+    """Make the backup directory now, marked with the run id: a second run (or a paused one)
+    can never write into or remove a directory that is not its own."""
+    try:
+        dest.mkdir(parents=True)
+    except FileExistsError:
+        raise BadInput(f"backup directory {dest} already exists") from None
+    (dest / DEST_MARK).write_text(run_id + "\n")
+
+
+def owns_dest(dest: Path, run_id: str) -> bool:
+    try:
+        return (dest / DEST_MARK).read_text().strip() == run_id
+    except OSError:
+        return False
+
+
 def _check_dest(dest: Path) -> None:
     if dest.exists():
         raise BadInput(f"backup directory {dest} already exists")
@@ -707,14 +743,19 @@ def _check_dest(dest: Path) -> None:
         raise BadInput(f"backup directory {dest} is not writable ({parent})")
 
 
+def _check_lab_up(lab: str) -> State:
+    st = State.load(lab)
+    if st is None or st.phase != "up":
+        raise BadInput(f"lab {lab!r} is not up (`hvlab up` first)")
+    return st
+
+
 def start(lab: str, vms: list[str], *, dest: Path | None = None,
           pause_after: int | None = None, say: Say = _quiet, fingerprints: bool = True,
           progress: Any = None) -> dict[str, Any]:
     """`hvlab backup VM [VM ...]`: validate everything, register the run, execute."""
     names = Names(lab)
-    st = State.load(lab)
-    if st is None or st.phase != "up":
-        raise BadInput(f"lab {lab!r} is not up (`hvlab up` first)")
+    st = _check_lab_up(lab)
     if not vms:
         raise BadInput("name at least one VM to back up")
     if len(set(vms)) != len(vms):
@@ -760,6 +801,8 @@ def _register(names: Names, run_id: str, vms: list[str], vmdefs: list[Any], dest
     runs.mark_self(run_)
     ctx = Ctx(names, run_, say, fingerprints)
     run_["pre"] = snapshot_state(ctx)
+    claim_dest(dest, run_id)
+    run_["dest_made"] = True
     ctx.save()
     return ctx
 
@@ -781,9 +824,13 @@ def resume(lab: str, run_id: str, *, say: Say = _quiet, fingerprints: bool = Tru
             any(run_["vm"][v].get("frozen") for v in run_["vms"])):
         raise BadInput(f"run {run_id} was interrupted inside a freeze window: "
                        f"`hvlab backup --abort {run_id}`")
+    pos = S.pause_position(run_["vms"], pause_after)
+    if pos is not None and pos < run_["pos"]:
+        raise BadInput(f"run {run_id} is already past step {pause_after}: "
+                       f"--pause-after must name a later step")
+    _check_lab_up(lab)
     with runs.VmLocks(names, run_["vms"]):
-        pos = S.pause_position(run_["vms"], pause_after)
-        run_["pause_at"] = pos if pos is not None and pos >= run_["pos"] else None
+        run_["pause_at"] = pos
         run_["state"] = "running"
         runs.mark_self(run_)
         ctx = Ctx(names, run_, say, fingerprints)
@@ -791,7 +838,10 @@ def resume(lab: str, run_id: str, *, say: Say = _quiet, fingerprints: bool = Tru
         ctx.save()
         if state == "interrupted":
             resume_controllers(ctx)
-        ctx.say(f"run {run_id}: resuming at step {plan[run_['pos']][0]}")
+        if run_["pos"] >= len(plan):
+            ctx.say(f"run {run_id}: all steps done; writing the manifest")
+        else:
+            ctx.say(f"run {run_id}: resuming at step {plan[run_['pos']][0]}")
         return execute(ctx)
 
 
@@ -804,6 +854,7 @@ def abort(lab: str, run_id: str, *, say: Say = _quiet) -> dict[str, Any]:
     if state == "running":
         raise BadInput(f"run {run_id} is running in process {run_.get('pid')}; "
                        f"interrupt it (Ctrl-C unwinds it)")
+    _check_lab_up(lab)
     with runs.VmLocks(names, run_["vms"]):
         ctx = Ctx(names, run_, say, fingerprints=False)
         unwind(ctx, final="aborted")

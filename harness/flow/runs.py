@@ -96,7 +96,13 @@ def events(names: Names, run_id: str) -> list[dict[str, Any]]:
     path = run_dir(names, run_id) / "events.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # the half-written last line of a killed run
+    return out
 
 
 def mark_self(run: dict[str, Any]) -> None:

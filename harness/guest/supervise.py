@@ -39,6 +39,7 @@ def start_guest(config: dict[str, Any], timeout: float = 30.0) -> int:
     running = _proc(run_dir)
     if running is not None:
         return running.pid
+    recover_after_crash(run_dir)  # a guest killed while frozen: thaw before a new one starts
     cfg_path = run_dir / "guest.json"
     cfg_path.write_text(json.dumps(config, indent=1, default=str))
     (run_dir / "status.json").unlink(missing_ok=True)

@@ -50,6 +50,26 @@ class VM:
     name: str
     profile: str
     disks: tuple[Disk, ...]
+    workload: tuple[tuple[str, Any], ...] = ()  # knobs for the guest's writers (sorted items)
+
+
+# [vm.workload] knobs a lab file may set: (check, what is allowed)
+WORKLOAD_KNOBS: dict[str, tuple[Any, str]] = {
+    "ops_per_s": (lambda v: _num(v) and 0 < v <= 10000, "a number in (0, 10000]"),
+    "append_ops_per_s": (lambda v: _num(v) and 0 <= v <= 10000, "a number in [0, 10000]"),
+    "scratch_ops_per_s": (lambda v: _num(v) and 0 <= v <= 10000, "a number in [0, 10000]"),
+    "value_size": (lambda v: _int(v) and 1 <= v <= 4096, "an integer 1 to 4096"),
+    "seed": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "paused": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _num(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -65,7 +85,9 @@ class LabDef:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> LabDef:
         vms = tuple(
-            VM(v["name"], v["profile"], tuple(Disk(**k) for k in v["disks"])) for v in d["vms"]
+            VM(v["name"], v["profile"], tuple(Disk(**k) for k in v["disks"]),
+               tuple((str(k), x) for k, x in v.get("workload", ())))
+            for v in d["vms"]
         )
         return LabDef(d["name"], d["backing_size"], d["backing_files"], vms)
 
@@ -114,7 +136,7 @@ def parse(data: dict[str, Any], *, name: str | None = None,
     vms: list[VM] = []
     for i, rv in enumerate(raw_vms):
         rv = _table(f"vm #{i + 1}", rv)
-        _unknown(f"vm #{i + 1}", rv, {"name", "profile", "disk"})
+        _unknown(f"vm #{i + 1}", rv, {"name", "profile", "disk", "workload"})
         vname = check_name("VM", rv.get("name"))
         if any(v.name == vname for v in vms):
             raise BadInput(f"duplicate VM name {vname!r}: VM names must be unique in a lab")
@@ -144,8 +166,18 @@ def parse(data: dict[str, Any], *, name: str | None = None,
                 raise BadInput(f"disk {vname}/{dname} size {dsize} bytes is beyond the "
                                f"backing size of {size} bytes")
             disks.append(Disk(dname, dsize, fs))
-        vms.append(VM(vname, profile, tuple(disks)))
+        vms.append(VM(vname, profile, tuple(disks), _workload(vname, rv.get("workload", {}))))
     return LabDef(lab_name, size, nfiles, tuple(vms))
+
+
+def _workload(vm: str, raw: object) -> tuple[tuple[str, Any], ...]:
+    wl = _table(f"[vm.workload] of {vm}", raw)
+    _unknown(f"[vm.workload] of {vm}", wl, set(WORKLOAD_KNOBS))
+    for key, value in wl.items():
+        ok, allowed = WORKLOAD_KNOBS[key]
+        if not ok(value):
+            raise BadInput(f"invalid workload {key} {value!r} for VM {vm}: allowed {allowed}")
+    return tuple(sorted(wl.items()))
 
 
 def default_text() -> str:

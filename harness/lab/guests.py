@@ -25,6 +25,7 @@ def config_for(defn: LabDef, names: Names, vm: str, **knobs: Any) -> dict[str, A
         "run_dir": str(names.guest_dir(vm)),
         "disks": [{"name": d.name, "mountpoint": str(names.mountpoint(vm, d.name))}
                   for d in v.disks],
+        "workload": dict(v.workload),
         **knobs,
     }
 

@@ -53,13 +53,13 @@ class State:
         path = Names(lab).state_file
         try:
             d = json.loads(path.read_text())
+            return State(LabDef.from_dict(d["definition"]), d.get("phase", "up"),
+                         d.get("loops", {}), d.get("formatted", False), d.get("extra", {}))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            raise HvlabError(f"lab state file {path} is unreadable ({exc}); "
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, HvlabError) as exc:
+            raise HvlabError(f"lab state file {path} is unreadable ({exc!r}); "
                              f"run `hvlab down --lab-name {lab}` to clean up") from None
-        return State(LabDef.from_dict(d["definition"]), d.get("phase", "up"),
-                     d.get("loops", {}), d.get("formatted", False), d.get("extra", {}))
 
 
 @contextmanager

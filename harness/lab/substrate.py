@@ -58,9 +58,10 @@ def inventory(lab: str) -> Inventory:
     names = Names(lab)
     owned = [d for d in dm.list_devices() if d.name.startswith(names.dm_prefixes)]
     return Inventory(
-        loops=loop.loops_under(names.dir) if names.dir.exists() else [],
+        # By path even when the directory is gone: a loop on a deleted backing file is ours too.
+        loops=loop.loops_under(names.dir),
         dm_devices=owned,
-        mounts=fs.mounts_under(names.dir) if names.dir.exists() else [],
+        mounts=fs.mounts_under(names.dir),
         guests=guests.running_pids(names),
     )
 
@@ -284,7 +285,7 @@ def teardown(lab: str, *, keep_data: bool, progress: Progress = _quiet) -> None:
             progress(f"remove {d.name}")
     _deactivate(names)
     _remove_dm(names)
-    for lo in loop.loops_under(names.dir) if names.dir.exists() else []:
+    for lo in loop.loops_under(names.dir):
         loop.detach(lo.name)
         progress(f"detach {lo.name}")
     if not keep_data:
@@ -327,7 +328,10 @@ def down(lab: str, *, progress: Progress = _quiet, missing_ok: bool = False) -> 
         raise BadInput(f"lab {lab!r} is not up: nothing to remove")
     if names.dir.exists():
         with locked(lab):
-            st = State.load(lab)
+            try:
+                st = State.load(lab)
+            except HvlabError:
+                st = None  # unreadable: teardown finds everything by prefix and path anyway
             if st is not None:
                 st.phase = "removing"
                 st.save()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import LeakError
+from harness.sys import uevents
 from harness.sys.run import run
 
 
@@ -50,9 +50,7 @@ def detach(dev: str, *, timeout: float = 10.0) -> None:
     if not any(lo.name == dev for lo in list_loops()):
         return
     run(["losetup", "-d", dev], check=False)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(lo.name == dev for lo in list_loops()):
-            return
-        time.sleep(0.05)
-    raise LeakError(f"loop device {dev} is still attached (busy?) after losetup -d")
+    try:  # the loop's "change" uevent wakes us; no blind sleeps
+        uevents.wait_for(lambda: not any(lo.name == dev for lo in list_loops()), timeout, dev)
+    except TimeoutError:
+        raise LeakError(f"loop device {dev} is still attached (busy?) after losetup -d") from None

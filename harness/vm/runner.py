@@ -4,6 +4,7 @@ the lab VM. Callers never need to know which."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from harness.sys.run import run
@@ -18,9 +19,13 @@ def native_dm_thin() -> bool:
     """Is dm-thin usable on this kernel now (loaded, built in, or loadable)?"""
     if not Path("/dev/mapper/control").exists():
         return False
+    if not shutil.which("dmsetup"):
+        return False  # the tools are missing, not the kernel: `hvlab doctor` says so
     res = run(["dmsetup", "targets"], check=False)
     if "thin-pool" in res.stdout:
         return True
+    if not shutil.which("modprobe"):
+        return False
     return run(["modprobe", "dm-thin-pool"], check=False).returncode == 0
 
 

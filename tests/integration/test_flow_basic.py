@@ -189,6 +189,11 @@ def test_failure_thaws_and_unwinds_then_clean_run(lab_with_guests: LabHandle,
     assert run_["state"] == "done"
     assert run_["post"]["lvs"] == run_["pre"]["lvs"]
     assert abs(run_["post"]["pool_used_blocks"] - run_["pre"]["pool_used_blocks"]) <= 4
+    # every backup restores and verifies: a linux guest's is filesystem-consistent
+    rep = rst.verify(lab, run_["id"])
+    assert rep["ok"] and rep["vms"][0]["consistency"] == "filesystem-consistent", rep
+    rec = rst.restore(lab, run_["id"], "rest02", vm="vm02")
+    assert fs.fsck_readonly(rec["controllers"][0], "ext4").returncode == 0
 
 
 NONE_LAB: dict[str, Any] = {
@@ -233,3 +238,5 @@ def test_crash_consistent_pause_abort_and_leftovers(lab_factory: Callable[..., L
     rep = rst.verify(lab, run_["id"])
     assert rep["vms"][0]["consistency"] == "crash-consistent"
     assert all(c["ok"] for c in rep["vms"][0]["checksums"])
+    rec = rst.restore(lab, run_["id"], "rest03", vm="vm03")
+    assert Path(rec["controllers"][0]).exists()

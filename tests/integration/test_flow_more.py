@@ -12,6 +12,7 @@ from fixtures.plugin import LabHandle
 from harness.backup import restore as rst
 from harness.flow import engine, runs
 from harness.guest.client import GuestClient
+from harness.guest.supervise import start_guest, stop_guest
 from harness.lab import guests
 
 pytestmark = pytest.mark.integration
@@ -37,6 +38,32 @@ def test_backup_while_the_guest_writes_at_full_rate(lab_factory: Callable[..., L
     report = rst.verify(h.defn.name, run_["id"])
     assert report["ok"], report
     assert h.controller_maps_base("vm01", "disk0")
+    # Invariant 3, exactly: the image holds the ledger as committed at T0, not one
+    # transaction more, although the guest kept committing after T0.
+    t0_txid = run_["vm"]["vm01"]["freeze_reply"]["ledger_last_txid"]
+    (vm_report,) = report["vms"]
+    assert vm_report["ledger"]["last_txid"] == t0_txid
+    assert after > t0_txid
+
+
+def test_flush_and_hold_timeout_fails_and_unwinds(lab_factory: Callable[..., LabHandle]
+                                                  ) -> None:
+    """Invariant 7 on the timeout path: a guest whose watchdog thaws before the host's thaw
+    (VSS_E_FLUSH_WRITES_TIMEOUT) fails the run, which unwinds to the LV set it found."""
+    h = lab_factory(ONE_VM, start_guests=True)
+    pre = h.lv_names()
+    run_dir = h.names.guest_dir("vm01")
+    stop_guest(run_dir)
+    start_guest(guests.config_for(h.defn, h.names, "vm01", freeze_timeout_s=0.2))
+    with pytest.raises(engine.FlowFailed, match="VSS_E_FLUSH_WRITES_TIMEOUT"):
+        engine.start(h.defn.name, ["vm01"], fingerprints=False)
+    (run_,) = runs.all_runs(h.names)
+    assert run_["state"] == "failed"
+    assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
+    st = GuestClient(guests.socket_path(h.names, "vm01")).status()
+    assert not st["frozen"]
+    probe = h.mountpoint("vm01", "disk0") / "after-timeout.txt"
+    probe.write_text("writes go on\n")
 
 
 @pytest.mark.parametrize("step", ALLOWED)
@@ -63,3 +90,17 @@ def test_pause_after_each_step_then_resume_or_abort(lab_factory: Callable[..., L
     assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
     assert marker.read_text() == "live write\n"
     assert rst.verify(lab, done["id"])["ok"]
+
+
+def test_windows_vm_whose_guest_is_down_falls_back_to_crash_consistent(
+        lab_factory: Callable[..., LabHandle]) -> None:
+    """Invariant 9: a guest that does not answer gives a labelled crash-consistent backup."""
+    h = lab_factory(ONE_VM, start_guests=True)
+    stop_guest(h.names.guest_dir("vm01"))
+    run_ = engine.start(h.defn.name, ["vm01"], fingerprints=False)
+    assert run_["state"] == "done"
+    assert run_["vm"]["vm01"]["class"] == "crash-consistent"
+    report = rst.verify(h.defn.name, run_["id"])
+    assert report["ok"] and report["vms"][0]["consistency"] == "crash-consistent"
+    rec = rst.restore(h.defn.name, run_["id"], "rest01", vm="vm01")
+    assert rec["controllers"]

@@ -16,6 +16,7 @@ import psutil
 import pytest
 from guest_fixtures import Disk, LoopLab, looplab
 
+from fixtures.plugin import requires
 from harness.guest import ledger
 from harness.guest.client import GuestClient, GuestError, GuestUnavailable
 from harness.guest.quiesce import recover_after_crash
@@ -24,8 +25,11 @@ from harness.guest.supervise import guest_status, start_guest, stop_guest
 pytestmark = pytest.mark.integration
 __all__ = ["looplab"]  # the fixture, imported for pytest
 
-if os.geteuid() != 0:
-    pytest.skip("needs root (loop devices, mount, fsfreeze)", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _needs_root() -> None:
+    requires("root", "loop")  # in CI a missing capability fails instead of skipping
 
 
 @dataclass
@@ -251,6 +255,23 @@ def test_kill9_while_frozen_is_recovered(vm: VM) -> None:
     assert res["was_running"] is False
     with pytest.raises(GuestUnavailable):
         vm.client.status()
+
+
+def test_guest_start_after_kill9_while_frozen_thaws_first(vm: VM) -> None:
+    """`hvlab guest start` (and `up`) is a next command too: it thaws before the new guest."""
+    vm.client.freeze(timeout_s=60)
+    os.kill(vm.pid, signal.SIGKILL)
+    wait_for(lambda: not guest_status(vm.run_dir)["alive"])
+    t = write_in_thread(vm.disks[0].mountpoint / "after-restart.txt")
+    t.join(0.5)
+    assert t.is_alive(), "still frozen: nobody thawed"
+    pid = start_guest(vm.config)
+    t.join(20)
+    assert not t.is_alive()
+    assert not guest_status(vm.run_dir)["frozen_marker"]
+    assert vm.client.status()["frozen"] is False
+    assert pid != vm.pid
+    stop_guest(vm.run_dir)
 
 
 def test_bad_channel_input(vm: VM) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,3 +225,36 @@ def test_down_resumes_a_controller_left_suspended(lab_with_guests: LabHandle) ->
     assert next(d for d in dm.list_devices() if d.name == ctl).suspended
     substrate.down(h.defn.name)
     assert_nothing_left(h.defn.name)
+
+
+@pytest.mark.parametrize("garbage", ['{"truncated', '{"phase": "up"}', "[]"])
+def test_corrupt_state_file_then_down(lab_factory: Callable[..., LabHandle],
+                                      garbage: str) -> None:
+    """An unreadable state file is a one-line error that names `hvlab down`, and that down
+    works: it finds everything by prefix and path."""
+    lab = lab_factory(name="corrupt")
+    lab.names.state_file.write_text(garbage)
+    res = hvlab("up", "-n", "corrupt", "--no-guests")
+    assert res.returncode != 0 and "hvlab down" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = hvlab("down", "-n", "corrupt")
+    assert res.returncode == 0, res.stderr
+    assert_nothing_left("corrupt")
+
+
+def test_down_after_the_lab_directory_was_deleted(lab_factory: Callable[..., LabHandle]
+                                                  ) -> None:
+    """Loops on deleted backing files are still the lab's (by path): down finds and detaches
+    them, and does not claim 'nothing left' while they exist."""
+    lab = lab_factory(name="nodir")
+    for m in sorted(fs.mounts_under(lab.names.dir), key=lambda m: -len(m.target)):
+        fs.umount(Path(m.target))
+    for d in dm.devices_with_prefix(f"{lab.names.vg}_"):  # controllers sit on the LVs
+        dm.remove(d.name)
+    substrate._deactivate(lab.names)  # what a host shutdown leaves: loops, no LVs
+    substrate._remove_dm(lab.names)
+    shutil.rmtree(lab.names.dir)
+    assert substrate.inventory("nodir").loops, "loops on deleted files not seen as the lab's"
+    res = hvlab("down", "-n", "nodir")
+    assert res.returncode == 0, res.stderr
+    assert_nothing_left("nodir")

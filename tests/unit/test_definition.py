@@ -31,6 +31,18 @@ def test_round_trip_through_state_dict() -> None:
     assert LabDef.from_dict(defn.to_dict()) == defn
 
 
+def test_workload_knobs_reach_the_guest_config() -> None:
+    from harness.lab import guests
+    from harness.lab.paths import Names
+
+    d = copy.deepcopy(TEST_LAB)
+    d["vm"][0]["workload"] = {"ops_per_s": 25, "seed": 3, "paused": True}
+    defn = definition.parse(d)
+    assert LabDef.from_dict(defn.to_dict()) == defn
+    cfg = guests.config_for(defn, Names(defn.name), d["vm"][0]["name"])
+    assert cfg["workload"] == {"ops_per_s": 25, "seed": 3, "paused": True}
+
+
 def test_flags_override_file() -> None:
     defn = definition.parse(TEST_LAB, name="other", backing_size="2G")
     assert defn.name == "other" and defn.backing_size == 2 << 30
@@ -60,6 +72,11 @@ def test_bad_lab_names(name: str) -> None:
     (lambda d: d["lab"].update(backing_files=0), "invalid backing_files"),
     (lambda d: d["lab"].update(colour="red"), "unknown key 'colour'"),
     (lambda d: d["vm"][0].update(cpus=2), "unknown key 'cpus'"),
+    (lambda d: d["vm"][0].update(workload={"ops_per_s": 0}), "invalid workload ops_per_s 0"),
+    (lambda d: d["vm"][0].update(workload={"seed": "x"}), "invalid workload seed 'x'"),
+    (lambda d: d["vm"][0].update(workload={"paused": 1}), "invalid workload paused 1"),
+    (lambda d: d["vm"][0].update(workload={"speed": 1}), "unknown key 'speed'"),
+    (lambda d: d["vm"][0].update(workload=3), "must be a table"),
 ])
 def test_bad_definitions(mutate: Any, message: str) -> None:
     d = copy.deepcopy(TEST_LAB)

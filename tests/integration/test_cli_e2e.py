@@ -1,0 +1,109 @@
+"""The "done when" paths of issues 2-4 through the real `hvlab` command line, on the default
+lab (2 VMs, 3 disks, guests running): status and guest status, the workload knobs, a paused
+backup poked at with `hvlab devices`, resume, runs, explain, verify, restore."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from fixtures.plugin import LabHandle
+
+pytestmark = pytest.mark.integration
+
+
+def hvlab(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "220"}, timeout=600)
+    assert "Traceback" not in res.stderr + res.stdout, res.stderr
+    if ok:
+        assert res.returncode == 0, f"hvlab {' '.join(args)}: {res.stderr}"
+    return res
+
+
+def _guests(n: str) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(hvlab("guest", "status", "-n", n, "--json").stdout)
+    return out
+
+
+def _txid(n: str, vm: str) -> int:
+    return int((_guests(n)[vm]["status"] or {}).get("committed_txid") or 0)
+
+
+def test_status_and_guests_commit(lab: LabHandle) -> None:
+    n = lab.defn.name
+    tree = hvlab("status", "-n", n).stdout
+    for part in ("loop", "thin pool", "vm01_disk0", "vm01_disk1", "vm02_disk0", "data"):
+        assert part in tree, f"{part!r} missing from `hvlab status`"
+    first = _guests(n)
+    assert set(first) == {"vm01", "vm02"} and all(r["alive"] for r in first.values())
+    tx0 = _txid(n, "vm01")
+    time.sleep(3)
+    assert _txid(n, "vm01") > tx0, "vm01's ledger writer is not committing"
+    table = hvlab("guest", "status", "-n", n).stdout
+    assert "vm01" in table and "windows" in table and "linux" in table
+    assert "dm-thin" in hvlab("doctor").stdout
+
+
+def test_workload_knobs(lab: LabHandle) -> None:
+    n = lab.defn.name
+    out = hvlab("guest", "workload", "vm01", "-n", n, "--pause").stdout
+    assert "paused" in out
+    time.sleep(1.5)  # status.json is rewritten every second
+    tx0 = _txid(n, "vm01")
+    time.sleep(2.5)
+    assert _txid(n, "vm01") == tx0, "a paused writer still commits"
+    out = hvlab("guest", "workload", "vm01", "-n", n, "--resume", "--ops-per-s", "40").stdout
+    assert "target 40.0 ops/s" in out and "paused" not in out
+    bad = hvlab("guest", "workload", "vm01", "-n", n, "--ops-per-s", "0", ok=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    bad = hvlab("guest", "workload", "vm01", "-n", n, ok=False)
+    assert bad.returncode == 2 and "--ops-per-s" in bad.stderr
+
+
+def test_paused_backup_poked_then_resumed(lab: LabHandle) -> None:
+    n = lab.defn.name
+    pre = lab.lv_names()
+    out = hvlab("backup", "-n", n, "vm01", "--pause-after", "11", "--no-fingerprints").stdout
+    m = re.search(r"run (\S+) paused after step 11", out)
+    assert m, out
+    run_id = m.group(1)
+    for role in ("C backup checkpoint", "A auto-recovery checkpoint",
+                 "S external snapshot of B", "S external snapshot of A", "guest writes here"):
+        assert role in out, f"{role!r} not printed at the pause"
+    paths = re.findall(r"^\s+(/dev/\S+)", out, re.M)
+    assert paths and all(os.path.exists(p) for p in paths), paths
+    tree = hvlab("devices", "-n", n).stdout
+    for label in ("backup checkpoint (C)", "auto-recovery checkpoint (A)",
+                  "external snapshot (S)"):
+        assert label in tree, f"{label!r} missing from `hvlab devices` during the pause"
+    # the paused run holds vm01; a second backup of it is refused in one line
+    busy = hvlab("backup", "-n", n, "vm01", ok=False)
+    assert busy.returncode == 2 and "already in a running backup" in busy.stderr
+    assert len(busy.stderr.strip().splitlines()) == 1
+    late = hvlab("backup", "-n", n, "--resume", run_id, "--pause-after", "3", ok=False)
+    assert late.returncode == 2 and "already past step 3" in late.stderr
+    assert not _guests(n)["vm01"]["status"]["frozen"]
+
+    out = hvlab("backup", "-n", n, "--resume", run_id).stdout
+    assert f"run {run_id} done" in out
+    assert lab.lv_names() == pre and lab.controller_maps_base("vm01", "disk0")
+
+    listing = json.loads(hvlab("runs", "-n", n, "--json").stdout)
+    (rec,) = [r for r in listing if r["id"] == run_id]
+    assert rec["state"] == "done"
+    assert run_id in hvlab("runs", "-n", n).stdout
+    timeline = hvlab("explain", "-n", n, run_id).stdout
+    for text in ("T0", "vm01", "C"):
+        assert text in timeline
+    ver = json.loads(hvlab("verify", "-n", n, run_id, "--json").stdout)
+    assert ver["ok"] is True
+    hvlab("restore", "-n", n, run_id, "--as", "rest01", "--vm", "vm01")
+    assert "rest01" in hvlab("devices", "-n", n).stdout
