@@ -45,7 +45,10 @@ def checks() -> list[Check]:
     tools = {"lvm": ["lvm", "version"], "dmsetup": ["dmsetup", "--version"],
              "losetup": ["losetup", "--version"], "fsfreeze": ["fsfreeze", "--version"],
              "thin_delta": ["thin_delta", "--version"], "mkfs.ext4": ["mkfs.ext4", "-V"],
-             "mkfs.xfs": ["mkfs.xfs", "-V"], "uml_mconsole": ["uml_mconsole", "--help"]}
+             "mkfs.xfs": ["mkfs.xfs", "-V"],
+             # uml_mconsole has no version flag (it would open a session): ask dpkg
+             "uml_mconsole": ["dpkg-query", "-W", "-f", "uml-utilities ${Version}",
+                              "uml-utilities"]}
     for name, argv in tools.items():
         have = shutil.which(name) is not None
         out.append(Check(name, have, _version(argv) if have else "missing", "make deps"))

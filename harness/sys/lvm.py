@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.errors import CommandError
 from harness.sys.run import Result, run
 
 
@@ -86,7 +87,11 @@ class Lvm:
                    "-o", fields, *select)
         # Warnings may precede the JSON document on stdout: start at the first brace.
         text = res.stdout[res.stdout.find("{"):] if "{" in res.stdout else "{}"
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CommandError(res.argv, res.returncode, f"{cmd} printed no JSON report: {exc}",
+                               res.stdout) from None
         rows: list[dict[str, Any]] = []
         for rep in data.get("report", []):
             for key in ("lv", "vg", "pv"):

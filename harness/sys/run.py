@@ -45,6 +45,8 @@ def run(
             args,
             env=full_env,
             input=input,
+            # Never our stdin: a tool that turns interactive on a tty (uml_mconsole) would hang.
+            stdin=subprocess.DEVNULL if input is None else None,
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -68,12 +68,16 @@ def watch(settle: float = 0.25) -> Iterator[Recorder]:
     without one. dm and loop emit their uevents inside the ioctl, so settle=0 (drain what is
     queued) loses nothing from them; it is what the freeze window uses."""
     rec = Recorder()
+    before = _block_devices()
     try:
         sock = UeventSocket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         sock.bind()
     except OSError:
-        yield rec
+        try:
+            yield rec
+        finally:
+            _reconcile(rec, before)
         return
     try:
         yield rec
@@ -84,11 +88,38 @@ def watch(settle: float = 0.25) -> Iterator[Recorder]:
                     ev = _decode(msg)
                     if ev is None:
                         continue
-                    if ev.action == "add" and ev.devname.startswith("dm-") and not ev.name:
-                        ev = Uevent(ev.action, ev.devname, _dm_name(ev.devname), ev.at)
+                    if ev.devname.startswith("dm-") and not ev.name:
+                        name = _dm_name(ev.devname) if ev.action != "remove" else ""
+                        ev = Uevent(ev.action, ev.devname, name or before.get(ev.devname, ""),
+                                    ev.at)
                     rec.events.append(ev)
         finally:
             sock.close()
+            _reconcile(rec, before)
+
+
+def _block_devices() -> dict[str, str]:
+    """Block devices now (sysfs only: cheap enough for the freeze window) -> dm name or ''."""
+    try:
+        devs = os.listdir("/sys/class/block")
+    except OSError:
+        return {}
+    return {d: _dm_name(d) if d.startswith("dm-") else "" for d in devs}
+
+
+def _reconcile(rec: Recorder, before: dict[str, str]) -> None:
+    """Add what the sysfs before/after difference shows but no uevent reported: the kernel
+    does not announce every dm device it adds (an LV that lvcreate activates comes with a
+    `change` on its origin, not an `add` of its own)."""
+    after = _block_devices()
+    seen = {(e.action, e.devname) for e in rec.events}
+    now = time.time()
+    for dev in sorted(set(after) - set(before)):
+        if ("add", dev) not in seen:
+            rec.events.append(Uevent("add", dev, after[dev], now))
+    for dev in sorted(set(before) - set(after)):
+        if ("remove", dev) not in seen:
+            rec.events.append(Uevent("remove", dev, before[dev], now))
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:

@@ -1,4 +1,4 @@
-"""The "done when" paths of issues 2-4 through the real `hvlab` command line, on the default
+"""The "done when" paths of issues 2-4 through the real `hvlab` command line, on the test
 lab (2 VMs, 3 disks, guests running): status and guest status, the workload knobs, a paused
 backup poked at with `hvlab devices`, resume, runs, explain, verify, restore."""
 
@@ -37,7 +37,8 @@ def _txid(n: str, vm: str) -> int:
     return int((_guests(n)[vm]["status"] or {}).get("committed_txid") or 0)
 
 
-def test_status_and_guests_commit(lab: LabHandle) -> None:
+def test_status_and_guests_commit(lab_with_guests: LabHandle) -> None:
+    lab = lab_with_guests
     n = lab.defn.name
     tree = hvlab("status", "-n", n).stdout
     for part in ("loop", "thin pool", "vm01_disk0", "vm01_disk1", "vm02_disk0", "data"):
@@ -49,10 +50,15 @@ def test_status_and_guests_commit(lab: LabHandle) -> None:
     assert _txid(n, "vm01") > tx0, "vm01's ledger writer is not committing"
     table = hvlab("guest", "status", "-n", n).stdout
     assert "vm01" in table and "windows" in table and "linux" in table
-    assert "dm-thin" in hvlab("doctor").stdout
+    # doctor may fail a check here (the VM's private /tmp has little free space): it must
+    # still report, in a table, the runner it would use
+    doc = hvlab("doctor", ok=False)
+    assert doc.returncode in (0, 1) and "dm-thin on this kernel" in doc.stdout
+    assert "native" in doc.stdout
 
 
-def test_workload_knobs(lab: LabHandle) -> None:
+def test_workload_knobs(lab_with_guests: LabHandle) -> None:
+    lab = lab_with_guests
     n = lab.defn.name
     out = hvlab("guest", "workload", "vm01", "-n", n, "--pause").stdout
     assert "paused" in out
@@ -68,7 +74,8 @@ def test_workload_knobs(lab: LabHandle) -> None:
     assert bad.returncode == 2 and "--ops-per-s" in bad.stderr
 
 
-def test_paused_backup_poked_then_resumed(lab: LabHandle) -> None:
+def test_paused_backup_poked_then_resumed(lab_with_guests: LabHandle) -> None:
+    lab = lab_with_guests
     n = lab.defn.name
     pre = lab.lv_names()
     out = hvlab("backup", "-n", n, "vm01", "--pause-after", "11", "--no-fingerprints").stdout

@@ -112,6 +112,9 @@ def test_backup_two_vms_pause_resume_invariants(lab_with_guests: LabHandle,
             assert st[3]["writes_to"][key]["artifact"] == "B"
             assert st[9]["writes_to"][key]["artifact"] == "C"
             assert st[14]["writes_to"][key]["artifact"] == "B"
+        # each step reports the devices the kernel made and removed (uevents)
+        assert any("_c_" in x for x in st[5]["devices_created"]), st[5]["devices_created"]
+        assert any("_a_" in x for x in st[6]["devices_created"]), st[6]["devices_created"]
     assert run_["vm"]["vm01"]["class"] == "application-consistent"
     assert run_["vm"]["vm02"]["class"] == "filesystem-consistent"
     # 8: the LV set is back (pool usage grows only by what the guests wrote).
@@ -123,6 +126,9 @@ def test_backup_two_vms_pause_resume_invariants(lab_with_guests: LabHandle,
     assert [v["consistency"] for v in man["vms"]] == ["application-consistent",
                                                       "filesystem-consistent"]
     assert len(man["events"]) == 24
+    # only the blocks the pool has mapped were read, not the virtual size
+    for d in (d for v in man["vms"] for d in v["disks"]):
+        assert d["bytes_read"] <= d["mapped_blocks"] * d["block_bytes"] < d["size"], d
     v1 = man["vms"][0]
     # 5: raw B@T0 differs where auto-recovery worked (thin_delta S_B..S_A).
     assert all(d["auto_recovery_ranges"] for d in v1["disks"])
