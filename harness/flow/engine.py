@@ -511,16 +511,18 @@ def _event(ctx: Ctx, n: int, vm: str | None, fn: Callable[[Ctx, Any], dict[str, 
     ev: dict[str, Any] = {"run": ctx.run["id"], "step": n, "name": st.name, "vm": vm,
                           "veeam": st.veeam, "lab": st.lab, "in_freeze": st.in_freeze}
     ev["start"] = time.time()
-    with watch(settle=0.0 if st.in_freeze else 0.25) as rec:
-        try:
-            ev["detail"] = fn(ctx, vm)
-        except BaseException as exc:
-            ev["error"] = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            ev["end"] = time.time()
-            ev["devices_created"] = rec.created()
-            ev["devices_removed"] = rec.removed()
+    try:
+        with watch(settle=0.0 if st.in_freeze else 0.25) as rec:
+            try:
+                ev["detail"] = fn(ctx, vm)
+            except BaseException as exc:
+                ev["error"] = f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                ev["end"] = time.time()
+    finally:  # the recorder is filled when the watch ends
+        ev["devices_created"] = rec.created()
+        ev["devices_removed"] = rec.removed()
     scope = vm
     ev["writes_to"] = writes_to(ctx)
     if st.in_freeze:
