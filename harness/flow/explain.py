@@ -75,10 +75,27 @@ def timeline(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Table]:
                 skipped = (ev.get("detail") or {}).get("skipped")
                 if skipped:
                     name += f" [dim](skipped: {skipped})[/]"
+                kernel = kernel_note(ev, vm, disk)
+                if kernel:
+                    name += f" [dim]kernel: {kernel}[/]"
                 t.add_row(str(ev.get("step") or "-"), ev.get("vm") or "job", name, dur,
                           str(wt.get("artifact", "?")), *cells)
             tables.append(t)
     return tables
+
+
+def kernel_note(ev: dict[str, Any], vm: str, disk: str) -> str:
+    """The block devices of this disk the kernel added (+) and removed (-) in a step, by LV or
+    device name without the lab prefix (from the step's uevents)."""
+    mine = f"{vm}_{disk}"
+
+    def short(name: str) -> str:
+        # hvlab_<lab>-<lv> (LVM) or hvlab_<lab>_<ours>: keep what names the object
+        return name.split("-", 1)[1] if "-" in name else name.split("_", 2)[-1]
+
+    out = [f"+{short(n)}" for n in ev.get("devices_created") or [] if mine in n]
+    out += [f"-{short(n)}" for n in ev.get("devices_removed") or [] if mine in n]
+    return " ".join(out)
 
 
 LANE_STYLE = {"B": "green", "C": "yellow", "A": "magenta", "S_B": "blue", "S_A": "blue"}

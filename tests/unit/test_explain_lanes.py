@@ -73,3 +73,12 @@ def test_render_explain_records_an_svg(tmp_path: Path) -> None:
     con.save_svg(str(svg))
     text = svg.read_text()
     assert text.startswith("<svg") and "exists" in text and "after" in text
+
+
+def test_kernel_note_names_this_disks_devices() -> None:
+    from harness.flow.explain import kernel_note
+
+    ev = {"devices_created": ["hvlab_t-vm01_disk0_c_r1", "hvlab_t-vm01_disk1_c_r1", "loop3"],
+          "devices_removed": ["hvlab_t_ar_vm01_disk0"]}
+    assert kernel_note(ev, "vm01", "disk0") == "+vm01_disk0_c_r1 -ar_vm01_disk0"
+    assert kernel_note({}, "vm01", "disk0") == ""
