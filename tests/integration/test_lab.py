@@ -69,7 +69,9 @@ def test_down_leaves_nothing(lab_factory: Callable[..., LabHandle]) -> None:
     assert "nothing left" in res.stdout
     # The kernel's own account of the removal (block uevents), not just ours.
     kernel = next(line for line in res.stdout.splitlines() if line.startswith("kernel:"))
-    assert "removed" in kernel and "dm-" in kernel
+    removed = kernel.split("removed ", 1)[1].split(";")[0].split(", ")
+    assert lab.names.ctl("vm01", "disk0") in removed, removed  # dm devices, by name
+    assert f"{lab.names.vg}-vm01_disk0" in removed, removed  # the LV
     assert_nothing_left(lab.defn.name)
     assert not lab.names.dir.exists()
     again = hvlab("down", "-n", lab.defn.name)
