@@ -11,7 +11,7 @@ APT_PACKAGES := lvm2 thin-provisioning-tools kmod user-mode-linux uml-utilities 
 IN_LAB := $(HVLAB) vm run --ephemeral --
 
 .PHONY: deps apt venv lab-up lab-down lab-shell lab-status test test-host test-integration \
-	lint bench clean
+	lint typecheck-tree bench clean
 
 deps: apt venv
 
@@ -46,7 +46,13 @@ lab-shell: deps
 	$(HVLAB) vm status | grep -q 'lab VM: up' || $(HVLAB) vm up
 	$(HVLAB) vm shell
 
-lint: venv
+# mypy sees the code under its installed name: a tree of links build/typecheck/hvlab.
+typecheck-tree:
+	@rm -rf build/typecheck && mkdir -p build/typecheck/hvlab
+	@for f in harness/*; do ln -s ../../../$$f build/typecheck/hvlab/; done
+	@ln -s ../../../fixtures build/typecheck/hvlab/fixtures
+
+lint: venv typecheck-tree
 	$(VENV)/bin/ruff check harness fixtures tests
 	$(VENV)/bin/mypy
 
@@ -57,14 +63,14 @@ test-host: venv
 	$(PYTEST) -q tests/unit tests/vm
 
 test-integration: deps
-	@if $(VENV)/bin/python -c 'import sys; from harness.vm import runner; sys.exit(runner.choose() != "native")'; then \
+	@if $(VENV)/bin/python -c 'import sys; from hvlab.vm import runner; sys.exit(runner.choose() != "native")'; then \
 	  $(PYTEST) -q tests/integration; \
 	else \
 	  $(IN_LAB) $(abspath $(PYTEST)) -q -p no:cacheprovider --color=no tests/integration; \
 	fi
 
 bench: deps
-	$(IN_LAB) $(abspath $(VENV)/bin/python) -m harness.bench
+	$(IN_LAB) $(abspath $(VENV)/bin/python) -m hvlab.bench
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

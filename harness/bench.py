@@ -20,13 +20,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from harness.backup.reader import read_image
-from harness.backup.thinmeta import metadata_snap
-from harness.lab import definition, substrate
-from harness.lab.paths import Names
-from harness.sys import dm
-from harness.sys.lvm import Lvm
-from harness.sys.run import run
+from hvlab.backup.reader import read_image
+from hvlab.backup.thinmeta import metadata_snap
+from hvlab.lab import definition, substrate
+from hvlab.lab.paths import Names
+from hvlab.sys import dm
+from hvlab.sys.lvm import Lvm
+from hvlab.sys.run import run
 
 LAB = {"lab": {"name": "bench", "backing_size": "2G"},
        "vm": [{"name": "vm01", "profile": "none",

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import click
 
-from harness.errors import BadInput, CommandError, HvlabError
+from hvlab.errors import BadInput, CommandError, HvlabError
 
 if TYPE_CHECKING:
-    from harness.lab.definition import LabDef
-    from harness.lab.paths import Names
+    from hvlab.lab.definition import LabDef
+    from hvlab.lab.paths import Names
 
 # Commands that touch lab devices: on a kernel without dm-thin they run in the lab VM.
 LAB_COMMANDS = {"up", "down", "stop", "status", "devices", "guest", "backup", "restore",
@@ -32,7 +32,7 @@ def _echo(msg: str) -> None:
 @contextlib.contextmanager
 def _kernel_report() -> Iterator[None]:
     """Print what the kernel says was created and removed (block uevents) during the block."""
-    from harness.sys.uevents import watch
+    from hvlab.sys.uevents import watch
 
     with watch() as rec:
         yield
@@ -44,8 +44,8 @@ def _kernel_report() -> Iterator[None]:
 
 
 def _lab_name(name: str | None) -> str:
-    from harness.lab.definition import check_name
-    from harness.lab.substrate import lab_names
+    from hvlab.lab.definition import check_name
+    from hvlab.lab.substrate import lab_names
 
     if name:
         return check_name("lab", name)
@@ -73,7 +73,7 @@ def cli() -> None:
 def up(lab_file: Path | None, lab_name: str | None, backing_size: str | None,
        no_guests: bool) -> None:
     """Bring a lab up (or back up after a restart, data intact)."""
-    from harness.lab import definition, substrate
+    from hvlab.lab import definition, substrate
 
     defn = definition.load(lab_file, name=lab_name, backing_size=backing_size)
     with _kernel_report():
@@ -84,7 +84,7 @@ def up(lab_file: Path | None, lab_name: str | None, backing_size: str | None,
 @lab_name_opt
 def down(lab_name: str | None) -> None:
     """Remove everything of a lab (devices, mounts, files) and verify nothing is left."""
-    from harness.lab import substrate
+    from hvlab.lab import substrate
 
     with _kernel_report():
         substrate.down(_lab_name(lab_name), progress=_echo)
@@ -95,7 +95,7 @@ def down(lab_name: str | None) -> None:
 @lab_name_opt
 def stop(lab_name: str | None) -> None:
     """Take a lab offline but keep its backing files; `hvlab up` brings it back."""
-    from harness.lab import substrate
+    from hvlab.lab import substrate
 
     with _kernel_report():
         substrate.stop(_lab_name(lab_name), progress=_echo)
@@ -107,7 +107,7 @@ def stop(lab_name: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def devices(lab_name: str | None, as_json: bool) -> None:
     """The device tree: file -> loop -> PV -> VG -> pool -> LV -> controller -> mount."""
-    from harness.lab import tree
+    from hvlab.lab import tree
 
     t = tree.build(_lab_name(lab_name))
     if as_json:
@@ -121,7 +121,7 @@ def devices(lab_name: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(lab_name: str | None, as_json: bool) -> None:
     """Lab state, device tree and guests."""
-    from harness.lab import tree
+    from hvlab.lab import tree
 
     t = tree.build(_lab_name(lab_name))
     if as_json:
@@ -133,7 +133,7 @@ def status(lab_name: str | None, as_json: bool) -> None:
 @cli.command()
 def doctor() -> None:
     """What this machine can do, what is missing, and how to get it."""
-    from harness.lab import doctor as doc
+    from hvlab.lab import doctor as doc
 
     ok = doc.render(doc.checks())
     if not ok:
@@ -147,8 +147,8 @@ def guest() -> None:
 
 
 def _guest_ctx(lab_name: str | None) -> tuple[LabDef, Names]:
-    from harness.lab.paths import Names
-    from harness.lab.state import State
+    from hvlab.lab.paths import Names
+    from hvlab.lab.state import State
 
     lab = _lab_name(lab_name)
     st = State.load(lab)
@@ -165,7 +165,7 @@ def guest_status(lab_name: str | None, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from harness.guest.supervise import guest_status as status_of
+    from hvlab.guest.supervise import guest_status as status_of
 
     defn, names = _guest_ctx(lab_name)
     rows = {vm.name: status_of(names.guest_dir(vm.name)) for vm in defn.vms}
@@ -190,8 +190,8 @@ def guest_status(lab_name: str | None, as_json: bool) -> None:
 @lab_name_opt
 def guest_start(vm_name: str, lab_name: str | None) -> None:
     """Start the guest emulator of VM (no-op if it runs)."""
-    from harness.guest.supervise import start_guest
-    from harness.lab import guests
+    from hvlab.guest.supervise import start_guest
+    from hvlab.lab import guests
 
     defn, names = _guest_ctx(lab_name)
     defn.vm(vm_name)
@@ -210,8 +210,8 @@ def guest_start(vm_name: str, lab_name: str | None) -> None:
 def guest_workload(vm_name: str, lab_name: str | None, ops_per_s: float | None,
                    pause: bool | None, writer: str | None) -> None:
     """Change a running guest's workload: pause/resume writers, set their rate."""
-    from harness.guest.client import GuestClient, GuestError
-    from harness.lab import guests
+    from hvlab.guest.client import GuestClient, GuestError
+    from hvlab.lab import guests
 
     defn, names = _guest_ctx(lab_name)
     if defn.vm(vm_name).profile == "none":
@@ -233,7 +233,7 @@ def guest_workload(vm_name: str, lab_name: str | None, ops_per_s: float | None,
 @lab_name_opt
 def guest_stop(vm_name: str, lab_name: str | None) -> None:
     """Stop the guest emulator of VM (thaws first if it is frozen)."""
-    from harness.guest.supervise import stop_guest
+    from hvlab.guest.supervise import stop_guest
 
     defn, names = _guest_ctx(lab_name)
     defn.vm(vm_name)
@@ -250,7 +250,7 @@ def vm() -> None:
 @vm.command("up")
 @click.option("--mem", default=None, help="VM memory, e.g. 2G.")
 def vm_up(mem: str | None) -> None:
-    from harness.vm import control
+    from hvlab.vm import control
 
     p = control.up(mem=mem or control.DEFAULT_MEM)
     _echo(f"lab VM is up (pid {control.pid()}, state in {p.root})")
@@ -258,14 +258,14 @@ def vm_up(mem: str | None) -> None:
 
 @vm.command("down")
 def vm_down() -> None:
-    from harness.vm import control
+    from hvlab.vm import control
 
     _echo("lab VM stopped" if control.down() else "lab VM was not running")
 
 
 @vm.command("status")
 def vm_status() -> None:
-    from harness.vm import control, runner
+    from hvlab.vm import control, runner
 
     _echo(f"runner: {runner.choose()}")
     _echo(f"lab VM: {'up, pid ' + str(control.pid()) if control.is_up() else 'down'}")
@@ -276,7 +276,7 @@ def vm_status() -> None:
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 def vm_run(ephemeral: bool, argv: tuple[str, ...]) -> None:
     """Run a command as root in the lab VM; its exit status is ours."""
-    from harness.vm import control
+    from hvlab.vm import control
 
     if ephemeral or not control.is_up():
         sys.exit(control.run_ephemeral(list(argv)))
@@ -286,14 +286,14 @@ def vm_run(ephemeral: bool, argv: tuple[str, ...]) -> None:
 @vm.command("shell")
 def vm_shell() -> None:
     """A root shell inside the lab VM (Ctrl-] detaches)."""
-    from harness.vm import control
+    from hvlab.vm import control
 
     control.shell()
 
 
 def _register_flow_commands() -> None:
     """backup, restore, verify, runs, explain live with the flow (harness/flow/commands.py)."""
-    from harness.flow import commands
+    from hvlab.flow import commands
 
     for cmd in commands.COMMANDS:
         cli.add_command(cmd)
@@ -310,21 +310,21 @@ def _prevalidate(args: list[str]) -> None:
     ctx = cmd.make_context(args[0], args[1:], parent=click.Context(cli), resilient_parsing=False)
     params = ctx.params
     if args[0] == "up":
-        from harness.lab import definition
+        from hvlab.lab import definition
 
         definition.load(params["lab_file"], name=params["lab_name"],
                         backing_size=params["backing_size"])
     elif params.get("lab_name"):
-        from harness.lab.definition import check_name
+        from hvlab.lab.definition import check_name
 
         check_name("lab", params["lab_name"])
 
 
 def _forward(args: list[str]) -> int:
     """Run this same hvlab command inside the lab VM."""
-    from harness.vm import control
+    from hvlab.vm import control
 
-    argv = [sys.executable, "-m", "harness.cli", *args]
+    argv = [sys.executable, "-m", "hvlab.cli", *args]
     _prevalidate(args)
     if control.is_up():
         return control.run_in(argv)
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args and args[0] in LAB_COMMANDS and "-h" not in args and "--help" not in args:
-            from harness.vm import runner
+            from hvlab.vm import runner
 
             where = runner.choose()
             if where == "uml":

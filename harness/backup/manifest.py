@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadInput
-from harness.flow import runs
-from harness.lab.paths import Names
-from harness.lab.state import write_json_atomic
+from hvlab.errors import BadInput
+from hvlab.flow import runs
+from hvlab.lab.paths import Names
+from hvlab.lab.state import write_json_atomic
 
 NAME = "manifest.json"
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.backup.thinmeta import Mapping, read_ranges
+from hvlab.backup.thinmeta import Mapping, read_ranges
 
 Progress = Callable[[int], None]
 

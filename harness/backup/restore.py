@@ -9,15 +9,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.backup import manifest, reader
-from harness.errors import BadInput, HvlabError
-from harness.guest import ledger
-from harness.lab.definition import check_name
-from harness.lab.paths import Names
-from harness.lab.state import State, write_json_atomic
-from harness.sys import dm, fs
-from harness.sys.lvm import Lvm
-from harness.sys.uevents import wait_node
+from hvlab.backup import manifest, reader
+from hvlab.errors import BadInput, HvlabError
+from hvlab.guest import ledger
+from hvlab.lab.definition import check_name
+from hvlab.lab.paths import Names
+from hvlab.lab.state import State, write_json_atomic
+from hvlab.sys import dm, fs
+from hvlab.sys.lvm import Lvm
+from hvlab.sys.uevents import wait_node
 
 
 def _pick_vm(man: dict[str, Any], vm: str | None) -> dict[str, Any]:

@@ -16,9 +16,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from harness.errors import HvlabError
-from harness.lab.paths import Names
-from harness.sys.run import run
+from hvlab.errors import HvlabError
+from hvlab.lab.paths import Names
+from hvlab.sys.run import run
 
 SECTOR = 512
 

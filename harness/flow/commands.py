@@ -1,4 +1,4 @@
-"""CLI commands of the backup flow (registered by harness.cli)."""
+"""CLI commands of the backup flow (registered by hvlab.cli)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Any
 
 import click
 
-from harness.errors import BadInput
+from hvlab.errors import BadInput
 
 
 def _lab(name: str | None) -> str:
-    from harness.cli import _lab_name
+    from hvlab.cli import _lab_name
 
     return _lab_name(name)
 
@@ -23,8 +23,8 @@ lab_opt = click.option("--lab-name", "-n", default=None,
 
 
 def _paused(run: dict[str, Any], lab: str) -> None:
-    from harness.flow.engine import describe_devices
-    from harness.lab.paths import Names
+    from hvlab.flow.engine import describe_devices
+    from hvlab.lab.paths import Names
 
     click.echo(f"run {run['id']} paused after step {run.get('last_step')}; "
                f"every artifact is in place:")
@@ -50,7 +50,7 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
     """Back up VMs through Hyper-V 2012 R2's 14 steps on real thin snapshots."""
     from rich.progress import Progress
 
-    from harness.flow import engine
+    from hvlab.flow import engine
 
     lab = _lab(lab_name)
     if sum(bool(x) for x in (vms, resume_id, abort_id)) != 1:
@@ -87,7 +87,7 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
 @lab_opt
 def restore(backup_ref: str, as_name: str, vm: str | None, lab_name: str | None) -> None:
     """Create new thin LVs <NAME>_<disk> (and controllers) from a backup; starts no guest."""
-    from harness.backup.restore import restore as do_restore
+    from hvlab.backup.restore import restore as do_restore
 
     rec = do_restore(_lab(lab_name), backup_ref, as_name, vm)
     click.echo(f"restored {rec['vm']} from {rec['run']} as {as_name} ({rec['consistency']}):")
@@ -101,7 +101,7 @@ def restore(backup_ref: str, as_name: str, vm: str | None, lab_name: str | None)
 @click.option("--json", "as_json", is_flag=True)
 def verify(backup_ref: str, lab_name: str | None, as_json: bool) -> None:
     """Checksums, then restore to a temporary LV: fsck -n, mount read-only, ledger check."""
-    from harness.backup.restore import verify as do_verify
+    from hvlab.backup.restore import verify as do_verify
 
     rep = do_verify(_lab(lab_name), backup_ref)
     if as_json:
@@ -131,8 +131,8 @@ def runs_cmd(lab_name: str | None, as_json: bool) -> None:
     """Backup runs: id, VMs, mode, state, consistency."""
     from rich.console import Console
 
-    from harness.flow import explain, runs
-    from harness.lab.paths import Names
+    from hvlab.flow import explain, runs
+    from hvlab.lab.paths import Names
 
     rows = runs.all_runs(Names(_lab(lab_name)))
     if as_json:
@@ -152,9 +152,9 @@ def explain(run_id: str, lab_name: str | None, as_json: bool, svg: Path | None) 
     """The timeline of a run: what B, C, A, S held at each step, and where writes went."""
     from rich.console import Console
 
-    from harness.flow import explain as ex
-    from harness.flow import runs
-    from harness.lab.paths import Names
+    from hvlab.flow import explain as ex
+    from hvlab.flow import runs
+    from hvlab.lab.paths import Names
 
     names = Names(_lab(lab_name))
     run = runs.load(names, run_id)

@@ -19,19 +19,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.backup import thinmeta
-from harness.errors import BadInput, CommandError, HvlabError
-from harness.flow import runs
-from harness.flow import steps as S
-from harness.guest.client import GuestClient, GuestError, GuestTimeout, GuestUnavailable
-from harness.guest.quiesce import recover_after_crash
-from harness.lab import guests
-from harness.lab.paths import Names
-from harness.lab.state import State, locked
-from harness.sys import dm, fs
-from harness.sys.lvm import Lvm
-from harness.sys.run import run
-from harness.sys.uevents import wait_node, watch
+from hvlab.backup import thinmeta
+from hvlab.errors import BadInput, CommandError, HvlabError
+from hvlab.flow import runs
+from hvlab.flow import steps as S
+from hvlab.guest.client import GuestClient, GuestError, GuestTimeout, GuestUnavailable
+from hvlab.guest.quiesce import recover_after_crash
+from hvlab.lab import guests
+from hvlab.lab.paths import Names
+from hvlab.lab.state import State, locked
+from hvlab.sys import dm, fs
+from hvlab.sys.lvm import Lvm
+from hvlab.sys.run import run
+from hvlab.sys.uevents import wait_node, watch
 
 FLUSH_AND_HOLD_S = 10.0
 ROLE_OF = {"C": "role_checkpoint", "A": "role_autorecovery", "S_B": "role_external",
@@ -398,7 +398,7 @@ def s12(ctx: Ctx, vm: None) -> dict[str, Any]:
 
 
 def s13(ctx: Ctx, vm: None) -> dict[str, Any]:
-    from harness.backup import reader
+    from hvlab.backup import reader
 
     dest = Path(ctx.run["dest"])
     if not owns_dest(dest, ctx.run["id"]):
@@ -585,7 +585,7 @@ def execute(ctx: Ctx) -> dict[str, Any]:
 
 
 def finish(ctx: Ctx) -> None:
-    from harness.backup import manifest
+    from hvlab.backup import manifest
 
     ctx.run["post"] = snapshot_state(ctx)
     ctx.save()

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from harness.flow import runs
+from hvlab.flow import runs
 
 ARTS = ("B", "C", "A", "S_B", "S_A")
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import psutil
 
-from harness.errors import BadInput, HvlabError
-from harness.lab.paths import Names
-from harness.lab.state import write_json_atomic
+from hvlab.errors import BadInput, HvlabError
+from hvlab.lab.paths import Names
+from hvlab.lab.state import write_json_atomic
 
 ACTIVE = ("running", "paused", "aborting")
 FINAL = ("done", "failed", "aborted")

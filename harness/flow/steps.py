@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.errors import BadInput
+from hvlab.errors import BadInput
 
 
 @dataclass(frozen=True)

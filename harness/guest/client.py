@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HvlabError
+from hvlab.errors import HvlabError
 
 
 class GuestError(HvlabError):

@@ -1,4 +1,4 @@
-"""The guest emulator: one process per VM, `python -m harness.guest.emulator --config FILE.json`.
+"""The guest emulator: one process per VM, `python -m hvlab.guest.emulator --config FILE.json`.
 
 Profiles:
 - windows: VSS-aware ledger (holds one txn open at freeze) + scratch + appender; auto-recovery.
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadInput, CommandError, HvlabError
-from harness.guest import ledger, quiesce
-from harness.guest.protocol import ProtocolError, Server, one_line
-from harness.guest.writers import (
+from hvlab.errors import BadInput, CommandError, HvlabError
+from hvlab.guest import ledger, quiesce
+from hvlab.guest.protocol import ProtocolError, Server, one_line
+from hvlab.guest.writers import (
     AppendWriter,
     LedgerWriter,
     ScratchWriter,
@@ -37,8 +37,8 @@ from harness.guest.writers import (
     Writer,
     WriterError,
 )
-from harness.sys import fs
-from harness.sys.run import run
+from hvlab.sys import fs
+from hvlab.sys.run import run
 
 AR_PREFIX = "ar-"  # auto-recovery mounts: <run_dir>/ar-XXXX/<disk>
 
@@ -447,7 +447,7 @@ def clean_stale_ar_mounts(run_dir: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="harness.guest.emulator")
+    ap = argparse.ArgumentParser(prog="hvlab.guest.emulator")
     ap.add_argument("--config", required=True, type=Path)
     ns = ap.parse_args(argv)
     cfg = GuestConfig.load(ns.config)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness.errors import HvlabError
+from hvlab.errors import HvlabError
 
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,11 +12,11 @@ from typing import Any
 
 import psutil
 
-from harness.errors import HvlabError
-from harness.guest.client import GuestClient, GuestError
-from harness.guest.quiesce import recover_after_crash
+from hvlab.errors import HvlabError
+from hvlab.guest.client import GuestClient, GuestError
+from hvlab.guest.quiesce import recover_after_crash
 
-MODULE = "harness.guest.emulator"
+MODULE = "hvlab.guest.emulator"
 
 
 def _proc(run_dir: Path) -> psutil.Process | None:
@@ -51,7 +50,6 @@ def start_guest(config: dict[str, Any], timeout: float = 30.0) -> int:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             cwd="/",
-            env={**os.environ, "PYTHONPATH": _src_root()},
         )
     deadline = time.monotonic() + timeout
     sock = config.get("socket")
@@ -71,12 +69,6 @@ def start_guest(config: dict[str, Any], timeout: float = 30.0) -> int:
         time.sleep(0.05)
     _kill(proc.pid, 5.0)
     raise HvlabError(f"guest {config.get('vm')} did not come up within {timeout:g}s")
-
-
-def _src_root() -> str:
-    root = str(Path(__file__).resolve().parents[2])
-    extra = os.environ.get("PYTHONPATH")
-    return f"{root}:{extra}" if extra else root
 
 
 def guest_status(run_dir: Path | str) -> dict[str, Any]:

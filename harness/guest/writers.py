@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HvlabError
-from harness.guest.ledger import SCRATCH_DIR, SCRATCH_GLOB, Ledger, Op
+from hvlab.errors import HvlabError
+from hvlab.guest.ledger import SCRATCH_DIR, SCRATCH_GLOB, Ledger, Op
 
 log = logging.getLogger("hvlab.guest.writers")
 

@@ -9,9 +9,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadInput
-from harness.sys.fs import FILESYSTEMS, MIN_SIZE
-from harness.sys.lvm import parse_size
+from hvlab.errors import BadInput
+from hvlab.sys.fs import FILESYSTEMS, MIN_SIZE
+from hvlab.sys.lvm import parse_size
 
 # Safe for LVM and dm names and for our separators ('_' and '-' are ours, so not allowed here).
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
@@ -181,7 +181,7 @@ def _workload(vm: str, raw: object) -> tuple[tuple[str, Any], ...]:
 
 
 def default_text() -> str:
-    return resources.files("fixtures").joinpath("labs/default.toml").read_text()
+    return resources.files("hvlab.fixtures").joinpath("labs/default.toml").read_text()
 
 
 def load(path: Path | None = None, *, name: str | None = None,

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from harness.lab.paths import home
-from harness.sys.run import run
-from harness.vm import runner, uml
+from hvlab.lab.paths import home
+from hvlab.sys.run import run
+from hvlab.vm import runner, uml
 
 
 @dataclass(frozen=True)

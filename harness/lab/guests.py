@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from harness.lab.paths import Names
+from hvlab.lab.paths import Names
 
 if TYPE_CHECKING:
-    from harness.lab.definition import LabDef
+    from hvlab.lab.definition import LabDef
 
 
 def socket_path(names: Names, vm: str) -> str:
@@ -47,13 +47,13 @@ def running_pids(names: Names) -> list[int]:
 
 def _is_guest(pid: int) -> bool:
     try:
-        return "harness.guest.emulator" in " ".join(psutil.Process(pid).cmdline())
+        return "hvlab.guest.emulator" in " ".join(psutil.Process(pid).cmdline())
     except psutil.Error:
         return False
 
 
 def start_all(defn: LabDef, names: Names, **knobs: Any) -> None:
-    from harness.guest.supervise import start_guest
+    from hvlab.guest.supervise import start_guest
 
     for vm in defn.vms:
         names.guest_dir(vm.name).mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,7 @@ def stop_all(names: Names) -> None:
     root = names.dir / "guests"
     if not root.exists():
         return
-    from harness.guest.supervise import stop_guest
+    from hvlab.guest.supervise import stop_guest
 
     for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         stop_guest(run_dir, 10.0)

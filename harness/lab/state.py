@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HvlabError
-from harness.lab.definition import LabDef
-from harness.lab.paths import Names
+from hvlab.errors import HvlabError
+from hvlab.lab.definition import LabDef
+from hvlab.lab.paths import Names
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from harness.errors import BadInput, HvlabError, LeakError
-from harness.lab import guests
-from harness.lab.definition import LabDef
-from harness.lab.paths import Names
-from harness.lab.state import State, locked
-from harness.sys import dm, fs, loop
-from harness.sys.lvm import Lvm
-from harness.sys.uevents import wait_node
+from hvlab.errors import BadInput, HvlabError, LeakError
+from hvlab.lab import guests
+from hvlab.lab.definition import LabDef
+from hvlab.lab.paths import Names
+from hvlab.lab.state import State, locked
+from hvlab.sys import dm, fs, loop
+from hvlab.sys.lvm import Lvm
+from hvlab.sys.uevents import wait_node
 
 log = logging.getLogger("hvlab.lab")
 Progress = Callable[[str], None]
@@ -301,7 +301,7 @@ def verify_clean(lab: str) -> None:
 
 def stop(lab: str, *, progress: Progress = _quiet) -> None:
     """Take the lab offline (as a host shutdown would) but keep its data for the next `up`."""
-    from harness.flow import runs  # the flow sits above the lab: import late
+    from hvlab.flow import runs  # the flow sits above the lab: import late
 
     st = State.load(lab)
     if st is None:
@@ -341,7 +341,7 @@ def down(lab: str, *, progress: Progress = _quiet, missing_ok: bool = False) -> 
 
 
 def lab_names() -> list[str]:
-    from harness.lab.paths import home
+    from hvlab.lab.paths import home
 
     root = home()
     if not root.exists():

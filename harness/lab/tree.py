@@ -9,11 +9,11 @@ import psutil
 from rich.console import Console
 from rich.tree import Tree
 
-from harness.lab import guests
-from harness.lab.paths import Names
-from harness.lab.state import State
-from harness.sys import dm, fs, loop
-from harness.sys.lvm import Lvm
+from hvlab.lab import guests
+from hvlab.lab.paths import Names
+from hvlab.lab.state import State
+from hvlab.sys import dm, fs, loop
+from hvlab.sys.lvm import Lvm
 
 ROLE_TAGS = {
     "role_base": "live disk (B)",
@@ -100,7 +100,7 @@ def build(lab: str) -> dict[str, Any]:
                               "fstype": m.fstype, "device": m.source,
                               "holders": holders(m.target)})
     for vm in st.definition.vms:
-        from harness.guest.supervise import guest_status
+        from hvlab.guest.supervise import guest_status
 
         run_dir = names.guest_dir(vm.name)
         info = guest_status(run_dir) if run_dir.exists() else {"alive": False}

@@ -10,7 +10,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.sys.run import run
+from hvlab.sys.run import run
 
 
 @dataclass(frozen=True)

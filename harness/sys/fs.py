@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.errors import LeakError
-from harness.sys.run import Result, run
+from hvlab.errors import LeakError
+from hvlab.sys.run import Result, run
 
 FILESYSTEMS = ("ext4", "xfs")
 # mkfs.xfs in Debian 12 refuses filesystems below 300 MiB.

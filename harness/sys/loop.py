@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.errors import LeakError
-from harness.sys import uevents
-from harness.sys.run import run
+from hvlab.errors import LeakError
+from hvlab.sys import uevents
+from hvlab.sys.run import run
 
 
 @dataclass(frozen=True)

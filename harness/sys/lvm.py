@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import CommandError
-from harness.sys.run import Result, run
+from hvlab.errors import CommandError
+from hvlab.sys.run import Result, run
 
 
 def udev_running() -> bool:

@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from harness.errors import CommandError
+from hvlab.errors import CommandError
 
 log = logging.getLogger("hvlab.run")
 

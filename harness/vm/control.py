@@ -15,9 +15,9 @@ import uuid
 
 import psutil
 
-from harness.errors import HvlabError
-from harness.vm import uml
-from harness.vm.uml import VmPaths
+from hvlab.errors import HvlabError
+from hvlab.vm import uml
+from hvlab.vm.uml import VmPaths
 
 PASS_ENV = ("CI", "HVLAB_HOME", "PYTEST_ADDOPTS", "COLUMNS", "TERM", "NO_COLOR",
             "HVLAB_TEST_HOME", "HVLAB_VERBOSE")
@@ -150,7 +150,7 @@ def up(*, mem: str = DEFAULT_MEM, timeout: float = 60.0) -> VmPaths:
     paths.root.mkdir(parents=True, exist_ok=True)
     uml.prepare(paths)
     paths.ready.unlink(missing_ok=True)
-    workload = [_python(), "-m", "harness.vm.agent", str(paths.spool), "--shell"]
+    workload = [_python(), "-m", "hvlab.vm.agent", str(paths.spool), "--shell"]
     paths.init.write_text(uml.init_script(paths, workload, _env()))
     paths.init.chmod(0o755)
     log = open(paths.console_log, "wb")

@@ -7,8 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
-from harness.sys.run import run
-from harness.vm import uml
+from hvlab.sys.run import run
+from hvlab.vm import uml
 
 
 def in_vm() -> bool:

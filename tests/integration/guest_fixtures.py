@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.guest.quiesce import thaw_fs
-from harness.sys.run import run
+from hvlab.guest.quiesce import thaw_fs
+from hvlab.sys.run import run
 
 
 @dataclass

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from fixtures.plugin import LabHandle
+from hvlab.fixtures.plugin import LabHandle
 
 pytestmark = pytest.mark.integration
 
 
 def hvlab(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "hvlab.cli", *args], capture_output=True,
                          text=True, env={**os.environ, "COLUMNS": "220"}, timeout=600)
     assert "Traceback" not in res.stderr + res.stdout, res.stderr
     if ok:

@@ -9,16 +9,16 @@ from typing import Any
 
 import pytest
 
-from fixtures.plugin import LabHandle
-from harness.backup import restore as rst
-from harness.errors import BadInput
-from harness.flow import engine, runs
-from harness.guest import ledger
-from harness.guest.client import GuestClient
-from harness.lab import guests
-from harness.sys import dm, fs
-from harness.sys.lvm import Lvm
-from harness.sys.run import run
+from hvlab.backup import restore as rst
+from hvlab.errors import BadInput
+from hvlab.fixtures.plugin import LabHandle
+from hvlab.flow import engine, runs
+from hvlab.guest import ledger
+from hvlab.guest.client import GuestClient
+from hvlab.lab import guests
+from hvlab.sys import dm, fs
+from hvlab.sys.lvm import Lvm
+from hvlab.sys.run import run
 
 pytestmark = pytest.mark.integration
 

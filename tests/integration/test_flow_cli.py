@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.plugin import LabHandle
-from harness.flow import engine, runs
-from harness.sys.run import run
+from hvlab.fixtures.plugin import LabHandle
+from hvlab.flow import engine, runs
+from hvlab.sys.run import run
 
 pytestmark = pytest.mark.integration
 
 
 def hvlab(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hvlab.cli", *args], capture_output=True,
                           text=True, env=os.environ, timeout=300)
 
 

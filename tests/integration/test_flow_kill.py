@@ -14,14 +14,14 @@ from typing import Any
 import psutil
 import pytest
 
-from fixtures.plugin import LabHandle
-from harness.backup import restore as rst
-from harness.errors import BadInput
-from harness.flow import engine, runs
-from harness.guest.client import GuestClient
-from harness.lab import guests
-from harness.sys import fs
-from harness.sys.lvm import Lvm
+from hvlab.backup import restore as rst
+from hvlab.errors import BadInput
+from hvlab.fixtures.plugin import LabHandle
+from hvlab.flow import engine, runs
+from hvlab.guest.client import GuestClient
+from hvlab.lab import guests
+from hvlab.sys import fs
+from hvlab.sys.lvm import Lvm
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +70,7 @@ engine.Ctx.remove_lv = patched
 engine.finish = lambda ctx: die()
 """,
     "manifest written, run not yet marked done": """
-from harness.backup import manifest
+from hvlab.backup import manifest
 orig = manifest.write
 def patched(*a, **k):
     orig(*a, **k); die()
@@ -80,8 +80,8 @@ manifest.write = patched
 
 SCRIPT = """
 import os, signal, sys
-from harness.flow import engine
-from harness.backup import thinmeta
+from hvlab.flow import engine
+from hvlab.backup import thinmeta
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 {patch}
@@ -178,7 +178,7 @@ def test_killed_while_the_guest_had_A_mounted(lab_factory: Callable[..., LabHand
     run_dir = h.names.guest_dir("vm01")
     KILLERS["step 10, A mounted in the guest"] = f"""
 import subprocess
-from harness.guest.client import GuestClient
+from hvlab.guest.client import GuestClient
 def patched(self, devices):
     mnt = {str(run_dir)!r} + "/ar-killed/disk0"
     os.makedirs(mnt)

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from fixtures.plugin import LabHandle
-from harness.backup import restore as rst
-from harness.flow import engine, runs
-from harness.guest.client import GuestClient
-from harness.guest.supervise import stop_guest
-from harness.lab import guests
+from hvlab.backup import restore as rst
+from hvlab.fixtures.plugin import LabHandle
+from hvlab.flow import engine, runs
+from hvlab.guest.client import GuestClient
+from hvlab.guest.supervise import stop_guest
+from hvlab.lab import guests
 
 pytestmark = pytest.mark.integration
 

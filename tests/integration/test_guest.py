@@ -16,11 +16,11 @@ import psutil
 import pytest
 from guest_fixtures import Disk, LoopLab, looplab
 
-from fixtures.plugin import requires
-from harness.guest import ledger
-from harness.guest.client import GuestClient, GuestError, GuestUnavailable
-from harness.guest.quiesce import recover_after_crash
-from harness.guest.supervise import guest_status, start_guest, stop_guest
+from hvlab.fixtures.plugin import requires
+from hvlab.guest import ledger
+from hvlab.guest.client import GuestClient, GuestError, GuestUnavailable
+from hvlab.guest.quiesce import recover_after_crash
+from hvlab.guest.supervise import guest_status, start_guest, stop_guest
 
 pytestmark = pytest.mark.integration
 __all__ = ["looplab"]  # the fixture, imported for pytest

@@ -16,19 +16,19 @@ from typing import Any
 
 import pytest
 
-from fixtures.plugin import TEST_LAB, LabHandle, assert_nothing_left, requires
-from harness.errors import BadInput
-from harness.lab import definition, substrate
-from harness.lab.paths import Names
-from harness.sys import dm, fs, loop
-from harness.sys.lvm import Lvm
-from harness.sys.run import run
+from hvlab.errors import BadInput
+from hvlab.fixtures.plugin import TEST_LAB, LabHandle, assert_nothing_left, requires
+from hvlab.lab import definition, substrate
+from hvlab.lab.paths import Names
+from hvlab.sys import dm, fs, loop
+from hvlab.sys.lvm import Lvm
+from hvlab.sys.run import run
 
 pytestmark = pytest.mark.integration
 
 
 def hvlab(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "hvlab.cli", *args], capture_output=True,
                          text=True, env=os.environ, timeout=300)
     if check:
         assert res.returncode == 0, res.stderr
@@ -124,7 +124,7 @@ def test_failed_up_rolls_back(hvlab_home: Path, monkeypatch: pytest.MonkeyPatch)
 def test_kill_during_up_then_down_leaves_nothing(hvlab_home: Path) -> None:
     requires("dm-thin")
     name = "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "up", "-n", name,
+    proc = subprocess.Popen([sys.executable, "-m", "hvlab.cli", "up", "-n", name,
                              "--no-guests"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=os.environ)
     names = Names(name)

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from fixtures.plugin import TEST_LAB
-from harness.errors import BadInput
-from harness.lab import definition
-from harness.lab.definition import LabDef
+from hvlab.errors import BadInput
+from hvlab.fixtures.plugin import TEST_LAB
+from hvlab.lab import definition
+from hvlab.lab.definition import LabDef
 
 
 def doc(**changes: Any) -> dict[str, Any]:
@@ -32,8 +32,8 @@ def test_round_trip_through_state_dict() -> None:
 
 
 def test_workload_knobs_reach_the_guest_config() -> None:
-    from harness.lab import guests
-    from harness.lab.paths import Names
+    from hvlab.lab import guests
+    from hvlab.lab.paths import Names
 
     d = copy.deepcopy(TEST_LAB)
     d["vm"][0]["workload"] = {"ops_per_s": 25, "seed": 3, "paused": True}

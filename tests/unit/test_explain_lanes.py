@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
-from harness.flow.explain import lane_rows, render_explain
+from hvlab.flow.explain import lane_rows, render_explain
 
 RUN: dict[str, Any] = {
     "vms": ["vm01"],
@@ -76,7 +76,7 @@ def test_render_explain_records_an_svg(tmp_path: Path) -> None:
 
 
 def test_kernel_note_names_this_disks_devices() -> None:
-    from harness.flow.explain import kernel_note
+    from hvlab.flow.explain import kernel_note
 
     ev = {"devices_created": ["hvlab_t-vm01_disk0_c_r1", "hvlab_t-vm01_disk1_c_r1", "loop3"],
           "devices_removed": ["hvlab_t_ar_vm01_disk0"]}

@@ -7,10 +7,10 @@ import io
 import pytest
 from rich.console import Console
 
-from harness.backup.thinmeta import _merge, parse_delta, parse_dump
-from harness.errors import BadInput
-from harness.flow import explain
-from harness.flow import steps as S
+from hvlab.backup.thinmeta import _merge, parse_delta, parse_dump
+from hvlab.errors import BadInput
+from hvlab.flow import explain
+from hvlab.flow import steps as S
 
 
 def test_step_table_is_veeams_fourteen() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.guest import ledger
-from harness.guest.ledger import PAGE_SIZE, Ledger, check, recover
+from hvlab.guest import ledger
+from hvlab.guest.ledger import PAGE_SIZE, Ledger, check, recover
 
 
 @pytest.fixture

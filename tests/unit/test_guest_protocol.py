@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from harness.guest import ledger
-from harness.guest.client import GuestClient, GuestError, GuestUnavailable
-from harness.guest.emulator import Guest, GuestConfig
-from harness.guest.protocol import Server
-from harness.guest.quiesce import FreezeError
+from hvlab.guest import ledger
+from hvlab.guest.client import GuestClient, GuestError, GuestUnavailable
+from hvlab.guest.emulator import Guest, GuestConfig
+from hvlab.guest.protocol import Server
+from hvlab.guest.quiesce import FreezeError
 
 
 class FakeFreezer:

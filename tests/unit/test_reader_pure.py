@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from harness.backup.reader import _hash_zeros, _nonzero_runs
+from hvlab.backup.reader import _hash_zeros, _nonzero_runs
 
 BS = 4
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import CommandError
-from harness.lab.paths import Names
-from harness.sys import lvm
-from harness.sys.run import run
+from hvlab.errors import CommandError
+from hvlab.lab.paths import Names
+from hvlab.sys import lvm
+from hvlab.sys.run import run
 
 
 @pytest.mark.parametrize(("text", "value"), [

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import BadInput
-from harness.flow.runs import VmLocks
-from harness.lab.paths import Names
+from hvlab.errors import BadInput
+from hvlab.flow.runs import VmLocks
+from hvlab.lab.paths import Names
 
 HOLD = """
 import os, sys, time
 os.environ["HVLAB_HOME"] = sys.argv[1]
-from harness.flow.runs import VmLocks
-from harness.lab.paths import Names
+from hvlab.flow.runs import VmLocks
+from hvlab.lab.paths import Names
 with VmLocks(Names("lk"), ["vm01"]):
     print("held", flush=True)
     time.sleep(60)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.plugin import requires
+from hvlab.fixtures.plugin import requires
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def vm_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("HVLAB_HOME", str(root / "home"))
     monkeypatch.setenv("HVLAB_VM_MEM", "1G")
     yield root
-    from harness.vm import control
+    from hvlab.vm import control
 
     control.down()
     assert control.pid() is None, "lab VM still running after the test"

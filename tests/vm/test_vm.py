@@ -18,7 +18,7 @@ pytestmark = pytest.mark.vm
 
 
 def hvlab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hvlab.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=os.environ, stdin=subprocess.DEVNULL)
 
 
@@ -59,7 +59,7 @@ def test_shell_attaches_to_a_root_shell_in_the_vm(vm_env: Path) -> None:
     assert hvlab("vm", "up").returncode == 0
     pid, fd = pty.fork()
     if pid == 0:
-        os.execv(sys.executable, [sys.executable, "-m", "harness.cli", "vm", "shell"])
+        os.execv(sys.executable, [sys.executable, "-m", "hvlab.cli", "vm", "shell"])
     seen = b""
     deadline = time.monotonic() + 30
     sent = False
@@ -104,7 +104,7 @@ def _wait(pred: Any, timeout: float = 60.0) -> bool:
 def test_a_one_shot_vm_never_outlives_its_command(vm_env: Path, sig: int) -> None:
     """SIGTERM (a CI timeout) halts the VM at once; after a SIGKILL the helpers PDEATHSIG
     cannot reach are reaped by the next one-shot run."""
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "vm", "run", "--ephemeral",
+    proc = subprocess.Popen([sys.executable, "-m", "hvlab.cli", "vm", "run", "--ephemeral",
                              "--", "sleep", "600"], env=os.environ, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
