@@ -5,46 +5,41 @@ PY ?= python3
 VENV := .venv
 HVLAB := $(VENV)/bin/hvlab
 PYTEST := $(VENV)/bin/pytest
-APT_PACKAGES := lvm2 thin-provisioning-tools kmod user-mode-linux uml-utilities e2fsprogs \
-	xfsprogs util-linux iproute2 psmisc procps
+# The packages and the venv: provision.sh (also the Vagrantfile's provisioner and CI's).
+PROVISION := PY=$(PY) VENV=$(VENV) bash provision.sh
+# Lab commands need root; as another user (the vagrant user) they go through sudo.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo --preserve-env=HVLAB_HOME,HVLAB_LAB,HVLAB_VM_DIR,HVLAB_VM_MEM)
 # Integration tests run natively when this kernel has dm-thin, else in a one-shot lab VM.
 IN_LAB := $(HVLAB) vm run --ephemeral --
 
 .PHONY: deps apt venv lab-up lab-down lab-shell lab-status test test-host test-integration \
 	lint typecheck-tree bench clean
 
-deps: apt venv
+deps:
+	$(PROVISION)
 
 apt:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" != 0 ]; then echo "make deps: missing Debian packages: $$missing (run as root)"; exit 1; fi; \
-	  echo "installing: $$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	$(PROVISION) --packages
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
-	touch $@
+	$(PROVISION) --venv
 
 lab-up: deps
-	$(HVLAB) up
-	$(HVLAB) devices
+	$(SUDO) $(HVLAB) up
+	$(SUDO) $(HVLAB) devices
 
 lab-down: venv
-	-$(HVLAB) down
-	$(HVLAB) vm down
+	-$(SUDO) $(HVLAB) down
+	$(SUDO) $(HVLAB) vm down
 
 lab-status: venv
-	$(HVLAB) status
+	$(SUDO) $(HVLAB) status
 
 lab-shell: deps
-	$(HVLAB) vm status | grep -q 'lab VM: up' || $(HVLAB) vm up
-	$(HVLAB) vm shell
+	$(SUDO) $(HVLAB) vm status | grep -q 'lab VM: up' || $(SUDO) $(HVLAB) vm up
+	$(SUDO) $(HVLAB) vm shell
 
 # mypy sees the code under its installed name: a tree of links build/typecheck/hvlab.
 typecheck-tree:

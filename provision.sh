@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Installs what hvlab needs on Debian 12 or Ubuntu 24.04: the distribution's packages (as root)
+# and the virtualenv in .venv. The one list of packages: `make deps`, the Vagrantfile's
+# provisioner and CI all run this script. Idempotent: installs only what is missing, runs
+# `apt-get update` at most once, and rebuilds the venv only when pyproject.toml changed.
+#
+#   provision.sh              packages, then the venv
+#   provision.sh --packages   packages only
+#   provision.sh --venv       the venv only
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")"
+
+PY=${PY:-python3}
+VENV=${VENV:-.venv}
+
+PACKAGES=(
+    make python3 python3-venv          # the Makefile; a venv (ensurepip is split out on Debian)
+    lvm2 thin-provisioning-tools kmod  # thin pools, thin_delta/thin_dump, modprobe dm-thin-pool
+    e2fsprogs xfsprogs util-linux mount  # mkfs, fsfreeze, blockdev; losetup is in `mount`
+    iproute2 psmisc procps
+)
+# The lab VM, for kernels without device-mapper (as on the build machines). A kernel with
+# dm-thin (a Vagrant VM) does not need it, so a distribution without it is not an error.
+LAB_VM_PACKAGES=(user-mode-linux uml-utilities)
+
+say() { echo "provision: $*"; }
+
+missing() {
+    local p
+    for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done
+}
+
+updated=0
+apt_update() {
+    if [ "$updated" = 0 ]; then apt-get update -qq; updated=1; fi
+}
+
+apt_install() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+packages() {
+    local need opt p
+    need=$(missing "${PACKAGES[@]}")
+    opt=$(missing "${LAB_VM_PACKAGES[@]}")
+    if [ -z "$need$opt" ]; then
+        return 0
+    fi
+    if [ "$(id -u)" != 0 ]; then
+        if [ -n "$need" ]; then
+            say "missing packages:" $need "(run as root: sudo $0 --packages)"
+            return 1
+        fi
+        say "note: lab VM packages not installed:" $opt "(needed only on kernels without device-mapper)"
+        return 0
+    fi
+    apt_update
+    if [ -n "$need" ]; then
+        say "installing:" $need
+        apt_install $need
+    fi
+    for p in $opt; do
+        # apt-cache knows a package only after the update above.
+        if apt-cache show "$p" >/dev/null 2>&1; then
+            say "installing: $p"
+            apt_install "$p"
+        else
+            say "note: $p is not in this distribution; the lab VM will not be available"
+        fi
+    done
+}
+
+venv() {
+    local stamp="$VENV/.installed"
+    if [ -e "$stamp" ] && ! [ pyproject.toml -nt "$stamp" ]; then
+        return 0
+    fi
+    # The venv belongs to whoever owns the checkout (the vagrant user in a Vagrant VM), so a
+    # later `make` as that user can update it; root's provisioning must not take it over.
+    local owner
+    owner=$(stat -c %U .)
+    if [ "$(id -u)" = 0 ] && [ "$owner" != root ]; then
+        runuser -u "$owner" -- env PY="$PY" VENV="$VENV" bash "$0" --venv
+        return
+    fi
+    say "virtualenv $VENV"
+    test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -e '.[test]'
+    touch "$stamp"
+}
+
+case "${1:-all}" in
+    all) packages; venv ;;
+    --packages) packages ;;
+    --venv) venv ;;
+    *) echo "usage: $0 [--packages | --venv]" >&2; exit 2 ;;
+esac
