@@ -132,12 +132,24 @@ def status(lab_name: str | None, as_json: bool) -> None:
 
 @cli.command()
 def doctor() -> None:
-    """What this machine can do, what is missing, and how to get it."""
+    """What this machine can do, what is missing, and how to get it. Tries a real fsfreeze and
+    whether a user freeze nests with a dm suspend (in the lab VM where labs run there)."""
     from hvlab.lab import doctor as doc
 
     ok = doc.render(doc.checks())
+    ok = doc.report_probes() and ok
     if not ok:
         sys.exit(1)
+
+
+@cli.command("doctor-probe", hidden=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Where to write the results (JSON).")
+def doctor_probe(out: Path) -> None:
+    """doctor's probes on this kernel; doctor runs this inside the lab VM."""
+    from hvlab.lab import probe
+
+    out.write_text(probe.to_json(probe.run_here()))
 
 
 # ------------------------------------------------------------------------------ guests

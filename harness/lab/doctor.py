@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from hvlab.errors import HvlabError
+from hvlab.lab import probe
 from hvlab.lab.paths import home
+from hvlab.lab.probe import ProbeResult
 from hvlab.sys.run import run
 from hvlab.vm import runner, uml
 
@@ -76,3 +82,64 @@ def render(items: list[Check]) -> bool:
         table.add_row(c.name, mark, c.detail, "" if c.ok else c.fix)
     Console().print(table)
     return all(c.ok or not c.required for c in items)
+
+
+# ------------------------------------------------------------------------------ probes
+def probe_in_lab_vm() -> list[ProbeResult]:
+    """Both probes inside the lab VM (the persistent one if up, else a one-shot VM). The
+    results come back through a file on the host's disk, which the VM shares (hostfs)."""
+    from hvlab.vm import control
+
+    root = uml.vm_root()
+    root.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="doctor-", suffix=".json", dir=root)
+    os.close(fd)
+    out = Path(name)
+    argv = [sys.executable, "-m", "hvlab.cli", "doctor-probe", "--out", str(out)]
+    try:
+        sys.stdout.flush()  # a one-shot VM writes to our stdout's file descriptor directly
+        rc = (control.run_in(argv, timeout=300) if control.is_up()
+              else control.run_ephemeral(argv))
+        text = out.read_text()
+        if rc != 0 or not text.strip():
+            raise HvlabError(f"exit {rc}, no results")
+        return probe.from_json(text)
+    except (HvlabError, OSError, ValueError, TypeError, KeyError) as exc:
+        return [ProbeResult("nesting", "unknown", f"the probe in the lab VM failed: {exc}",
+                            uml.kernel_release(), True)]
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def probes(where: str) -> tuple[list[ProbeResult], list[str]]:
+    """Real freeze and nesting probes: on this kernel (root and loop devices needed) and, when
+    labs run in the lab VM, inside it too. Returns the results and notes on what was not tried."""
+    if os.geteuid() != 0:
+        return [], ["probes: not tried (they need root: loop devices, mounts)"]
+    results: list[ProbeResult] = []
+    notes: list[str] = []
+    if os.path.exists("/dev/loop-control"):
+        results += probe.run_here()
+    else:
+        notes.append("fsfreeze: not tried on this kernel (no loop devices)")
+    if where == "uml":
+        results += probe_in_lab_vm()
+    elif not probe.dm_usable():
+        notes.append("nesting: not tried (no device-mapper here and no lab VM)")
+    return results, notes
+
+
+def probes_ok(results: list[ProbeResult]) -> bool:
+    """A freeze must work wherever it was tried; nesting is information. Nothing may leak."""
+    return all(r.ok for r in results if r.name == "freeze") and not any(r.leaks for r in results)
+
+
+def report_probes() -> bool:
+    """Print the probe lines (plain text: no wrapping, easy to grep); True when all is well."""
+    where = runner.choose()
+    vm_note = " (here and in the lab VM)" if where == "uml" else ""
+    print(f"probes on real devices{vm_note}; everything they make is removed:", flush=True)
+    results, notes = probes(where)
+    for line in [r.line() for r in results] + notes:
+        print(f"  {line}")
+    return probes_ok(results)

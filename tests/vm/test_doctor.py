@@ -1,0 +1,71 @@
+"""`hvlab doctor` on a host without device-mapper: a real freeze here and, in the lab VM
+(Linux 6.1), a real freeze and the nesting probe; nothing of either is left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from hvlab.sys import fs, loop
+
+pytestmark = pytest.mark.vm
+
+FREEZE_HERE = re.compile(
+    r"^  fsfreeze: on this kernel \(Linux \S+\): freeze \+ thaw of a scratch ext4 works$", re.M)
+FREEZE_VM = re.compile(
+    r"^  fsfreeze: in the lab VM \(Linux 6\.1\.\S+\): freeze \+ thaw of a scratch ext4 works$",
+    re.M)
+NESTING_VM = re.compile(
+    r"^  nesting: in the lab VM \(Linux 6\.1\.\S+\): user freeze \+ dm suspend do not nest "
+    r"\(EBUSY\)$", re.M)
+
+
+def hvlab(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hvlab.cli", *args], capture_output=True,
+                          text=True, timeout=300, env=os.environ, stdin=subprocess.DEVNULL)
+
+
+def _scratch_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("hvlab-doctor-*"))
+
+
+def _doctor_and_check_nothing_left(vm_env: Path) -> str:
+    dirs_before = _scratch_dirs()
+    res = hvlab("doctor")
+    out = res.stdout
+    assert res.returncode == 0, out + res.stderr
+    assert FREEZE_HERE.search(out), out
+    assert FREEZE_VM.search(out), out
+    assert NESTING_VM.search(out), out
+    assert "LEFT BEHIND" not in out
+    # Nothing of the probes on the host: loop, mount, scratch dir, the VM's result file.
+    assert not [lo for lo in loop.list_loops() if "/hvlab-doctor-" in lo.back_file]
+    assert not [m for m in fs.mounts() if "/hvlab-doctor-" in m.target]
+    assert _scratch_dirs() <= dirs_before
+    assert not list((vm_env / "vm").glob("doctor-*.json"))
+    return out
+
+
+def test_doctor_probes_freeze_and_nesting_in_a_one_shot_lab_vm(vm_env: Path) -> None:
+    _doctor_and_check_nothing_left(vm_env)
+    from hvlab.vm import control
+
+    assert not control.is_up()  # the one-shot VM is gone
+
+
+def test_doctor_uses_the_running_lab_vm(vm_env: Path) -> None:
+    assert hvlab("vm", "up").returncode == 0
+    from hvlab.vm import control
+
+    pid = control.pid()
+    _doctor_and_check_nothing_left(vm_env)
+    assert control.pid() == pid  # doctor ran its probe in it and left it running
+    res = hvlab("vm", "run", "--", "sh", "-c",
+                "losetup -l -n; dmsetup ls; grep doctor /proc/mounts")
+    assert "hvlab-doctor" not in res.stdout, res.stdout
