@@ -25,7 +25,7 @@ from hvlab.flow import runs
 from hvlab.flow import steps as S
 from hvlab.guest.client import GuestClient, GuestError, GuestTimeout, GuestUnavailable
 from hvlab.guest.quiesce import recover_after_crash
-from hvlab.lab import guests
+from hvlab.lab import guests, live
 from hvlab.lab.paths import Names
 from hvlab.lab.state import State, locked
 from hvlab.sys import dm, fs
@@ -225,6 +225,7 @@ def s05(ctx: Ctx, vm: str) -> dict[str, Any]:
     made = []
     suspended: list[str] = []
     disks = []
+    done = False
     for v, d, info in ctx.disks(vm):  # resumed after a kill: keep a C already in use
         c = info.get("C")
         if c and ctx.exists(c):
@@ -249,9 +250,16 @@ def s05(ctx: Ctx, vm: str) -> dict[str, Any]:
         for _, _, info in disks:
             run(["dmsetup", "reload", info["ctl"], "--table", dm.linear_table(
                 ctx.lv_dev(info["C"]))])
+        # Durable before the resume: from it on the guest writes to C, and a restart of the
+        # lab (even a power loss) must map C again, never B.
+        for v, d, info in disks:
+            live.record(ctx.names, v, d, info["C"])
+        done = True
     finally:
         for ctl in suspended:
             _resume(ctl)
+        if suspended and not done:  # whatever became live on a failure is recorded too
+            sync_live(ctx, vm)
     for _, _, info in ctx.disks(vm):
         info["redirected"] = dm.target_of(info["ctl"]) == dm.majmin(ctx.lv_dev(info["C"]))
         if not info["redirected"]:
@@ -462,6 +470,7 @@ def promote(ctx: Ctx, vm: str, disk: str, info: dict[str, Any]) -> None:
     if ctx.exists(info["C"]):
         ctx.remove_lv(info["B"])
         ctx.lvm("lvrename", "-q", vg, info["C"], info["B"])
+    live.record(ctx.names, vm, disk, info["B"])  # the renamed C is the disk now
     info["C_exists"] = False
     ctx.save()
     retag_base(ctx, info["B"])
@@ -622,6 +631,15 @@ def resume_controllers(ctx: Ctx) -> None:
     had decided; steps that follow check what the controller maps."""
     for _, _, info in ctx.disks():
         dm.run_resume(info["ctl"])
+    sync_live(ctx)
+
+
+def sync_live(ctx: Ctx, vm: str | None = None) -> None:
+    """Record, per disk, the LV its controller maps now (what a restarted lab must map)."""
+    for v, d, info in ctx.disks(vm):
+        lv = _lv_of_majmin(ctx.names, dm.target_of(info["ctl"]))
+        if lv in (info["B"], info.get("C")):
+            live.record(ctx.names, v, d, lv)
 
 
 def _maps(ctx: Ctx, ctl: str, lv: str) -> bool:
@@ -655,7 +673,9 @@ def unwind(ctx: Ctx, final: str) -> list[str]:
             info[f"{art}_exists"] = False
         c = info.get("C")
         if c and c in existing:
-            if _maps(ctx, info["ctl"], c):
+            # Live (mapped, or recorded live before a restart): the guest may have written
+            # to it. Only a C that never went live is removed.
+            if _maps(ctx, info["ctl"], c) or live.recorded(ctx.names, v, d) == c:
                 promote(ctx, v, d, info)
                 notes.append(f"merged C {c} into {info['B']} (the guest already wrote to it)")
             else:
@@ -766,7 +786,7 @@ def start(lab: str, vms: list[str], *, dest: Path | None = None,
     vmdefs = [defn.vm(v) for v in vms]  # BadInput for an unknown VM
     run_id = runs.new_id()
     pause_at = S.pause_position(vms, pause_after)
-    dest = (dest or names.dir / "backups" / run_id).absolute()
+    dest = (dest or names.backups_dir / run_id).absolute()
     _check_dest(dest)
     with runs.VmLocks(names, vms):
         with locked(lab):

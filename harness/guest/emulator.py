@@ -414,6 +414,7 @@ class Guest:
             "timed_out": self.pending_timeout is not None,
             "timeout": self.pending_timeout,
             "committed_txid": lw.ledger.last_txid if lw else None,
+            "committed_hash": lw.ledger.last_hash if lw else None,
             "ops_per_s": round(sum(w.status()["ops_per_s"] for w in self.writers), 2),
             "writers": [w.status() for w in self.writers],
             "socket": str(self.cfg.socket) if self.cfg.socket else None,

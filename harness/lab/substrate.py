@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from hvlab.errors import BadInput, HvlabError, LeakError
-from hvlab.lab import guests
+from hvlab.lab import guests, live
 from hvlab.lab.definition import LabDef
 from hvlab.lab.paths import Names
 from hvlab.lab.state import State, locked
@@ -203,9 +203,18 @@ def _restart(st: State, names: Names, start_guests: bool, progress: Progress) ->
         lvm.write_config(devs)
         lvm("vgchange", "-q", "-ay", names.vg)
         undo.push(f"deactivate VG {names.vg}", lambda: _deactivate(names))
+        existing = {r["lv_name"] for r in lvm.lvs(names.vg)}
+        targets = {}
         for vm, disk in defn.disks():
-            wait_node(names.lv_path(names.lv(vm.name, disk.name)))
-        _controllers(defn, names, undo)
+            lv = live.lv_to_map(names, vm.name, disk.name, existing)
+            if lv != names.lv(vm.name, disk.name):
+                # The guest was writing to a backup checkpoint when the lab stopped: keep
+                # mapping it (snapshots may carry the activation-skip flag: -K).
+                lvm("lvchange", "-q", "-ay", "-K", f"{names.vg}/{lv}")
+                progress(f"{vm.name}/{disk.name}: the guest writes to {lv} (a backup's C)")
+            wait_node(names.lv_path(lv))
+            targets[(vm.name, disk.name)] = lv
+        _controllers(defn, names, undo, targets)
         _go_live(st, names, undo, start_guests)
         progress(f"lab {defn.name} is up again (data kept)")
         return st
@@ -214,12 +223,14 @@ def _restart(st: State, names: Names, start_guests: bool, progress: Progress) ->
         raise
 
 
-def _controllers(defn: LabDef, names: Names, undo: _Undo) -> None:
-    """The guest mounts a dm-linear 'controller' on the LV, never the LV: see platform notes."""
+def _controllers(defn: LabDef, names: Names, undo: _Undo,
+                 targets: dict[tuple[str, str], str] | None = None) -> None:
+    """The guest mounts a dm-linear 'controller' on the LV, never the LV: see platform notes.
+    targets (after a restart): the LV each disk's guest last wrote to; default B."""
     for vm, disk in defn.disks():
         ctl = names.ctl(vm.name, disk.name)
-        dm.create_linear(ctl, names.lv_path(names.lv(vm.name, disk.name)),
-                         uuid=names.ctl_uuid(vm.name, disk.name))
+        lv = (targets or {}).get((vm.name, disk.name), names.lv(vm.name, disk.name))
+        dm.create_linear(ctl, names.lv_path(lv), uuid=names.ctl_uuid(vm.name, disk.name))
         undo.push(f"remove {ctl}", _bind(dm.remove, ctl))
         wait_node(f"/dev/mapper/{ctl}")
 
@@ -320,12 +331,33 @@ def stop(lab: str, *, progress: Progress = _quiet) -> None:
         st.save()
 
 
-def down(lab: str, *, progress: Progress = _quiet, missing_ok: bool = False) -> None:
+def down(lab: str, *, progress: Progress = _quiet, missing_ok: bool = False,
+         purge: bool = False) -> None:
+    """Remove the lab. Its backups (in the default folder) are kept unless purge."""
     names = Names(lab)
     if not names.dir.exists() and inventory(lab).empty():
+        if purge and names.backups_dir.exists():
+            _purge_backups(names, progress)
+            return
         if missing_ok:
             return
         raise BadInput(f"lab {lab!r} is not up: nothing to remove")
+    _down(lab, names, progress)
+    if purge:
+        _purge_backups(names, progress)
+    elif names.backups_dir.is_dir() and any(names.backups_dir.iterdir()):
+        n = sum(1 for p in names.backups_dir.iterdir() if p.is_dir())
+        progress(f"backups kept: {n} in {names.backups_dir} (`hvlab down --purge` removes them)")
+
+
+def _purge_backups(names: Names, progress: Progress) -> None:
+    if names.backups_dir.is_symlink():
+        raise BadInput(f"{names.backups_dir} is a symlink: not removing what it points to")
+    shutil.rmtree(names.backups_dir)
+    progress(f"removed backups {names.backups_dir}")
+
+
+def _down(lab: str, names: Names, progress: Progress) -> None:
     if names.dir.exists():
         with locked(lab):
             try:

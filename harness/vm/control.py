@@ -7,20 +7,24 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 
-from hvlab.errors import HvlabError
+from hvlab.errors import BadInput, HvlabError
 from hvlab.vm import uml
 from hvlab.vm.uml import VmPaths
 
-PASS_ENV = ("CI", "HVLAB_HOME", "PYTEST_ADDOPTS", "COLUMNS", "TERM", "NO_COLOR",
-            "HVLAB_TEST_HOME", "HVLAB_VERBOSE")
+PASS_ENV = ("CI", "HVLAB_HOME", "PYTEST_ADDOPTS", "COLUMNS", "LINES", "TERM", "NO_COLOR",
+            "FORCE_COLOR", "HVLAB_TEST_HOME", "HVLAB_VERBOSE")
+# Directories the lab VM mounts for itself: a path under them is not the host's file.
+VM_PRIVATE = ("/proc", "/sys", "/dev", "/run")
 DEFAULT_MEM = os.environ.get("HVLAB_VM_MEM", "2G")
 
 
@@ -45,7 +49,33 @@ def _require() -> None:
 
 
 def _env() -> dict[str, str]:
-    return {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    return {**env, **terminal_env(env)}
+
+
+def terminal_env(env: dict[str, str]) -> dict[str, str]:
+    """Tell the command inside what our stdout is: inside, its output is a pipe (or the VM's
+    console), never the user's terminal. Colours and live progress only for a terminal;
+    pipes and files get plain text."""
+    if not sys.stdout.isatty():
+        return {"NO_COLOR": "1", "TERM": "dumb"}
+    out = {"TERM": env.get("TERM", "xterm-256color")}
+    if "NO_COLOR" not in env:
+        out["FORCE_COLOR"] = "1"
+    size = shutil.get_terminal_size()
+    out.setdefault("COLUMNS", env.get("COLUMNS", str(size.columns)))
+    out.setdefault("LINES", env.get("LINES", str(size.lines)))
+    return out
+
+
+def check_visible(path: Path) -> None:
+    """A path the user names must be the same file inside the lab VM (hostfs shares all but
+    the VM's own mounts)."""
+    p = os.path.abspath(path)
+    for d in VM_PRIVATE:
+        if p == d or p.startswith(d + "/"):
+            raise BadInput(f"path {path} is under {d}, which the lab VM does not share "
+                           f"with this host: use a path elsewhere (e.g. /var/tmp or /tmp)")
 
 
 # ---------------------------------------------------------------- one-shot (ephemeral) VM
@@ -67,8 +97,6 @@ def reap_orphans() -> list[int]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(os.getpgid(p.pid), signal.SIGKILL)
             reaped.append(p.pid)
-        import shutil
-
         shutil.rmtree(uml.vm_root() / str(umid), ignore_errors=True)
     return reaped
 
@@ -111,8 +139,6 @@ def run_ephemeral(argv: list[str], *, mem: str = DEFAULT_MEM) -> int:
                              f"(uml exit {proc.returncode})")
         return int(rc_file.read_text().strip() or "1")
     finally:
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -136,6 +162,28 @@ def pid() -> int | None:
     return None
 
 
+def _uml_processes(paths: VmPaths) -> list[psutil.Process]:
+    """Every process of the VM that keeps its state in paths.root: UML runs one host process
+    per guest process, and those outlive a killed main process."""
+    mark = f"uml_dir={paths.root}"
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if mark in cmd and any("linux.uml" in a for a in cmd[:1]):
+            out.append(p)
+    return out
+
+
+def _kill_strays(paths: VmPaths) -> int:
+    """SIGKILL what is left of a VM whose main process is gone (a killed or crashed VM)."""
+    strays = _uml_processes(paths)
+    for p in strays:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(strays, timeout=5)
+    return len(strays)
+
+
 def is_up() -> bool:
     return pid() is not None and persistent_paths().ready.exists()
 
@@ -147,6 +195,7 @@ def up(*, mem: str = DEFAULT_MEM, timeout: float = 60.0) -> VmPaths:
         raise HvlabError("the lab VM is already running (hvlab vm status)")
     if pid() is not None:
         down()
+    _kill_strays(paths)  # helpers of a VM that was killed (a power loss of the lab VM)
     paths.root.mkdir(parents=True, exist_ok=True)
     uml.prepare(paths)
     paths.ready.unlink(missing_ok=True)
@@ -201,7 +250,7 @@ def down(*, timeout: float = 30.0) -> bool:
     p = pid()
     if p is None:
         paths.ready.unlink(missing_ok=True)
-        return False
+        return _kill_strays(paths) > 0
     paths.spool.mkdir(parents=True, exist_ok=True)
     (paths.spool / "shutdown.req").write_text("{}")
     try:
@@ -212,6 +261,7 @@ def down(*, timeout: float = 30.0) -> bool:
         pass
     paths.ready.unlink(missing_ok=True)
     paths.pid_file.unlink(missing_ok=True)
+    _kill_strays(paths)
     return True
 
 
