@@ -60,6 +60,7 @@ lab_name_opt = click.option("--lab-name", "-n", default=None,
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hvlab", prog_name="hvlab")
 def cli() -> None:
     """hvlab: Hyper-V 2012 R2 host-level VSS backup on real Linux block devices."""
 
@@ -82,12 +83,14 @@ def up(lab_file: Path | None, lab_name: str | None, backing_size: str | None,
 
 @cli.command()
 @lab_name_opt
-def down(lab_name: str | None) -> None:
-    """Remove everything of a lab (devices, mounts, files) and verify nothing is left."""
+@click.option("--purge", is_flag=True, help="Also remove the lab's backups (kept by default).")
+def down(lab_name: str | None, purge: bool) -> None:
+    """Remove everything of a lab (devices, mounts, files) and verify nothing is left.
+    Backups in the default folder are kept and listed; --purge removes them too."""
     from hvlab.lab import substrate
 
     with _kernel_report():
-        substrate.down(_lab_name(lab_name), progress=_echo)
+        substrate.down(_lab_name(lab_name), progress=_echo, purge=purge)
     _echo("lab removed; nothing left")
 
 
@@ -253,6 +256,32 @@ def guest_stop(vm_name: str, lab_name: str | None) -> None:
     _echo(f"guest {vm_name} stopped")
 
 
+@guest.command("check")
+@click.argument("roots", nargs=-1, required=True, type=click.Path(path_type=Path))
+def guest_check(roots: tuple[Path, ...]) -> None:
+    """The writers' consistency check on a VM's disks mounted at ROOTS (in disk order: the
+    ledger's WAL is on the first, its pages on the last). Reads only; exit 1 if inconsistent."""
+    from hvlab.guest import ledger
+
+    for r in roots:
+        if not r.is_dir():
+            raise BadInput(f"{r} is not a directory (mount the disk there first)")
+    named = {f"disk{i}": r for i, r in enumerate(roots)}
+    wal, pages = ledger.ledger_paths(named)
+    res = ledger.check(named)
+    _echo(f"ledger: WAL {wal}, pages {pages}: "
+          f"{'consistent' if res.consistent else 'INCONSISTENT'}")
+    _echo(f"  last committed txid {res.last_txid} ({res.committed} commits in the WAL)")
+    _echo(f"  unfinished transaction: {res.unfinished if res.unfinished is not None else '-'}")
+    for p in res.problems:
+        _echo(f"  problem: {p}")
+    excluded = sorted(str(f) for r in roots
+                      for f in (r / ledger.SCRATCH_DIR).glob(ledger.SCRATCH_GLOB))
+    _echo(f"excluded files ({ledger.SCRATCH_DIR}/{ledger.SCRATCH_GLOB}): {len(excluded)}")
+    if not res.consistent:
+        raise SystemExit(1)
+
+
 # ------------------------------------------------------------------------------ lab VM
 @cli.group()
 def vm() -> None:
@@ -321,6 +350,7 @@ def _prevalidate(args: list[str]) -> None:
         return
     ctx = cmd.make_context(args[0], args[1:], parent=click.Context(cli), resilient_parsing=False)
     params = ctx.params
+    _check_paths(cmd, params)
     if args[0] == "up":
         from hvlab.lab import definition
 
@@ -330,6 +360,18 @@ def _prevalidate(args: list[str]) -> None:
         from hvlab.lab.definition import check_name
 
         check_name("lab", params["lab_name"])
+
+
+def _check_paths(cmd: click.Command, params: dict[str, object]) -> None:
+    """Every path the user gives must name the same file inside the lab VM."""
+    from hvlab.vm.control import check_visible
+
+    check_visible(Path(os.getcwd()))  # relative paths resolve against it, inside too
+    for p in cmd.params:
+        value = params.get(p.name or "")
+        if value and (isinstance(p.type, click.Path) or (
+                p.name == "backup_ref" and "/" in str(value))):
+            check_visible(Path(str(value)))
 
 
 def _forward(args: list[str]) -> int:

@@ -54,6 +54,8 @@ def locate(names: Names, backup: str) -> tuple[Path, dict[str, Any]]:
                 p = Path(json.loads(run_dir.read_text())["dest"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise BadInput(f"run {backup}: unreadable run record ({exc!r})") from None
+    if not (p / NAME).exists() and "/" not in backup:
+        p = names.backups_dir / backup  # the default place, also after the lab was removed
     if not (p / NAME).exists():
         raise BadInput(f"no backup at {backup!r} (a backup directory or a finished run id)")
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hvlab.errors import BadInput
+from hvlab.lab.paths import BACKUPS
 from hvlab.sys.fs import FILESYSTEMS, MIN_SIZE
 from hvlab.sys.lvm import parse_size
 
@@ -24,6 +25,8 @@ MAX_BACKING = 1 << 40
 def check_name(kind: str, value: object) -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
         raise BadInput(f"invalid {kind} name {value!r}: must be {NAME_RULE}")
+    if kind == "lab" and value == BACKUPS:
+        raise BadInput(f"invalid lab name {value!r}: reserved for the backups folder")
     return value
 
 

@@ -11,6 +11,15 @@ def home() -> Path:
     return Path(os.environ.get("HVLAB_HOME", "/var/lib/hvlab"))
 
 
+# Backups live beside the labs, not inside one: `hvlab down` removes a lab's directory and
+# must not take its backups with it (`hvlab down --purge` does).
+BACKUPS = "backups"
+
+
+def backups_root() -> Path:
+    return home() / BACKUPS
+
+
 @dataclass(frozen=True)
 class Names:
     lab: str
@@ -52,6 +61,11 @@ class Names:
     @property
     def runs_dir(self) -> Path:
         return self.dir / "runs"
+
+    @property
+    def backups_dir(self) -> Path:
+        """Default home of this lab's backups: outside the lab directory, so they outlive it."""
+        return backups_root() / self.lab
 
     # --- LVM and device-mapper ----------------------------------------------------------
     @property

@@ -1,7 +1,8 @@
 """The lab VM: Debian's user-mode-linux kernel with the host's root as hostfs.
 
 A lab VM is a Linux 6.1 kernel (with dm-thin) running as a host process. It shares the host's
-filesystem, so the venv, the repo and the lab's backing files are the same paths inside.
+filesystem, so the venv, the repo, the lab's backing files and any path a user names (also under
+/tmp) are the same paths inside. Only /proc, /sys, /dev and /run are the VM's own.
 Commands reach a persistent VM through a spool directory on hostfs, served by `agent.py`.
 """
 
@@ -91,7 +92,9 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
+# /tmp stays the host's (hostfs): a path under /tmp means the same file inside and out.
+# Programs' own scratch files go to a private tmpfs instead.
+mkdir -p /run/tmp && export TMPDIR=/run/tmp
 for m in {mods}; do
     modprobe -d {quote(str(paths.modroot))} $m || echo "hvlab-vm: modprobe $m failed"
 done
