@@ -13,7 +13,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo --preserve-env=HVLAB_HOME,HVLAB_LA
 IN_LAB := $(HVLAB) vm run --ephemeral --
 
 .PHONY: deps apt venv lab-up lab-down lab-shell lab-status test test-host test-integration \
-	lint typecheck-tree bench clean
+	lint typecheck-tree bench docs clean
 
 deps:
 	$(PROVISION)
@@ -48,8 +48,9 @@ typecheck-tree:
 	@ln -s ../../../fixtures build/typecheck/hvlab/fixtures
 
 lint: venv typecheck-tree
-	$(VENV)/bin/ruff check harness fixtures tests
+	$(VENV)/bin/ruff check harness fixtures tests docs
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy docs
 
 # Unit tests and lab-VM tests run on the host; storage tests run where dm-thin is.
 test: deps lint test-host test-integration
@@ -66,6 +67,11 @@ test-integration: deps
 
 bench: deps
 	$(IN_LAB) $(abspath $(VENV)/bin/python) -m hvlab.bench
+
+# docs/walkthrough.md from a real session: a private lab `walk`, its own HVLAB_HOME and lab VM
+# directory unless set (HVLAB_WALK_DIR, default /var/tmp/hvlab-walkthrough). Fails if any step does.
+docs: deps
+	$(SUDO) $(VENV)/bin/python docs/walkthrough.py $(if $(HVLAB_WALK_DIR),--work-dir $(HVLAB_WALK_DIR))
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache
