@@ -147,23 +147,25 @@ CHUNK = 4 << 20
 
 
 def read_ranges(dev: str, ranges: Iterable[Range], block_bytes: int) -> Iterator[tuple[int, bytes]]:
-    """(byte offset, data) for each mapped range, read with O_DIRECT (no stale page cache)."""
+    """(byte offset, data) for each mapped range, read with O_DIRECT (no stale page cache).
+
+    The device is closed on every path: read to the end, closed early by the caller (a
+    `break`), or failed mid-way. The aligned buffer is only exported to the kernel for the
+    read itself, never across a `yield` (an exported mmap cannot be closed)."""
     fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
-    buf = mmap.mmap(-1, CHUNK)
     try:
-        for first, n in ranges:
-            off, end = first * block_bytes, (first + n) * block_bytes
-            while off < end:
-                size = min(CHUNK, end - off)
-                view = memoryview(buf)[:size]
-                got = os.preadv(fd, [view], off)
-                yield off, bytes(view[:got])
-                view.release()
-                if got <= 0:
-                    break
-                off += got
+        with mmap.mmap(-1, CHUNK) as buf:
+            for first, n in ranges:
+                off, end = first * block_bytes, (first + n) * block_bytes
+                while off < end:
+                    with memoryview(buf) as whole, whole[:min(CHUNK, end - off)] as view:
+                        got = os.preadv(fd, [view], off)
+                        data = bytes(view[:got])
+                    yield off, data
+                    if got <= 0:
+                        break
+                    off += got
     finally:
-        buf.close()
         os.close(fd)
 
 
