@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import TypeVar
 
 from hvlab.errors import BadInput, HvlabError, LeakError
@@ -77,10 +78,25 @@ def _bind(fn: Callable[[T], None], arg: T) -> Callable[[], None]:
 
 
 class _Undo:
-    """Undo actions registered right after each creation; run in reverse on failure."""
+    """Undo actions registered right after each creation; run in reverse on failure.
+
+    Used as `with _Undo() as undo:` by both `up` paths: on any failure inside, every action
+    runs, the original error is re-raised, and what the rollback could not undo is reported
+    with it."""
 
     def __init__(self) -> None:
         self.actions: list[tuple[str, Callable[[], None]]] = []
+
+    def __enter__(self) -> _Undo:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None:
+            return
+        errors = self.run()
+        if errors:
+            raise HvlabError(f"up failed ({exc}) and rollback left: {'; '.join(errors)}") from exc
 
     def push(self, what: str, fn: Callable[[], None]) -> None:
         self.actions.append((what, fn))
@@ -130,9 +146,8 @@ def _attach_all(st: State, names: Names, undo: _Undo) -> list[str]:
 
 
 def _create(defn: LabDef, names: Names, start_guests: bool, progress: Progress) -> State:
-    undo = _Undo()
     st = State(defn, phase="creating")
-    try:
+    with _Undo() as undo:
         names.dir.mkdir(parents=True, exist_ok=True)
         st.save()
         undo.push("remove lab directory", lambda: shutil.rmtree(names.dir, ignore_errors=True))
@@ -170,11 +185,6 @@ def _create(defn: LabDef, names: Names, start_guests: bool, progress: Progress) 
         _go_live(st, names, undo, start_guests)
         progress(f"lab {defn.name} is up")
         return st
-    except BaseException as exc:
-        errors = undo.run()
-        if errors:
-            raise HvlabError(f"up failed ({exc}) and rollback left: {'; '.join(errors)}") from exc
-        raise
 
 
 def _go_live(st: State, names: Names, undo: _Undo, start_guests: bool) -> None:
@@ -189,8 +199,7 @@ def _go_live(st: State, names: Names, undo: _Undo, start_guests: bool) -> None:
 
 def _restart(st: State, names: Names, start_guests: bool, progress: Progress) -> State:
     defn = st.definition
-    undo = _Undo()
-    try:
+    with _Undo() as undo:
         missing = [names.backing_file(i) for i in range(defn.backing_files)
                    if not names.backing_file(i).exists()]
         if missing:
@@ -218,9 +227,6 @@ def _restart(st: State, names: Names, start_guests: bool, progress: Progress) ->
         _go_live(st, names, undo, start_guests)
         progress(f"lab {defn.name} is up again (data kept)")
         return st
-    except BaseException:
-        undo.run()
-        raise
 
 
 def _controllers(defn: LabDef, names: Names, undo: _Undo,
