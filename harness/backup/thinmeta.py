@@ -12,7 +12,7 @@ import hashlib
 import mmap
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -146,7 +146,8 @@ def pool_usage(names: Names) -> tuple[int, int]:
 CHUNK = 4 << 20
 
 
-def read_ranges(dev: str, ranges: Iterable[Range], block_bytes: int) -> Iterator[tuple[int, bytes]]:
+def read_ranges(dev: str, ranges: Iterable[Range],
+                block_bytes: int) -> Generator[tuple[int, bytes], None, None]:
     """(byte offset, data) for each mapped range, read with O_DIRECT (no stale page cache).
 
     The device is closed on every path: read to the end, closed early by the caller (a

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from hvlab.backup import thinmeta
 from hvlab.backup.thinmeta import read_ranges
 
 BLOCK = 64 << 10  # the lab's pool chunk size
@@ -75,7 +74,7 @@ def test_read_failing_mid_way_leaves_no_fd(image: Path, monkeypatch: pytest.Monk
             raise OSError(5, "Input/output error")
         return real(fd, buffers, offset)
 
-    monkeypatch.setattr(thinmeta.os, "preadv", flaky)
+    monkeypatch.setattr(os, "preadv", flaky)
     before = _open_fds()
     gen = read_ranges(str(image), [(0, 1), (4, 1)], BLOCK)
     next(gen)
