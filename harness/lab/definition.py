@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -201,7 +201,3 @@ def load(path: Path | None = None, *, name: str | None = None,
     except tomllib.TOMLDecodeError as exc:
         raise BadInput(f"malformed lab file {where}: {exc}") from None
     return parse(data, name=name, backing_size=backing_size)
-
-
-def with_name(defn: LabDef, name: str) -> LabDef:
-    return replace(defn, name=check_name("lab", name))

@@ -1,4 +1,4 @@
-"""The lab state file: what the lab is and what it made. Written atomically (tmp, fsync, rename)."""
+"""The lab state file: its definition and phase. Written atomically (tmp, fsync, rename)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +35,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 class State:
     definition: LabDef
     phase: str = "creating"  # creating | up | stopped | removing
-    loops: dict[str, str] = field(default_factory=dict)  # backing file -> /dev/loopN
-    formatted: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": 1, "definition": self.definition.to_dict(), "phase": self.phase,
-                "loops": self.loops, "formatted": self.formatted, "extra": self.extra}
+        return {"version": 1, "definition": self.definition.to_dict(), "phase": self.phase}
 
     def save(self) -> None:
         names = Names(self.definition.name)
@@ -53,8 +49,8 @@ class State:
         path = Names(lab).state_file
         try:
             d = json.loads(path.read_text())
-            return State(LabDef.from_dict(d["definition"]), d.get("phase", "up"),
-                         d.get("loops", {}), d.get("formatted", False), d.get("extra", {}))
+            # Older files also carry loops/formatted/extra: never read, ignored.
+            return State(LabDef.from_dict(d["definition"]), d.get("phase", "up"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError, HvlabError) as exc:

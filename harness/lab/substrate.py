@@ -7,7 +7,6 @@ state file), removes in reverse order and verifies that nothing of the lab is le
 
 from __future__ import annotations
 
-import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from hvlab.sys import dm, fs, loop
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.uevents import wait_node
 
-log = logging.getLogger("hvlab.lab")
 Progress = Callable[[str], None]
 T = TypeVar("T")
 
@@ -136,12 +134,9 @@ def up(defn: LabDef, *, start_guests: bool = True, progress: Progress = _quiet) 
 def _attach_all(st: State, names: Names, undo: _Undo) -> list[str]:
     devs = []
     for i in range(st.definition.backing_files):
-        path = names.backing_file(i)
-        dev = loop.attach(path)
+        dev = loop.attach(names.backing_file(i))
         undo.push(f"detach {dev}", _bind(loop.detach, dev))
-        st.loops[str(path)] = dev
         devs.append(dev)
-    st.save()
     return devs
 
 
@@ -181,7 +176,6 @@ def _create(defn: LabDef, names: Names, start_guests: bool, progress: Progress) 
             fs.mkfs(f"/dev/mapper/{names.ctl(vm.name, disk.name)}", disk.fs,
                     f"{vm.name}{disk.name}")
             progress(f"mkfs.{disk.fs} {vm.name}/{disk.name}")
-        st.formatted = True
         _go_live(st, names, undo, start_guests)
         progress(f"lab {defn.name} is up")
         return st
@@ -205,7 +199,6 @@ def _restart(st: State, names: Names, start_guests: bool, progress: Progress) ->
         if missing:
             raise HvlabError(f"cannot restart lab {defn.name!r}: backing file {missing[0]} "
                              f"is gone; run `hvlab down --lab-name {defn.name}`")
-        st.loops = {}
         devs = _attach_all(st, names, undo)
         progress(f"re-attached {' '.join(devs)}")
         lvm = lvm_for(names)
@@ -333,7 +326,6 @@ def stop(lab: str, *, progress: Progress = _quiet) -> None:
     with locked(lab):
         teardown(lab, keep_data=True, progress=progress)
         st.phase = "stopped"
-        st.loops = {}
         st.save()
 
 

@@ -20,7 +20,6 @@ ROLE_TAGS = {
     "role_checkpoint": "backup checkpoint (C)",
     "role_autorecovery": "auto-recovery checkpoint (A)",
     "role_external": "external snapshot (S)",
-    "role_reference": "reference snapshot (RCT)",
 }
 
 
