@@ -142,20 +142,41 @@ def runs_cmd(lab_name: str | None, as_json: bool) -> None:
     Console().print(explain.runs_table(rows))
 
 
+def _out_path(opt: str, value: Path | None) -> Path | None:
+    """An output file as an absolute path (what `saved ...` prints), its directory existing."""
+    if value is None:
+        return None
+    path = Path(os.path.abspath(value.expanduser()))  # the user's words, not symlinks
+    if not path.parent.is_dir():
+        raise BadInput(f"cannot write {opt} {path}: no directory {path.parent}")
+    return path
+
+
+out_file = click.Path(dir_okay=False, path_type=Path)
+
+
 @click.command()
 @click.argument("run_id", metavar="RUN")
 @lab_opt
 @click.option("--json", "as_json", is_flag=True, help="The raw events.")
-@click.option("--svg", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also save the picture and timeline as an SVG file.")
-def explain(run_id: str, lab_name: str | None, as_json: bool, svg: Path | None) -> None:
+@click.option("--png", type=out_file, default=None,
+              help="Save the timeline picture (lanes over seconds, freeze window) as PNG.")
+@click.option("--svg", type=out_file, default=None, help="The same picture as SVG.")
+@click.option("--table-svg", type=out_file, default=None,
+              help="Save the terminal tables as an SVG screenshot.")
+def explain(run_id: str, lab_name: str | None, as_json: bool, png: Path | None,
+            svg: Path | None, table_svg: Path | None) -> None:
     """The timeline of a run: what B, C, A, S held at each step, and where writes went."""
     from rich.console import Console
 
     from hvlab.flow import explain as ex
-    from hvlab.flow import runs
+    from hvlab.lab import runs
     from hvlab.lab.paths import Names
 
+    png, svg = _out_path("--png", png), _out_path("--svg", svg)
+    table_svg = _out_path("--table-svg", table_svg)
+    if as_json and (png or svg or table_svg):
+        raise BadInput("--json prints the raw events; save pictures without it")
     names = Names(_lab(lab_name))
     run = runs.load(names, run_id)
     evs = runs.events(names, run_id)
@@ -163,14 +184,26 @@ def explain(run_id: str, lab_name: str | None, as_json: bool, svg: Path | None) 
         click.echo(json.dumps({"run": run, "events": evs}, indent=2))
         return
     width = int(os.environ.get("COLUMNS", "0") or 0) or 200
-    con = Console(width=width, record=svg is not None)
+    con = Console(width=width, record=table_svg is not None)
     ex.render_explain(run, evs, con)
-    if svg is not None:
+    saved = []
+    if table_svg is not None:
         try:
-            con.save_svg(str(svg), title=f"hvlab explain {run_id}")
+            con.save_svg(str(table_svg), title=f"hvlab explain {run_id}")
         except OSError as exc:
-            raise BadInput(f"cannot write --svg {svg}: {exc.strerror}") from None
-        click.echo(f"saved {svg}")
+            raise BadInput(f"cannot write --table-svg {table_svg}: {exc.strerror}") from None
+        saved.append(table_svg)
+    for fmt, path in (("png", png), ("svg", svg)):
+        if path is not None:
+            from hvlab.flow import timeline
+
+            try:
+                timeline.save(run, evs, path, fmt, state=runs.effective_state(run))
+            except OSError as exc:
+                raise BadInput(f"cannot write --{fmt} {path}: {exc.strerror or exc}") from None
+            saved.append(path)
+    for path in saved:
+        click.echo(f"saved {path}")
 
 
 COMMANDS: list[click.Command] = [backup, restore, verify, runs_cmd, explain]
