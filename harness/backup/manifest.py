@@ -3,43 +3,44 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from hvlab.errors import BadInput
-from hvlab.flow import runs
+from hvlab.lab import runs
 from hvlab.lab.paths import Names
+from hvlab.lab.record import Run
 from hvlab.lab.state import write_json_atomic
 
 NAME = "manifest.json"
 
 
-def build(names: Names, run: dict[str, Any]) -> dict[str, Any]:
+def build(names: Names, run: Run) -> dict[str, Any]:
     vms = []
-    for vm in run["vms"]:
-        v = run["vm"][vm]
+    for vm in run.vms:
+        v = run.vm[vm]
         disks = []
-        for d, info in v["disks"].items():
-            img = run.get("images", {}).get(f"{vm}/{d}", {})
-            disks.append({"name": d, "fs": info["fs"], "size": img.get("size", info["size"]),
-                          "consistency": v["class"], "image": img.get("file"),
+        for d, info in v.disks.items():
+            img = run.images.get(f"{vm}/{d}", {})
+            disks.append({"name": d, "fs": info.fs, "size": img.get("size", info.size),
+                          "consistency": v.cls, "image": img.get("file"),
                           "sha256": img.get("sha256"), "mapped_blocks": img.get("mapped_blocks"),
                           "block_bytes": img.get("block_bytes"),
                           "bytes_read": img.get("bytes_read"),
                           "auto_recovery_ranges": img.get("auto_recovery_ranges", []),
                           "base_at_t0": img.get("base_at_t0")})
-        vms.append({"name": vm, "profile": v["profile"], "consistency": v["class"],
-                    "integration_services": v.get("answers"), "t0": v.get("t0"),
-                    "freeze_window": v.get("window"),
-                    "auto_recovery": v.get("auto_recovery_result"), "disks": disks})
-    return {"version": 1, "lab": run["lab"], "run": run["id"], "mode": run.get("mode"),
-            "created": run["created"], "vms": vms, "snapshot_set": run.get("snapshot_set"),
-            "pre": run.get("pre"), "post": run.get("post"),
-            "events": runs.events(names, run["id"])}
+        vms.append({"name": vm, "profile": v.profile, "consistency": v.cls,
+                    "integration_services": v.answers, "t0": v.t0,
+                    "freeze_window": asdict(v.window) if v.window else None,
+                    "auto_recovery": v.auto_recovery_result, "disks": disks})
+    return {"version": 1, "lab": run.lab, "run": run.id, "mode": run.mode,
+            "created": run.created, "vms": vms, "snapshot_set": run.snapshot_set,
+            "pre": run.pre, "post": run.post, "events": runs.events(names, run.id)}
 
 
-def write(names: Names, run: dict[str, Any]) -> Path:
-    path = Path(run["dest"]) / NAME
+def write(names: Names, run: Run) -> Path:
+    path = Path(run.dest) / NAME
     write_json_atomic(path, build(names, run))
     return path
 

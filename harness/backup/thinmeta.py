@@ -131,6 +131,18 @@ def metadata_snap(names: Names) -> Iterator[MetadataSnap]:
         os.close(fd)
 
 
+def thin_tables() -> dict[str, list[str]]:
+    """Every dm device's table, by name, from one `dmsetup table` call (single-line tables;
+    the lab's thin devices and controllers all are)."""
+    out: dict[str, list[str]] = {}
+    res = run(["dmsetup", "table"], check=False)
+    for line in res.stdout.splitlines():
+        name, sep, table = line.partition(": ")
+        if sep:
+            out[name] = table.split()
+    return out
+
+
 def pool_usage(names: Names) -> tuple[int, int]:
     """(used data blocks, total data blocks) from the pool's status line."""
     fields = run(["dmsetup", "status", tpool_dev(names)]).stdout.split()

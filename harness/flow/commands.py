@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import click
 
 from hvlab.errors import BadInput
+from hvlab.lab.record import Run
 
 
 def _lab(name: str | None) -> str:
@@ -22,16 +22,16 @@ lab_opt = click.option("--lab-name", "-n", default=None,
                        help="Lab name (default: the only lab, else 'hvlab').")
 
 
-def _paused(run: dict[str, Any], lab: str) -> None:
+def _paused(run: Run, lab: str) -> None:
     from hvlab.flow.engine import describe_devices
     from hvlab.lab.paths import Names
 
-    click.echo(f"run {run['id']} paused after step {run.get('last_step')}; "
+    click.echo(f"run {run.id} paused after step {run.last_step}; "
                f"every artifact is in place:")
     for path, role, note in describe_devices(run, Names(lab)):
         click.echo(f"  {path:<60} {role}{'  (' + note + ')' if note else ''}")
-    click.echo(f"continue: hvlab backup --resume {run['id']}    "
-               f"unwind: hvlab backup --abort {run['id']}")
+    click.echo(f"continue: hvlab backup --resume {run.id}    "
+               f"unwind: hvlab backup --abort {run.id}")
 
 
 @click.command()
@@ -43,14 +43,20 @@ def _paused(run: dict[str, Any], lab: str) -> None:
               help="Stop after step N (not 4-7) with every artifact in place.")
 @click.option("--resume", "resume_id", default=None, help="Continue a paused run.")
 @click.option("--abort", "abort_id", default=None, help="Unwind a paused or interrupted run.")
-@click.option("--no-fingerprints", is_flag=True, help="Skip the per-step content hashes.")
+@click.option("--no-fingerprints", is_flag=True, help="Skip the content hashes.")
+@click.option("--inject", default=None, hidden=True,
+              help="POINT:ACTION[,...]: kill, raise or hang at a named fault point.")
 def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
            pause_after: int | None, resume_id: str | None, abort_id: str | None,
-           no_fingerprints: bool) -> None:
+           no_fingerprints: bool, inject: str | None) -> None:
     """Back up VMs through Hyper-V 2012 R2's 14 steps on real thin snapshots."""
     from rich.progress import Progress
 
-    from hvlab.flow import engine
+    from hvlab.flow import engine, faults
+
+    if inject is not None:
+        faults.parse(inject)  # one line naming a bad point or action
+        os.environ[faults.ENV] = inject
 
     lab = _lab(lab_name)
     if sum(bool(x) for x in (vms, resume_id, abort_id)) != 1:
@@ -72,11 +78,11 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
             run = engine.start(lab, list(vms), dest=dest, pause_after=pause_after,
                                say=prog.console.print, fingerprints=not no_fingerprints,
                                progress=prog)
-    if run["state"] == "paused":
+    if run.state == "paused":
         _paused(run, lab)
         return
-    classes = {vm: run["vm"][vm]["class"] for vm in run["vms"]}
-    click.echo(f"run {run['id']} done: {run['dest']}  "
+    classes = {vm: run.vm[vm].cls for vm in run.vms}
+    click.echo(f"run {run.id} done: {run.dest}  "
                + ", ".join(f"{k}: {v}" for k, v in classes.items()))
 
 
@@ -131,12 +137,13 @@ def runs_cmd(lab_name: str | None, as_json: bool) -> None:
     """Backup runs: id, VMs, mode, state, consistency."""
     from rich.console import Console
 
-    from hvlab.flow import explain, runs
+    from hvlab.flow import explain
+    from hvlab.lab import runs
     from hvlab.lab.paths import Names
 
     rows = runs.all_runs(Names(_lab(lab_name)))
     if as_json:
-        click.echo(json.dumps([{**r, "state": runs.effective_state(r)} for r in rows],
+        click.echo(json.dumps([{**r.to_dict(), "state": runs.effective_state(r)} for r in rows],
                               indent=2))
         return
     Console().print(explain.runs_table(rows))
@@ -178,14 +185,15 @@ def explain(run_id: str, lab_name: str | None, as_json: bool, png: Path | None,
     if as_json and (png or svg or table_svg):
         raise BadInput("--json prints the raw events; save pictures without it")
     names = Names(_lab(lab_name))
-    run = runs.load(names, run_id)
+    record = runs.load(names, run_id)
+    run = record.to_dict()
     evs = runs.events(names, run_id)
     if as_json:
         click.echo(json.dumps({"run": run, "events": evs}, indent=2))
         return
     width = int(os.environ.get("COLUMNS", "0") or 0) or 200
     con = Console(width=width, record=table_svg is not None)
-    ex.render_explain(run, evs, con)
+    ex.render_explain(record, evs, con)
     saved = []
     if table_svg is not None:
         try:
@@ -198,7 +206,7 @@ def explain(run_id: str, lab_name: str | None, as_json: bool, png: Path | None,
             from hvlab.flow import timeline
 
             try:
-                timeline.save(run, evs, path, fmt, state=runs.effective_state(run))
+                timeline.save(run, evs, path, fmt, state=runs.effective_state(record))
             except OSError as exc:
                 raise BadInput(f"cannot write --{fmt} {path}: {exc.strerror or exc}") from None
             saved.append(path)

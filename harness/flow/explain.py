@@ -8,21 +8,20 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from hvlab.flow import runs
+from hvlab.lab import runs
+from hvlab.lab.record import ARTIFACTS, Run
 
-ARTS = ("B", "C", "A", "S_B", "S_A")
+ARTS = ARTIFACTS
 
 
-def runs_table(rows: list[dict[str, Any]]) -> Table:
+def runs_table(rows: list[Run]) -> Table:
     t = Table(title="backup runs")
     for col in ("id", "VMs", "mode", "state", "step", "consistency"):
         t.add_column(col)
     for r in rows:
-        classes = sorted({str(v.get("class")) for v in r.get("vm", {}).values()
-                          if v.get("class")})
-        t.add_row(r["id"], " ".join(r["vms"]), str(r.get("mode", "on-host")),
-                  runs.effective_state(r), str(r.get("last_step", "-")),
-                  ", ".join(classes) or "-")
+        classes = sorted({v.cls for v in r.vm.values() if v.cls})
+        t.add_row(r.id, " ".join(r.vms), r.mode, runs.effective_state(r),
+                  str(r.last_step or "-"), ", ".join(classes) or "-")
     return t
 
 
@@ -36,51 +35,53 @@ def cell(fp: dict[str, Any] | None, prev: dict[str, Any] | None) -> str:
     """Short fingerprint; '*' marks a change since the artifact was last measured."""
     if not fp:
         return "-"
+    if "sha256" not in fp:  # the live disk: its content moves, only its mapping is shown
+        return f"live/{fp['mapped_blocks']}"
     mark = "" if prev is None or prev.get("sha256") == fp.get("sha256") else " [yellow]*[/]"
     return f"{str(fp['sha256'])[:8]}/{fp['mapped_blocks']}{mark}"
 
 
-def timeline(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Table]:
+def timeline(run: Run, events: list[dict[str, Any]]) -> list[Table]:
     """One table per disk: per step, what B, C, A, S held and where the guest's writes went."""
     tables = []
-    for vm in run["vms"]:
-        for disk in run["vm"][vm]["disks"]:
-            key = f"{vm}/{disk}"
-            v = run["vm"][vm]
-            w = v.get("window") or {}
-            title = (f"{key}  ({v.get('class')}; T0 {_ts(v.get('t0'))}; freeze window "
-                     f"{w.get('seconds', 0):.3f} s)" if w else
-                     f"{key}  ({v.get('class')}; T0 {_ts(v.get('t0'))}; no freeze)")
-            t = Table(title=title, caption="cells: sha256 prefix / mapped blocks; * = changed "
-                      "since last measured; ~ = not measured inside the freeze window")
-            for col in ("step", "who", "what", "s", "writes", *ARTS):
-                t.add_column(col, no_wrap=col != "what", min_width=18 if col == "what" else None)
-            last: dict[str, dict[str, Any]] = {}
-            for ev in events:
-                if ev.get("vm") not in (None, vm):
-                    continue
-                dur = f"{ev['end'] - ev['start']:.2f}"
-                wt = (ev.get("writes_to") or {}).get(key, {})
-                fps = ev.get("fingerprints")
-                if fps is None and ev.get("step") is not None:
-                    cells = ["~"] * len(ARTS)
-                else:
-                    mine = (fps or {}).get(key, {})
-                    cells = []
-                    for a in ARTS:
-                        cells.append(cell(mine.get(a), last.get(a)))
-                        if mine.get(a):
-                            last[a] = mine[a]
-                name = ev["name"] + (" [red]FAILED[/]" if ev.get("error") else "")
-                skipped = (ev.get("detail") or {}).get("skipped")
-                if skipped:
-                    name += f" [dim](skipped: {skipped})[/]"
-                kernel = kernel_note(ev, vm, disk)
-                if kernel:
-                    name += f" [dim]kernel: {kernel}[/]"
-                t.add_row(str(ev.get("step") or "-"), ev.get("vm") or "job", name, dur,
-                          str(wt.get("artifact", "?")), *cells)
-            tables.append(t)
+    for vm, disk, _ in run.disks():
+        key = f"{vm}/{disk}"
+        v = run.vm[vm]
+        w = v.window
+        title = (f"{key}  ({v.cls}; T0 {_ts(v.t0)}; freeze window "
+                 f"{w.seconds or 0:.3f} s)" if w else
+                 f"{key}  ({v.cls}; T0 {_ts(v.t0)}; no freeze)")
+        t = Table(title=title, caption="cells: sha256 prefix / mapped blocks; * = changed "
+                  "since last measured; ~ = not hashed at this step (content is hashed at "
+                  "T0, after auto-recovery and before the merge)")
+        for col in ("step", "who", "what", "s", "writes", *ARTS):
+            t.add_column(col, no_wrap=col != "what", min_width=18 if col == "what" else None)
+        last: dict[str, dict[str, Any]] = {}
+        for ev in events:
+            if ev.get("vm") not in (None, vm):
+                continue
+            dur = f"{ev['end'] - ev['start']:.2f}"
+            wt = (ev.get("writes_to") or {}).get(key, {})
+            fps = ev.get("fingerprints")
+            if fps is None and ev.get("step") is not None:
+                cells = ["~"] * len(ARTS)
+            else:
+                mine = (fps or {}).get(key, {})
+                cells = []
+                for a in ARTS:
+                    cells.append(cell(mine.get(a), last.get(a)))
+                    if mine.get(a):
+                        last[a] = mine[a]
+            name = ev["name"] + (" [red]FAILED[/]" if ev.get("error") else "")
+            skipped = (ev.get("detail") or {}).get("skipped")
+            if skipped:
+                name += f" [dim](skipped: {skipped})[/]"
+            kernel = kernel_note(ev, vm, disk)
+            if kernel:
+                name += f" [dim]kernel: {kernel}[/]"
+            t.add_row(str(ev.get("step") or "-"), ev.get("vm") or "job", name, dur,
+                      str(wt.get("artifact", "?")), *cells)
+        tables.append(t)
     return tables
 
 
@@ -101,16 +102,18 @@ def kernel_note(ev: dict[str, Any], vm: str, disk: str) -> str:
 LANE_STYLE = {"B": "green", "C": "yellow", "A": "magenta", "S_B": "blue", "S_A": "blue"}
 
 
-def _names_in(detail: dict[str, Any], key: str) -> list[str]:
-    return [str(x).split(" -> ")[0] for x in detail.get(key) or []]
+def artifacts_in(detail: dict[str, Any], key: str) -> list[tuple[str, str]]:
+    """(disk key, artifact) of the explicit artifact list `key` (made/removed/merged)."""
+    return [(f"{x['vm']}/{x['disk']}", str(x["artifact"])) for x in detail.get(key) or []
+            if isinstance(x, dict)]
 
 
-def lanes(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Table]:
+def lanes(run: Run, events: list[dict[str, Any]]) -> list[Table]:
     """The picture, one per VM: a column per step (the VM's own 1-10, then the job's 11-14),
     per disk a lane for each artifact (present; * = changed since last measured), the guest's
     freeze and where its writes went."""
     out = []
-    for vm in run["vms"]:
+    for vm in run.vms:
         evs = [ev for ev in events if ev.get("vm") in (None, vm)]
         t = Table(title=f"{vm}: what exists after each step", box=None,
                   caption="[green]██[/] B  [yellow]██[/] C  [magenta]██[/] A  [blue]██[/] S  "
@@ -125,36 +128,26 @@ def lanes(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Table]:
     return out
 
 
-def lane_rows(run: dict[str, Any], events: list[dict[str, Any]], vm: str | None = None
+def lane_rows(run: Run, events: list[dict[str, Any]], vm: str | None = None
               ) -> dict[str, list[str]]:
     """Row label -> one rich-markup cell per event (empty: absent / not frozen), for one VM's
     disks or all of them."""
-    vms = [vm] if vm else run["vms"]
-    art_of: dict[str, tuple[str, str]] = {}  # LV name -> (disk key, artifact)
-    for v in vms:
-        for disk, info in run["vm"][v]["disks"].items():
-            for a in ARTS:
-                if info.get(a):
-                    art_of[info[a]] = (f"{v}/{disk}", a)
+    vms = [vm] if vm else run.vms
     rows: dict[str, list[str]] = {}
-    present: set[tuple[str, str]] = {(f"{v}/{d}", "B") for v in vms
-                                     for d in run["vm"][v]["disks"]}
+    present: set[tuple[str, str]] = {(f"{v}/{d}", "B") for v, d, _ in run.disks(vm)}
     last: dict[tuple[str, str], Any] = {}
     for i, ev in enumerate(events):
         detail = ev.get("detail") or {}
-        for lv in _names_in(detail, "made"):
-            if lv in art_of:
-                present.add(art_of[lv])
-        for lv in _names_in(detail, "removed") + _names_in(detail, "merged"):
-            if lv in art_of:
-                present.discard(art_of[lv])
+        present.update(artifacts_in(detail, "made"))
+        present.difference_update(artifacts_in(detail, "removed")
+                                  + artifacts_in(detail, "merged"))
         if ev.get("step") is None:  # unwind: only the live disks are left
             present = {p for p in present if p[1] == "B"}
         for v in vms:
             frozen = (ev.get("in_freeze") and ev.get("vm") == v
-                      and run["vm"][v].get("answers") is not False)  # crash-consistent: never
+                      and run.vm[v].answers is not False)  # crash-consistent: never
             rows.setdefault(f"{v} guest", [""] * len(events))[i] = "[cyan]❄[/]" if frozen else ""
-            for disk in run["vm"][v]["disks"]:
+            for disk in run.vm[v].disks:
                 key = f"{v}/{disk}"
                 wt = ((ev.get("writes_to") or {}).get(key) or {}).get("artifact", "?")
                 rows.setdefault(f"{key} writes", [""] * len(events))[i] = (
@@ -172,11 +165,11 @@ def lane_rows(run: dict[str, Any], events: list[dict[str, Any]], vm: str | None 
     return {label: cells for label, cells in rows.items() if any(cells)}
 
 
-def render_explain(run: dict[str, Any], events: list[dict[str, Any]],
+def render_explain(run: Run, events: list[dict[str, Any]],
                    console: Console | None = None) -> None:
     con = console or Console()
-    con.print(f"[bold]run {run['id']}[/]  lab {run['lab']}  VMs {' '.join(run['vms'])}  "
-              f"state {runs.effective_state(run)}  backup {run['dest']}")
+    con.print(f"[bold]run {run.id}[/]  lab {run.lab}  VMs {' '.join(run.vms)}  "
+              f"state {runs.effective_state(run)}  backup {run.dest}")
     for t in lanes(run, events):
         con.print(t)
     for t in timeline(run, events):
@@ -187,8 +180,8 @@ def render_explain(run: dict[str, Any], events: list[dict[str, Any]],
         "S_B/S_A = external snapshot set. Steps 4-7 are one instant seen from two sides: C and "
         "A are made while the guest holds its writes, so B at step 5 *is* the internal "
         "snapshot's state; auto-recovery fixes A up, the live VM never sees it (it writes C).")
-    for vm in run["vms"]:
-        for disk, img in ((k, i) for k, i in run.get("images", {}).items()
+    for vm in run.vms:
+        for disk, img in ((k, i) for k, i in run.images.items()
                           if k.startswith(f"{vm}/")):
             n = sum(r["length"] for r in img["auto_recovery_ranges"])
             con.print(f"{disk}: image {img['file']} sha256 {img['sha256'][:16]}; "

@@ -90,8 +90,16 @@ class Timeline:
     end_label: str = "end"  # the run's state where the record ends
 
 
-def _names(detail: dict[str, Any], key: str) -> list[str]:
-    return [str(x).split(" -> ")[0] for x in detail.get(key) or []]
+def _lanes(detail: dict[str, Any], key: str, art_of: dict[str, str]) -> list[str]:
+    """Lanes of the explicit artifact list `key` ({vm, disk, artifact, lv}); records made
+    before artifacts were explicit name LVs ("c -> b" for a merge)."""
+    out = []
+    for x in detail.get(key) or []:
+        if isinstance(x, dict):
+            out.append(f"{x['vm']}/{x['disk']} {x['artifact']}")
+        elif (lv := str(x).split(" -> ")[0]) in art_of:
+            out.append(art_of[lv])
+    return out
 
 
 def _num(x: Any) -> float | None:
@@ -167,21 +175,18 @@ def build(record: RunRecord, events: list[dict[str, Any]], state: str | None = N
         tl.steps.append(StepMark(s, e, str(step) if step else "U", ev.get("vm"),
                                  failed=bool(ev.get("error")),
                                  skipped=bool(detail.get("skipped"))))
-        for lv in _names(detail, "made"):
-            if lv in art_of:
-                born.setdefault(art_of[lv], s)
+        for lane in _lanes(detail, "made", art_of):
+            born.setdefault(lane, s)
         for fp_key, fps in (ev.get("fingerprints") or {}).items():  # made by a killed step
             for a in fps or {}:
                 lane = f"{fp_key} {a}"
                 if lane not in born and not any(x.lane == lane for x in tl.artifacts):
                     born[lane] = s
-        for lv in _names(detail, "removed"):
-            if lv in art_of:
-                close(art_of[lv], e)
-        for lv in _names(detail, "merged"):
-            if lv in art_of:
-                close(art_of[lv], e)
-                tl.merged.append(Span(art_of[lv], s, e))
+        for lane in _lanes(detail, "removed", art_of):
+            close(lane, e)
+        for lane in _lanes(detail, "merged", art_of):
+            close(lane, e)
+            tl.merged.append(Span(lane, s, e))
         if step is None:  # an unwind leaves only the live disks
             for lane in [x for x in born if not x.endswith(" B")]:
                 close(lane, e)

@@ -1,4 +1,7 @@
-"""Run records: `<runs_dir>/<id>/run.json` (atomic writes) and `events.jsonl`, and VM locks."""
+"""Run records on disk: `<runs_dir>/<id>/run.json` (atomic writes), `events.jsonl`, VM locks.
+
+Lab persistence: the flow writes them, the lab (stop, down), the manifest and explain read them.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +17,10 @@ import psutil
 
 from hvlab.errors import BadInput, HvlabError
 from hvlab.lab.paths import Names
+from hvlab.lab.record import ACTIVE, FINAL, Run
 from hvlab.lab.state import write_json_atomic
 
-ACTIVE = ("running", "paused", "aborting")
-FINAL = ("done", "failed", "aborted")
+__all__ = ["ACTIVE", "FINAL", "Run"]
 
 
 def new_id() -> str:
@@ -28,61 +31,62 @@ def run_dir(names: Names, run_id: str) -> Path:
     return names.runs_dir / run_id
 
 
-def save(names: Names, run: dict[str, Any]) -> None:
-    d = run_dir(names, run["id"])
+def save(names: Names, run: Run) -> None:
+    d = run_dir(names, run.id)
     d.mkdir(parents=True, exist_ok=True)
-    run["updated"] = time.time()
-    write_json_atomic(d / "run.json", run)
+    run.updated = time.time()
+    write_json_atomic(d / "run.json", run.to_dict())
 
 
-def load(names: Names, run_id: str) -> dict[str, Any]:
+def _read(path: Path) -> Run:
+    return Run.from_dict(json.loads(path.read_text()))
+
+
+def load(names: Names, run_id: str) -> Run:
     if "/" in run_id or not run_id:
         raise BadInput(f"invalid run id {run_id!r}")
     path = run_dir(names, run_id) / "run.json"
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
+        return _read(path)
     except FileNotFoundError:
         raise BadInput(f"no run {run_id!r} in lab {names.lab!r} (`hvlab runs` lists them)")\
             from None
-    except (OSError, ValueError) as exc:
-        raise HvlabError(f"run record {path} is unreadable: {exc}") from None
-    return data
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise HvlabError(f"run record {path} is unreadable: {exc!r}") from None
 
 
-def all_runs(names: Names) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+def all_runs(names: Names) -> list[Run]:
+    out: list[Run] = []
     if not names.runs_dir.exists():
         return out
     for p in sorted(names.runs_dir.glob("*/run.json")):
         try:
-            out.append(json.loads(p.read_text()))
-        except (OSError, ValueError):
+            out.append(_read(p))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return out
 
 
-def alive(run: dict[str, Any]) -> bool:
-    pid = run.get("pid")
-    if not isinstance(pid, int):
+def alive(run: Run) -> bool:
+    if not isinstance(run.pid, int):
         return False
     try:
-        p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE and abs(p.create_time() -
-                                                          float(run.get("pid_started", 0))) < 2
+        p = psutil.Process(run.pid)
+        return p.status() != psutil.STATUS_ZOMBIE and abs(
+            p.create_time() - float(run.pid_started or 0)) < 2
     except psutil.Error:
         return False
 
 
-def effective_state(run: dict[str, Any]) -> str:
+def effective_state(run: Run) -> str:
     """`running` with a dead process reads as `interrupted`."""
-    st = str(run.get("state"))
-    if st in ("running", "aborting") and not alive(run):
+    if run.state in ("running", "aborting") and not alive(run):
         return "interrupted"
-    return st
+    return run.state
 
 
-def active_runs(names: Names) -> list[dict[str, Any]]:
-    return [r for r in all_runs(names) if r.get("state") in ACTIVE]
+def active_runs(names: Names) -> list[Run]:
+    return [r for r in all_runs(names) if r.state in ACTIVE]
 
 
 def append_event(names: Names, run_id: str, event: dict[str, Any]) -> None:
@@ -105,9 +109,9 @@ def events(names: Names, run_id: str) -> list[dict[str, Any]]:
     return out
 
 
-def mark_self(run: dict[str, Any]) -> None:
-    run["pid"] = os.getpid()
-    run["pid_started"] = psutil.Process().create_time()
+def mark_self(run: Run) -> None:
+    run.pid = os.getpid()
+    run.pid_started = psutil.Process().create_time()
 
 
 class VmLocks:

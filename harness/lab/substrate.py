@@ -311,7 +311,7 @@ def verify_clean(lab: str) -> None:
 
 def stop(lab: str, *, progress: Progress = _quiet) -> None:
     """Take the lab offline (as a host shutdown would) but keep its data for the next `up`."""
-    from hvlab.flow import runs  # the flow sits above the lab: import late
+    from hvlab.lab import runs
 
     st = State.load(lab)
     if st is None:
@@ -319,8 +319,8 @@ def stop(lab: str, *, progress: Progress = _quiet) -> None:
     names = Names(lab)
     busy = runs.active_runs(names)
     if busy:
-        # Its guest may write to a checkpoint C that a restart would not map: finish it first.
-        raise BadInput(f"lab {lab!r} has backup run {busy[0]['id']} "
+        # A stop would pull the lab from under the run's process: finish or abort it first.
+        raise BadInput(f"lab {lab!r} has backup run {busy[0].id} "
                        f"({runs.effective_state(busy[0])}): `hvlab backup --resume` or "
                        f"`--abort` it before `hvlab stop`")
     with locked(lab):

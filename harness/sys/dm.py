@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,14 +79,38 @@ def create_linear(name: str, target_dev: str, *, uuid: str) -> str:
     return f"/dev/mapper/{name}"
 
 
-def redirect(name: str, target_dev: str) -> None:
-    """Point a live linear device at another target. --nolockfs: the guest may hold fsfreeze."""
-    table = linear_table(target_dev)
-    run(["dmsetup", "suspend", "--nolockfs", "--noudevsync", name])
+@contextmanager
+def suspended(*names: str) -> Iterator[list[str]]:
+    """Hold every named device suspended (--nolockfs: the guest may hold fsfreeze, and a
+    lockfs suspend would fail with EBUSY on 6.1); all are resumed, in reverse, however the
+    block ends. Yields the devices suspended so far."""
+    held: list[str] = []
     try:
-        run(["dmsetup", "reload", name, "--table", table])
+        for n in names:
+            run(["dmsetup", "suspend", "--nolockfs", "--noudevsync", n])
+            held.append(n)
+        yield held
     finally:
-        run(["dmsetup", "resume", "--noudevsync", name])
+        for n in reversed(held):
+            run_resume(n)
+
+
+def reload_linear(name: str, target_dev: str) -> None:
+    """Load a linear table onto target_dev; it becomes live at the next resume."""
+    run(["dmsetup", "reload", name, "--table", linear_table(target_dev)])
+
+
+def slave_name(name: str) -> str | None:
+    """The dm name of the one device a stacked dm device maps, from sysfs (no exec: cheap
+    enough to ask after every step). None when not exactly one dm device lies below."""
+    try:
+        node = os.path.basename(os.path.realpath(f"/dev/mapper/{name}"))
+        slaves = os.listdir(f"/sys/block/{node}/slaves")
+        if len(slaves) != 1:
+            return None
+        return Path(f"/sys/block/{slaves[0]}/dm/name").read_text().strip()
+    except OSError:
+        return None
 
 
 def target_of(name: str) -> str:

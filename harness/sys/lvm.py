@@ -61,6 +61,42 @@ log {{
 """
 
 
+@dataclass(frozen=True)
+class LvRow:
+    """One LV as LVM reports it (libblockdev's BDLVMLVdata, trimmed to what we use)."""
+
+    name: str
+    attr: str
+    origin: str
+    pool: str
+    tags: frozenset[str]
+    major: int | None
+    minor: int | None
+    thin_id: int | None
+
+    @property
+    def hidden(self) -> bool:
+        return self.name.startswith("[")
+
+    def tag_value(self, prefix: str) -> str | None:
+        """The part after prefix of the first tag that has it (vm_, disk_, run_)."""
+        return next((t[len(prefix):] for t in sorted(self.tags) if t.startswith(prefix)), None)
+
+    @staticmethod
+    def from_report(r: dict[str, Any]) -> LvRow:
+        def num(key: str) -> int | None:
+            try:
+                v = int(str(r.get(key, "")))
+            except ValueError:
+                return None
+            return v if v >= 0 else None
+
+        tags = frozenset(t for t in str(r.get("lv_tags", "")).split(",") if t)
+        return LvRow(str(r["lv_name"]), str(r.get("lv_attr", "")), str(r.get("origin", "")),
+                     str(r.get("pool_lv", "")), tags, num("lv_kernel_major"),
+                     num("lv_kernel_minor"), num("thin_id"))
+
+
 @dataclass
 class Lvm:
     """Runs lvm commands for one lab, with its private configuration directory."""
@@ -103,6 +139,10 @@ class Lvm:
                   "metadata_percent,lv_tags,lv_dm_path,lv_active,lv_kernel_major,"
                   "lv_kernel_minor,thin_id,lv_time")
         return self._report("lvs", fields, "-a", vg)
+
+    def rows(self, vg: str) -> dict[str, LvRow]:
+        """Every LV of vg (hidden ones included), typed, by name."""
+        return {r.name: r for r in map(LvRow.from_report, self.lvs(vg))}
 
     def vgs(self) -> list[dict[str, Any]]:
         return self._report("vgs", "vg_name,vg_size,vg_free,vg_tags,pv_count,lv_count")

@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from hvlab.errors import CommandError
 
 log = logging.getLogger("hvlab.run")
 
-# Commands we ran, for tests and for `--verbose` traces.
-TRACE: list[list[str]] = []
+
+@dataclass(frozen=True)
+class Command:
+    """One external command as a program log keeps it (blivet's habit)."""
+
+    argv: list[str]
+    returncode: int
+    seconds: float
+
+
+_LOG: contextvars.ContextVar[list[Command] | None] = contextvars.ContextVar("hvlab_program_log",
+                                                                          default=None)
+
+
+@contextmanager
+def program_log() -> Iterator[list[Command]]:
+    """Collect every command run inside the block (this thread/context), in order."""
+    commands: list[Command] = []
+    token = _LOG.set(commands)
+    try:
+        yield commands
+    finally:
+        _LOG.reset(token)
 
 
 @dataclass(frozen=True)
@@ -38,8 +62,8 @@ def run(
     if env:
         full_env.update(env)
     args = [str(a) for a in argv]
-    TRACE.append(args)
     log.debug("run %s", args)
+    start = time.monotonic()
     try:
         proc = subprocess.run(
             args,
@@ -57,6 +81,9 @@ def run(
     except subprocess.TimeoutExpired as exc:
         raise CommandError(args, -1, f"timed out after {timeout}s") from exc
     res = Result(args, proc.returncode, proc.stdout, proc.stderr)
+    commands = _LOG.get()
+    if commands is not None:
+        commands.append(Command(args, proc.returncode, round(time.monotonic() - start, 4)))
     if check and proc.returncode != 0:
         raise CommandError(args, proc.returncode, proc.stderr, proc.stdout)
     return res

@@ -22,7 +22,7 @@ from hvlab.vm import uml
 from hvlab.vm.uml import VmPaths
 
 PASS_ENV = ("CI", "HVLAB_HOME", "PYTEST_ADDOPTS", "COLUMNS", "LINES", "TERM", "NO_COLOR",
-            "FORCE_COLOR", "HVLAB_TEST_HOME", "HVLAB_VERBOSE")
+            "FORCE_COLOR", "HVLAB_TEST_HOME", "HVLAB_VERBOSE", "HVLAB_INJECT")
 # Directories the lab VM mounts for itself: a path under them is not the host's file.
 VM_PRIVATE = ("/proc", "/sys", "/dev", "/run")
 DEFAULT_MEM = os.environ.get("HVLAB_VM_MEM", "2G")

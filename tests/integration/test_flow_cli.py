@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from hvlab.fixtures.plugin import LabHandle
-from hvlab.flow import engine, runs
+from hvlab.flow import engine
+from hvlab.lab import runs
 from hvlab.sys.run import run
 
 pytestmark = pytest.mark.integration
@@ -34,9 +35,9 @@ def _one_line_error(res: subprocess.CompletedProcess[str], message: str) -> str 
 def test_backup_restore_verify_bad_input(lab: LabHandle, tmp_path: Path) -> None:
     n = lab.defn.name
     done = engine.start(n, ["vm02"], fingerprints=False)
-    assert done["state"] == "done"
+    assert done.state == "done"
     lvs_before = lab.lv_names()
-    runs_before = {r["id"] for r in runs.all_runs(lab.names)}
+    runs_before = {r.id for r in runs.all_runs(lab.names)}
 
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -46,15 +47,15 @@ def test_backup_restore_verify_bad_input(lab: LabHandle, tmp_path: Path) -> None
             (["backup", "-n", n, "vm09"], "unknown VM 'vm09'"),
             (["backup", "-n", n], "give VMs to back up"),
             (["backup", "-n", n, "vm01", "vm01"], "named twice"),
-            (["backup", "-n", n, "vm01", "--dest", done["dest"]], "already exists"),
+            (["backup", "-n", n, "vm01", "--dest", done.dest], "already exists"),
             (["backup", "-n", n, "vm01", "--dest", str(ro / "b")], "not writable"),
             (["backup", "-n", n, "vm01", "--pause-after", "5"], "freeze window"),
             (["backup", "-n", n, "vm01", "--pause-after", "15"], "15"),
-            (["backup", "-n", n, "--resume", done["id"]], "nothing to resume"),
-            (["backup", "-n", n, "--abort", done["id"]], "nothing to abort"),
+            (["backup", "-n", n, "--resume", done.id], "nothing to resume"),
+            (["backup", "-n", n, "--abort", done.id], "nothing to abort"),
             (["backup", "-n", n, "--resume", "r0nosuchrun"], "r0nosuchrun"),
-            (["restore", "-n", n, done["dest"], "--as", "vm01"], "restore onto a new name"),
-            (["restore", "-n", n, done["dest"], "--as", "Bad_Name"], "Bad_Name"),
+            (["restore", "-n", n, done.dest, "--as", "vm01"], "restore onto a new name"),
+            (["restore", "-n", n, done.dest, "--as", "Bad_Name"], "Bad_Name"),
             (["restore", "-n", n, str(tmp_path / "nobackup"), "--as", "rest"], "nobackup"),
             (["verify", "-n", n, str(tmp_path / "nobackup")], "nobackup"),
             (["explain", "-n", n, "r0nosuchrun"], "r0nosuchrun"),
@@ -64,14 +65,14 @@ def test_backup_restore_verify_bad_input(lab: LabHandle, tmp_path: Path) -> None
     finally:
         run(["umount", str(ro)])
     assert lab.lv_names() == lvs_before, "bad input changed the LV set"
-    assert {r["id"] for r in runs.all_runs(lab.names)} == runs_before, "a run was registered"
+    assert {r.id for r in runs.all_runs(lab.names)} == runs_before, "a run was registered"
     assert lab.controller_maps_base("vm02", "disk0")
 
 
 def test_stop_is_refused_while_a_backup_is_paused(lab: LabHandle) -> None:
     n = lab.defn.name
     paused = engine.start(n, ["vm02"], pause_after=9, fingerprints=False)
-    assert paused["state"] == "paused" and not lab.controller_maps_base("vm02", "disk0")
+    assert paused.state == "paused" and not lab.controller_maps_base("vm02", "disk0")
     assert _one_line_error(hvlab("stop", "-n", n), "before `hvlab stop`") is None
-    engine.abort(n, paused["id"])
+    engine.abort(n, paused.id)
     assert lab.controller_maps_base("vm02", "disk0")

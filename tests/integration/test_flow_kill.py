@@ -1,6 +1,7 @@
-"""A backup process killed with SIGKILL in the middle of a step is recoverable by the next
-command: `--resume` finishes the run, `--abort` unwinds it, and either leaves the LV set as it
-was. The kill points are half-done steps: the object exists, the run record does not say so."""
+"""A backup process killed with SIGKILL at any named fault point (every step boundary and every
+half-done step: the object exists, the run record does not say so yet) is recoverable by the
+next command: `--resume` finishes the run, `--abort` unwinds it, and either leaves the LV set
+as it was."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ import pytest
 from hvlab.backup import restore as rst
 from hvlab.errors import BadInput
 from hvlab.fixtures.plugin import LabHandle
-from hvlab.flow import engine, runs
+from hvlab.flow import engine, faults
 from hvlab.guest.client import GuestClient
-from hvlab.lab import guests
-from hvlab.sys import fs
+from hvlab.lab import guests, runs
+from hvlab.lab.record import Run
+from hvlab.sys import dm, fs
 from hvlab.sys.lvm import Lvm
 
 pytestmark = pytest.mark.integration
@@ -31,122 +33,84 @@ ONE_VM: dict[str, Any] = {
             "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}],
 }
 
-# Each patch runs the real operation, then kills the process before the run record is saved.
-KILLERS = {
-    "step 10, A attached to the guest": """
-orig = engine.dm.create_linear
-def patched(*a, **k):
-    out = orig(*a, **k); die(); return out
-engine.dm.create_linear = patched
-""",
-    "step 11, S_B made, S_A not": """
-orig = engine.Ctx.snapshot
-def patched(self, origin, name, role, *a, **k):
-    orig(self, origin, name, role, *a, **k)
-    if role == engine.ROLE_OF["S_B"]: die()
-engine.Ctx.snapshot = patched
-""",
-    "step 13, metadata snapshot reserved": """
-orig = thinmeta.MetadataSnap.delta
-def patched(self, *a):
-    orig(self, *a); die()
-thinmeta.MetadataSnap.delta = patched
-""",
-    "step 14, C renamed, tags not yet fixed": """
-orig = engine.retag_base
-def patched(ctx, lv):
-    die()
-engine.retag_base = patched
-""",
-    "step 14, B removed, C not yet renamed": """
-orig = engine.Ctx.remove_lv
-def patched(self, lv):
-    out = orig(self, lv)
-    if lv == "vm01_disk0": die()
-    return out
-engine.Ctx.remove_lv = patched
-""",
-    "after step 14, before the manifest": """
-engine.finish = lambda ctx: die()
-""",
-    "manifest written, run not yet marked done": """
-from hvlab.backup import manifest
-orig = manifest.write
-def patched(*a, **k):
-    orig(*a, **k); die()
-manifest.write = patched
-""",
-}
-
-SCRIPT = """
-import os, signal, sys
-from hvlab.flow import engine
-from hvlab.backup import thinmeta
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-{patch}
-engine.start(sys.argv[1], ["vm01"], fingerprints=False)
-"""
-
-
-def _killed_run(h: LabHandle, point: str) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(patch=KILLERS[point]),
-                           h.defn.name], env=dict(os.environ), capture_output=True, text=True,
+def _killed_run(h: LabHandle, point: str, patch: str = "") -> Run:
+    """A backup killed (SIGKILL) at a named fault point, through the CLI's hidden --inject;
+    with patch, through a script that changes the guest's side first."""
+    if patch:
+        argv = [sys.executable, "-c", SCRIPT.format(patch=patch), h.defn.name]
+    else:
+        argv = [sys.executable, "-m", "hvlab.cli", "backup", "vm01", "-n", h.defn.name,
+                "--no-fingerprints", "--inject", f"{point}:kill"]
+    proc = subprocess.run(argv, env=dict(os.environ), capture_output=True, text=True,
                           timeout=600)
-    assert proc.returncode == -9, proc.stderr
+    assert proc.returncode == -9, proc.stdout + proc.stderr
     (run_,) = runs.all_runs(h.names)
     assert runs.effective_state(run_) == "interrupted"
     return run_
 
 
-@pytest.mark.parametrize("point", list(KILLERS))
-def test_killed_mid_step_then_resume(lab_factory: Callable[..., LabHandle], point: str) -> None:
+SCRIPT = """
+import os, signal, sys
+from hvlab.flow import engine
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+{patch}
+engine.start(sys.argv[1], ["vm01"], fingerprints=False)
+"""
+# Killed there, the run is inside the guest's freeze window: resume is refused, abort it.
+IN_FREEZE = {"step-05", "step-06", "step-07", "step-08", "s05-snapshots", "s05-reloaded",
+             "s06-one"}
+
+
+@pytest.mark.parametrize("point", list(faults.POINTS))
+def test_killed_at_every_fault_point(lab_factory: Callable[..., LabHandle], point: str) -> None:
+    """Every named fault point: killed there, the next command recovers the run (resume, or
+    abort inside the freeze window), the live disk keeps what the guest committed, the LV set
+    is as before, and the backup (or the next one) verifies."""
     h = lab_factory(ONE_VM, start_guests=True)
+    client = GuestClient(guests.socket_path(h.names, "vm01"))
     pre = h.lv_names()
     run_ = _killed_run(h, point)
-    done = engine.resume(h.defn.name, run_["id"], fingerprints=False)
-    assert done["state"] == "done"
+    if point in IN_FREEZE:
+        with pytest.raises(BadInput, match="inside a freeze window"):
+            engine.resume(h.defn.name, run_.id, fingerprints=False)
+        engine.abort(h.defn.name, run_.id)
+        assert runs.load(h.names, run_.id).state == "aborted"
+        run_ = engine.start(h.defn.name, ["vm01"], fingerprints=False)
+    else:
+        acked = client.status()["committed_txid"]
+        done = engine.resume(h.defn.name, run_.id, fingerprints=False)
+        assert done.state == "done"
+        assert client.status()["committed_txid"] >= acked  # nothing committed was lost
     assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
-    assert not GuestClient(guests.socket_path(h.names, "vm01")).status()["frozen"]
-    assert rst.verify(h.defn.name, run_["id"])["ok"]
+    assert not client.status()["frozen"]
+    assert rst.verify(h.defn.name, run_.id)["ok"]
 
 
-@pytest.mark.parametrize("point", ["step 11, S_B made, S_A not",
-                                   "step 14, B removed, C not yet renamed"])
+@pytest.mark.parametrize("point", ["s11-one", "s14-base-removed"])
 def test_killed_mid_step_then_abort(lab_factory: Callable[..., LabHandle], point: str) -> None:
     h = lab_factory(ONE_VM, start_guests=True)
     pre = h.lv_names()
     marker = h.mountpoint("vm01", "disk0") / "live.txt"
     run_ = _killed_run(h, point)
     marker.write_text("written after the kill\n")
-    engine.abort(h.defn.name, run_["id"])
-    assert runs.load(h.names, run_["id"])["state"] == "aborted"
+    engine.abort(h.defn.name, run_.id)
+    assert runs.load(h.names, run_.id).state == "aborted"
     assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
     assert marker.read_text() == "written after the kill\n"
     with pytest.raises(Exception, match="nothing to resume"):
-        engine.resume(h.defn.name, run_["id"])
+        engine.resume(h.defn.name, run_.id)
 
 
-def test_killed_inside_the_freeze_with_controllers_suspended(
+def test_killed_with_controllers_suspended_then_abort(
         lab_factory: Callable[..., LabHandle]) -> None:
-    """Killed in step 5 between the suspend and the resume of the controller, with the guest
-    frozen: resume is refused, abort resumes the controller, thaws and removes C."""
+    """Killed in step 5 with C loaded into the suspended controller and the guest frozen:
+    abort resumes the controller (C goes live), records it, thaws and merges C."""
     h = lab_factory(ONE_VM, start_guests=True)
     pre = h.lv_names()
-    KILLERS["step 5, controller suspended"] = """
-orig = engine.Ctx.snapshot
-def patched(self, origin, name, role, *a, **k):
-    orig(self, origin, name, role, *a, **k)
-    if role == engine.ROLE_OF["C"]: die()
-engine.Ctx.snapshot = patched
-"""
-    try:
-        run_ = _killed_run(h, "step 5, controller suspended")
-    finally:
-        del KILLERS["step 5, controller suspended"]
-    with pytest.raises(BadInput, match="inside a freeze window"):
-        engine.resume(h.defn.name, run_["id"])
-    engine.abort(h.defn.name, run_["id"])
+    run_ = _killed_run(h, "s05-reloaded")
+    assert any(d.suspended for d in dm.list_devices() if d.name == h.names.ctl("vm01", "disk0"))
+    engine.abort(h.defn.name, run_.id)
     assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
     assert not GuestClient(guests.socket_path(h.names, "vm01")).status()["frozen"]
     probe = h.mountpoint("vm01", "disk0") / "after-abort.txt"
@@ -157,14 +121,13 @@ engine.Ctx.snapshot = patched
 def test_resume_finishes_the_retag_of_a_merged_checkpoint(
         lab_factory: Callable[..., LabHandle]) -> None:
     h = lab_factory(ONE_VM, start_guests=True)
-    run_ = _killed_run(h, "step 14, C renamed, tags not yet fixed")
-    engine.resume(h.defn.name, run_["id"], fingerprints=False)
-    rows = {r["lv_name"]: r for r in Lvm(h.names.lvm_dir).lvs(h.names.vg)}
-    tags = rows["vm01_disk0"]["lv_tags"].split(",")
+    run_ = _killed_run(h, "s14-renamed")
+    engine.resume(h.defn.name, run_.id, fingerprints=False)
+    tags = Lvm(h.names.lvm_dir).rows(h.names.vg)["vm01_disk0"].tags
     assert "role_base" in tags and "role_checkpoint" not in tags
     assert not [t for t in tags if t.startswith("run_")]
     again = engine.start(h.defn.name, ["vm01"], fingerprints=False)  # no leftover reported
-    assert again["state"] == "done"
+    assert again.state == "done"
 
 
 @pytest.mark.parametrize("guest_restarted", [False, True])
@@ -176,7 +139,7 @@ def test_killed_while_the_guest_had_A_mounted(lab_factory: Callable[..., LabHand
     h = lab_factory(ONE_VM, start_guests=True)
     pre = h.lv_names()
     run_dir = h.names.guest_dir("vm01")
-    KILLERS["step 10, A mounted in the guest"] = f"""
+    patch = f"""
 import subprocess
 from hvlab.guest.client import GuestClient
 def patched(self, devices):
@@ -186,10 +149,7 @@ def patched(self, devices):
     die()
 GuestClient.post_snapshot = patched
 """
-    try:
-        run_ = _killed_run(h, "step 10, A mounted in the guest")
-    finally:
-        del KILLERS["step 10, A mounted in the guest"]
+    run_ = _killed_run(h, "", patch=patch)
     assert fs.mounts_under(run_dir)
     if guest_restarted:
         pid = guests.running_pids(h.names)[0]
@@ -198,8 +158,8 @@ GuestClient.post_snapshot = patched
         proc.wait(30)
         guests.start_all(h.defn, h.names)
         assert not fs.mounts_under(run_dir)
-    done = engine.resume(h.defn.name, run_["id"], fingerprints=False)
-    assert done["state"] == "done"
+    done = engine.resume(h.defn.name, run_.id, fingerprints=False)
+    assert done.state == "done"
     assert not fs.mounts_under(run_dir) and not list(run_dir.glob("ar-*"))
     assert h.lv_names() == pre
-    assert rst.verify(h.defn.name, run_["id"])["ok"]
+    assert rst.verify(h.defn.name, run_.id)["ok"]

@@ -10,10 +10,10 @@ import pytest
 
 from hvlab.backup import restore as rst
 from hvlab.fixtures.plugin import LabHandle
-from hvlab.flow import engine, runs
+from hvlab.flow import engine
 from hvlab.guest.client import GuestClient
 from hvlab.guest.supervise import stop_guest
-from hvlab.lab import guests
+from hvlab.lab import guests, runs
 
 pytestmark = pytest.mark.integration
 
@@ -32,15 +32,15 @@ def test_backup_while_the_guest_writes_at_full_rate(lab_factory: Callable[..., L
     client.workload(ops_per_s=2000)  # as fast as the guest can go
     before = client.status()["committed_txid"]
     run_ = engine.start(h.defn.name, ["vm01"], fingerprints=False)
-    assert run_["state"] == "done"
+    assert run_.state == "done"
     after = client.status()["committed_txid"]
     assert after > before, "the guest kept committing through the backup"
-    report = rst.verify(h.defn.name, run_["id"])
+    report = rst.verify(h.defn.name, run_.id)
     assert report["ok"], report
     assert h.controller_maps_base("vm01", "disk0")
     # Invariant 3, exactly: the image holds the ledger as committed at T0, not one
     # transaction more, although the guest kept committing after T0.
-    t0_txid = run_["vm"]["vm01"]["freeze_reply"]["ledger_last_txid"]
+    t0_txid = (run_.vm["vm01"].freeze_reply or {})["ledger_last_txid"]
     (vm_report,) = report["vms"]
     assert vm_report["ledger"]["last_txid"] == t0_txid
     assert after > t0_txid
@@ -57,7 +57,7 @@ def test_flush_and_hold_timeout_fails_and_unwinds(lab_factory: Callable[..., Lab
     with pytest.raises(engine.FlowFailed, match="VSS_E_FLUSH_WRITES_TIMEOUT"):
         engine.start(h.defn.name, ["vm01"], fingerprints=False)
     (run_,) = runs.all_runs(h.names)
-    assert run_["state"] == "failed"
+    assert run_.state == "failed"
     assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
     st = GuestClient(guests.socket_path(h.names, "vm01")).status()
     assert not st["frozen"]
@@ -74,21 +74,21 @@ def test_pause_after_each_step_then_resume_or_abort(lab_factory: Callable[..., L
     client = GuestClient(guests.socket_path(h.names, "vm01"))
 
     paused = engine.start(lab, ["vm01"], pause_after=step, fingerprints=False)
-    assert paused["state"] == "paused"
+    assert paused.state == "paused"
     assert not client.status()["frozen"], "a paused run never holds the guest frozen"
     marker = h.mountpoint("vm01", "disk0") / f"written-while-paused-{step}"
     marker.write_text("live write\n")
-    engine.abort(lab, paused["id"])
-    assert runs.load(h.names, paused["id"])["state"] == "aborted"
+    engine.abort(lab, paused.id)
+    assert runs.load(h.names, paused.id).state == "aborted"
     assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
     assert marker.read_text() == "live write\n", "abort must keep the live writes"
 
     paused = engine.start(lab, ["vm01"], pause_after=step, fingerprints=False)
-    done = engine.resume(lab, paused["id"], fingerprints=False)
-    assert done["state"] == "done"
+    done = engine.resume(lab, paused.id, fingerprints=False)
+    assert done.state == "done"
     assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
     assert marker.read_text() == "live write\n"
-    assert rst.verify(lab, done["id"])["ok"]
+    assert rst.verify(lab, done.id)["ok"]
 
 
 def test_windows_vm_whose_guest_is_down_falls_back_to_crash_consistent(
@@ -97,9 +97,10 @@ def test_windows_vm_whose_guest_is_down_falls_back_to_crash_consistent(
     h = lab_factory(ONE_VM, start_guests=True)
     stop_guest(h.names.guest_dir("vm01"))
     run_ = engine.start(h.defn.name, ["vm01"], fingerprints=False)
-    assert run_["state"] == "done"
-    assert run_["vm"]["vm01"]["class"] == "crash-consistent"
-    report = rst.verify(h.defn.name, run_["id"])
+    assert run_.state == "done"
+    assert run_.vm["vm01"].cls == "crash-consistent"
+    report = rst.verify(h.defn.name, run_.id)
     assert report["ok"] and report["vms"][0]["consistency"] == "crash-consistent"
-    rec = rst.restore(h.defn.name, run_["id"], "rest01", vm="vm01")
+    rec = rst.restore(h.defn.name, run_.id, "rest01", vm="vm01")
+    h.expect_extra(lvs=rec["lvs"], dm=rec["controllers"])
     assert rec["controllers"]

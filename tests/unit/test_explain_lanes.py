@@ -9,12 +9,20 @@ from typing import Any
 from rich.console import Console
 
 from hvlab.flow.explain import lane_rows, render_explain
+from hvlab.lab.record import Run
 
-RUN: dict[str, Any] = {
-    "vms": ["vm01"],
-    "vm": {"vm01": {"disks": {"disk0": {"B": "b", "C": "c", "A": "a", "S_B": "sb",
-                                        "S_A": "sa"}}}},
-}
+RUN = Run.from_dict({
+    "id": "r1", "lab": "t", "vms": ["vm01"], "dest": "/nowhere", "created": 0.0,
+    "state": "done",
+    "vm": {"vm01": {"profile": "windows", "class": "application-consistent", "t0": 1.0,
+                    "window": {"freeze_start": 0.5, "seconds": 0.5},
+                    "disks": {"disk0": {"B": "b", "C": "c", "A": "a", "S_B": "sb", "S_A": "sa",
+                                        "ctl": "ctl", "size": 1, "fs": "ext4"}}}},
+})
+
+
+def _arts(*pairs: str) -> list[dict[str, str]]:
+    return [{"vm": "vm01", "disk": "disk0", "artifact": a, "lv": a.lower()} for a in pairs]
 
 
 def _ev(step: int, writes: str, detail: dict[str, Any] | None = None,
@@ -29,14 +37,14 @@ def _ev(step: int, writes: str, detail: dict[str, Any] | None = None,
 EVENTS = [
     _ev(3, "B", fp={"B": "b1"}),
     _ev(4, "B", in_freeze=True),
-    _ev(5, "C", {"made": ["c"]}, in_freeze=True),
-    _ev(6, "C", {"made": ["a"]}, in_freeze=True),
+    _ev(5, "C", {"made": _arts("C")}, in_freeze=True),
+    _ev(6, "C", {"made": _arts("A")}, in_freeze=True),
     _ev(8, "C", fp={"B": "b2", "C": "c1", "A": "b2"}),
     _ev(10, "C", fp={"B": "b2", "C": "c2", "A": "a2"}),
-    _ev(11, "C", {"made": ["sb", "sa"]}, fp={"B": "b2", "C": "c3", "A": "a2", "S_B": "b2",
+    _ev(11, "C", {"made": _arts("S_B", "S_A")}, fp={"B": "b2", "C": "c3", "A": "a2", "S_B": "b2",
                                              "S_A": "a2"}),
-    _ev(12, "C", {"removed": ["a"]}, fp={"B": "b2", "C": "c3", "S_B": "b2", "S_A": "a2"}),
-    _ev(14, "B", {"removed": ["sb", "sa"], "merged": ["c -> b"]}, fp={"B": "c3"}),
+    _ev(12, "C", {"removed": _arts("A")}, fp={"B": "b2", "C": "c3", "S_B": "b2", "S_A": "a2"}),
+    _ev(14, "B", {"removed": _arts("S_B", "S_A"), "merged": _arts("C")}, fp={"B": "c3"}),
 ]
 
 
@@ -63,12 +71,9 @@ def test_lanes_mark_changes_freeze_and_writes() -> None:
 
 
 def test_render_explain_records_an_svg(tmp_path: Path) -> None:
-    run = {**RUN, "id": "r1", "lab": "t", "dest": "/nowhere", "state": "done"}
-    run["vm"] = {"vm01": {**RUN["vm"]["vm01"], "class": "application-consistent",
-                          "t0": 1.0, "window": {"seconds": 0.5}}}
     events = [{**ev, "name": f"step {ev['step']}", "start": 0.0, "end": 0.1} for ev in EVENTS]
     con = Console(record=True, width=160, file=io.StringIO())
-    render_explain(run, events, con)
+    render_explain(RUN, events, con)
     svg = tmp_path / "x.svg"
     con.save_svg(str(svg))
     text = svg.read_text()

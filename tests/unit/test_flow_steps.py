@@ -11,6 +11,7 @@ from hvlab.backup.thinmeta import _merge, parse_delta, parse_dump
 from hvlab.errors import BadInput
 from hvlab.flow import explain
 from hvlab.flow import steps as S
+from hvlab.lab.record import Run
 
 
 def test_step_table_is_veeams_fourteen() -> None:
@@ -77,11 +78,13 @@ def test_parse_thin_dump_and_delta() -> None:
 def test_explain_renders_a_timeline() -> None:
     fp = {"sha256": "ab" * 32, "mapped_blocks": 3, "thin_id": 1}
     fp2 = {"sha256": "cd" * 32, "mapped_blocks": 4, "thin_id": 2}
-    run = {"id": "r1", "lab": "t", "vms": ["vm01"], "dest": "/x", "state": "done",
-           "vm": {"vm01": {"class": S.APP, "t0": 1.0, "window": {"seconds": 0.5},
-                           "disks": {"disk0": {}}}},
-           "images": {"vm01/disk0": {"file": "vm01_disk0.img", "sha256": "ef" * 32,
-                                     "auto_recovery_ranges": [{"length": 65536}]}}}
+    run = Run.from_dict({
+        "id": "r1", "lab": "t", "vms": ["vm01"], "dest": "/x", "state": "done", "created": 0,
+        "vm": {"vm01": {"class": S.APP, "t0": 1.0, "profile": "windows",
+                        "window": {"freeze_start": 0.5, "seconds": 0.5},
+                        "disks": {"disk0": {"B": "b", "ctl": "x", "size": 1, "fs": "ext4"}}}},
+        "images": {"vm01/disk0": {"file": "vm01_disk0.img", "sha256": "ef" * 32,
+                                     "auto_recovery_ranges": [{"length": 65536}]}}})
     evs = [
         {"step": 3, "vm": "vm01", "name": "guest requestor", "start": 0, "end": 1,
          "writes_to": {"vm01/disk0": {"artifact": "B", "lv": "vm01_disk0"}},

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from hvlab.errors import BadInput
-from hvlab.flow.runs import VmLocks
 from hvlab.lab.paths import Names
+from hvlab.lab.runs import VmLocks
 
 HOLD = """
 import os, sys, time
 os.environ["HVLAB_HOME"] = sys.argv[1]
-from hvlab.flow.runs import VmLocks
+from hvlab.lab.runs import VmLocks
 from hvlab.lab.paths import Names
 with VmLocks(Names("lk"), ["vm01"]):
     print("held", flush=True)

@@ -1,0 +1,226 @@
+"""Steps 1-10, one VM at a time: each action registered by its step number.
+
+An action returns its detail for the step's event; `made`/`removed` name artifacts explicitly
+({vm, disk, artifact, lv}) so explain never parses names. Every action can run again after a
+kill (it finishes what is half done, never repeats what is done).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hvlab.errors import HvlabError
+from hvlab.flow import faults
+from hvlab.flow import steps as S
+from hvlab.flow.context import Ctx, ar_ctl, lv_name
+from hvlab.guest.client import GuestTimeout, GuestUnavailable
+from hvlab.lab import live
+from hvlab.lab.record import Artifact, Disk, Window
+from hvlab.sys import dm
+from hvlab.sys.uevents import wait_node
+
+FLUSH_AND_HOLD_S = 10.0
+Action = Callable[[Ctx, Any], dict[str, Any]]
+ACTIONS: dict[int, Action] = {}
+
+
+def action(n: int) -> Callable[[Action], Action]:
+    def register(fn: Action) -> Action:
+        if n in ACTIONS:
+            raise RuntimeError(f"step {n} has two actions: {ACTIONS[n].__name__}, {fn.__name__}")
+        ACTIONS[n] = fn
+        return fn
+    return register
+
+
+def art(vm: str, disk: str, a: Artifact, lv: str | None) -> dict[str, Any]:
+    return {"vm": vm, "disk": disk, "artifact": a, "lv": lv}
+
+
+@action(1)
+def request(ctx: Ctx, vm: str) -> dict[str, Any]:
+    v = ctx.vm(vm)
+    return {"disks": list(v.disks), "profile": v.profile,
+            "locked": f"{ctx.names.runs_dir / 'locks' / vm}.lock"}
+
+
+@action(2)
+def pass_to_guest(ctx: Ctx, vm: str) -> dict[str, Any]:
+    v = ctx.vm(vm)
+    try:
+        ident = ctx.client(vm, timeout=5.0).identify()
+        v.answers = True
+        v.auto_recovery = bool(ident.get("auto_recovery"))
+        v.guest_profile = ident.get("profile")
+    except (GuestUnavailable, GuestTimeout) as exc:
+        v.answers = False
+        v.auto_recovery = False
+        v.no_answer = str(exc)
+    v.cls = S.consistency_for(v.guest_profile or v.profile, v.answers)
+    ctx.save()
+    return {"answers": v.answers, "class": v.cls, "note": v.no_answer}
+
+
+@action(3)
+def guest_requestor(ctx: Ctx, vm: str) -> dict[str, Any]:
+    if not ctx.vm(vm).answers:
+        return {"skipped": "no integration services"}
+    rep = ctx.client(vm).prepare()
+    return {"state": rep.get("state")}
+
+
+@action(4)
+def quiesce(ctx: Ctx, vm: str) -> dict[str, Any]:
+    v = ctx.vm(vm)
+    if not v.answers:
+        return {"skipped": "no integration services: no freeze (crash-consistent)"}
+    v.window = Window(freeze_start=time.time())
+    v.frozen = True  # before the request: a failure from here on must thaw
+    ctx.save()
+    rep = ctx.client(vm).freeze(timeout_s=FLUSH_AND_HOLD_S)
+    v.window.frozen_at = rep.get("frozen_at")
+    v.window.open_txid = rep.get("open_txid")
+    v.freeze_reply = {k: rep.get(k) for k in ("frozen", "timeout_s", "open_txid",
+                                              "ledger_last_txid", "t0")}
+    return {"frozen": rep.get("frozen"), "open_txid": rep.get("open_txid")}
+
+
+@action(5)
+def backup_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
+    """C per disk, every controller of the VM held across snapshot and redirect: no write can
+    reach B after C was taken, even without a guest freeze."""
+    todo: list[tuple[str, str, Disk]] = []
+    for v, d, disk in ctx.disks(vm):  # resumed after a kill: keep a C already in use
+        if disk.C and ctx.exists(disk.C):
+            if ctx.maps(disk, disk.C):
+                disk.c_created_at = disk.c_created_at or time.time()
+                continue
+            ctx.remove_lv(disk.C)  # made, never mapped: take it again under suspension
+        todo.append((v, d, disk))
+    made = []
+    names = [(v, d, disk, lv_name(v, d, "C", ctx.run.id)) for v, d, disk in todo]
+    try:
+        with dm.suspended(*(disk.ctl for _, _, disk in todo)):
+            for _, _, disk, c in names:
+                disk.C = c
+            ctx.save()  # names first: an unwind finds them (and by tags) whatever happens next
+            for v, d, disk, c in names:
+                ctx.snapshot(disk.B, c, "C", v, d)
+                disk.C_exists = True
+                disk.c_created_at = time.time()
+                made.append(art(v, d, "C", c))
+            faults.point("s05-snapshots")
+            for _, _, disk, c in names:
+                dm.reload_linear(disk.ctl, ctx.lv_dev(c))
+            faults.point("s05-reloaded")
+            # Durable before the resume: from it on the guest writes to C, and a restart of
+            # the lab (even a power loss) must map C again, never B.
+            for v, d, _, c in names:
+                live.record(ctx.names, v, d, c)
+    except BaseException:
+        ctx.sync_live(vm)  # resumed by now: record whatever went live
+        raise
+    for _, _, disk in ctx.disks(vm):
+        disk.redirected = ctx.mapped_lv(disk) == disk.C
+        if not disk.redirected:
+            ctx.sync_live(vm)  # whatever is live is what a restart must map
+            raise HvlabError(f"controller {disk.ctl} does not map C after the redirect")
+    ctx.save()
+    return {"made": made}
+
+
+@action(6)
+def auto_recovery_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
+    made = []
+    # Only a resumed run (name already recorded) pays for an lvs scan: this is in the freeze.
+    known = {d for _, d, disk in ctx.disks(vm) if disk.A}
+    for v, d, disk in ctx.disks(vm):
+        disk.A = lv_name(v, d, "A", ctx.run.id)
+    ctx.save()
+    for v, d, disk in ctx.disks(vm):
+        a = disk.A
+        assert a is not None
+        if d not in known or not ctx.exists(a):
+            ctx.snapshot(disk.B, a, "A", v, d)
+        disk.A_exists = True
+        made.append(art(v, d, "A", a))
+        faults.point("s06-one")
+    ctx.save()
+    return {"made": made}
+
+
+@action(7)
+def internal_snapshot(ctx: Ctx, vm: str) -> dict[str, Any]:
+    v = ctx.vm(vm)
+    for _, _, disk in ctx.disks(vm):
+        if not disk.redirected:
+            raise HvlabError(f"T0 without C on {disk.ctl}")
+    v.t0 = max(disk.c_created_at or 0.0 for _, _, disk in ctx.disks(vm))
+    ctx.save()
+    return {"t0": v.t0}
+
+
+@action(8)
+def thaw(ctx: Ctx, vm: str) -> dict[str, Any]:
+    v = ctx.vm(vm)
+    if not v.answers or v.window is None:
+        return {"skipped": "nothing frozen"}
+    w = v.window
+    if not v.frozen and w.thawed_at is not None:  # resumed after a kill past the thaw
+        return {"window_s": round(w.seconds or 0.0, 3), "timed_out": False}
+    rep = ctx.client(vm).thaw()
+    end = time.time()
+    v.frozen = False
+    w.thawed_at = rep.get("thawed_at") or end
+    w.seconds = end - w.freeze_start
+    w.guest_frozen_for_s = rep.get("frozen_for_s")
+    ctx.save()
+    if rep.get("timed_out"):
+        raise HvlabError(f"{vm}: VSS_E_FLUSH_WRITES_TIMEOUT: the guest thawed itself after "
+                         f"{rep.get('frozen_for_s')} s; the checkpoint is not consistent")
+    if w.seconds > FLUSH_AND_HOLD_S:
+        raise HvlabError(f"{vm}: freeze window {w.seconds:.2f} s exceeds "
+                         f"{FLUSH_AND_HOLD_S:g} s")
+    return {"window_s": round(w.seconds, 3), "timed_out": False}
+
+
+@action(9)
+def ready(ctx: Ctx, vm: str) -> dict[str, Any]:
+    if not ctx.vm(vm).answers:
+        return {"skipped": "no integration services"}
+    st = ctx.client(vm).status()
+    if st.get("frozen"):
+        raise HvlabError(f"{vm}: guest still reports frozen after thaw")
+    return {"state": st.get("state"), "committed_txid": st.get("committed_txid")}
+
+
+@action(10)
+def auto_recovery(ctx: Ctx, vm: str) -> dict[str, Any]:
+    v = ctx.vm(vm)
+    if v.cls != S.APP or not v.auto_recovery:
+        return {"skipped": f"{v.cls}: no auto-recovery (A stays = B@T0)"}
+    devices: dict[str, str] = {}
+    try:
+        for _, d, disk in ctx.disks(vm):
+            name = ar_ctl(ctx.names, vm, d)
+            disk.ar_ctl = name
+            ctx.save()
+            ctx.detach_ar(name)  # left by a killed run: attach afresh
+            devices[d] = dm.create_linear(name, ctx.lv_dev(disk.A or ""),
+                                          uuid=f"{ctx.names.uuid_prefix}ar-{vm}-{d}")
+            wait_node(devices[d])
+        faults.point("s10-attached")
+        rep = ctx.client(vm).post_snapshot(devices)
+        faults.point("s10-recovered")
+    finally:
+        for _, d, _disk in ctx.disks(vm):
+            ctx.detach_ar(ar_ctl(ctx.names, vm, d))
+    v.auto_recovery_result = {k: rep.get(k) for k in ("auto_recovery", "repaired", "check")}
+    ctx.save()
+    check = rep.get("check") or {}
+    if check and not check.get("consistent"):
+        raise HvlabError(f"{vm}: auto-recovery left A inconsistent: {check.get('problems')}")
+    return {"attached": devices, "repaired": rep.get("repaired"),
+            "consistent_after": check.get("consistent")}

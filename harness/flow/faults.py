@@ -1,0 +1,80 @@
+"""Named fault points: where a test (or a curious user) makes a backup die, fail or hang.
+
+`HVLAB_INJECT=POINT:ACTION[,POINT:ACTION...]` (or the hidden `hvlab backup --inject`) arms
+points; ACTION is `kill` (SIGKILL, as a crash would), `raise` (a step fails: the run unwinds)
+or `hang` (sleep until killed, at most an hour). Every step boundary is a point (`step-NN`,
+before step NN starts; `finish` after the last step), and so is every place inside a step
+that does more than one thing. A point fires once per process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from hvlab.errors import BadInput, HvlabError
+
+ENV = "HVLAB_INJECT"
+ACTIONS = ("kill", "raise", "hang")
+
+INSIDE: dict[str, str] = {
+    "s05-snapshots": "step 5: every C made, controllers suspended, not yet redirected",
+    "s05-reloaded": "step 5: C tables loaded, controllers still suspended",
+    "s06-one": "step 6: one A made (of possibly several)",
+    "s10-attached": "step 10: A attached to the guest, auto-recovery not yet asked",
+    "s10-recovered": "step 10: the guest repaired A, A still attached",
+    "s11-one": "step 11: one member of the snapshot set made",
+    "s12-one": "step 12: one A removed",
+    "s13-metadata": "step 13: the pool's metadata snapshot reserved",
+    "s13-image": "step 13: one disk image written (mid-read of the job)",
+    "s14-one": "step 14: one S removed",
+    "s14-base-removed": "step 14: B removed, C not yet renamed to B",
+    "s14-renamed": "step 14: C renamed to B, its tags not yet fixed",
+    "finish-manifest": "manifest written, run not yet marked done",
+}
+BOUNDARIES: dict[str, str] = {
+    **{f"step-{n:02d}": f"before step {n}" for n in range(1, 15)},
+    "finish": "after step 14, before the manifest",
+}
+POINTS: dict[str, str] = {**BOUNDARIES, **INSIDE}
+
+
+class InjectedFault(HvlabError):
+    """Raised at an armed point with ACTION raise."""
+
+
+def parse(spec: str) -> dict[str, str]:
+    """'a:kill,b:raise' -> {a: kill, b: raise}; one line naming what is wrong otherwise."""
+    armed: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        point, _, action = item.partition(":")
+        if point not in POINTS:
+            raise BadInput(f"unknown fault point {point!r}: one of {', '.join(POINTS)}")
+        if action not in ACTIONS:
+            raise BadInput(f"unknown fault action {action!r} at {point}: "
+                           f"one of {', '.join(ACTIONS)}")
+        armed[point] = action
+    return armed
+
+
+_fired: set[str] = set()
+
+
+def point(name: str) -> None:
+    """Pass a fault point: does nothing unless it is armed."""
+    assert name in POINTS, f"unregistered fault point {name}"
+    spec = os.environ.get(ENV)
+    if not spec or name in _fired:
+        return
+    action = parse(spec).get(name)
+    if action is None:
+        return
+    _fired.add(name)
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "hang":
+        deadline = time.monotonic() + 3600
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+    raise InjectedFault(f"injected fault at {name}")

@@ -1,0 +1,112 @@
+"""The one recorder: every step's event, built in one place, written also when the step fails.
+
+An event holds the step's detail, its timing, the block devices the kernel added and removed
+(uevents plus a sysfs difference), where each disk's guest writes (sysfs: no command), every
+external command the step ran (argv, exit code, seconds: a program log), the error if it
+failed, and at the three points the invariants need them (T0, after auto-recovery, before the
+merge) the artifacts' fingerprints. Observation stays cheap: nothing runs inside the freeze
+window, and content is hashed again only when the thin metadata shows other data blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any
+
+from hvlab.backup import thinmeta
+from hvlab.flow import job  # noqa: F401  (registers steps 11-14)
+from hvlab.flow import steps as S
+from hvlab.flow.actions import ACTIONS
+from hvlab.flow.context import Ctx, thin_ids
+from hvlab.lab import runs
+from hvlab.lab.record import Artifact, Disk
+from hvlab.sys.run import program_log
+from hvlab.sys.uevents import watch
+
+# Where the invariants need content: B and A at T0 (after the thaw, outside the window), A
+# after auto-recovery, B and S before the merge.
+FINGERPRINT_AFTER = {8: "T0", 10: "after auto-recovery", 13: "before the merge"}
+
+
+def run_step(ctx: Ctx, n: int, vm: str | None) -> dict[str, Any]:
+    """Run step n's action for vm (None: the job) and record its event, also on failure."""
+    st = S.step(n)
+    ev: dict[str, Any] = {"run": ctx.run.id, "step": n, "name": st.name, "vm": vm,
+                          "veeam": st.veeam, "lab": st.lab, "in_freeze": st.in_freeze,
+                          "start": time.time()}
+    ok = False
+    try:
+        with watch(settle=0.0) as rec, program_log() as commands:
+            try:
+                ev["detail"] = ACTIONS[n](ctx, vm)
+                ok = True
+            except BaseException as exc:
+                ev["error"] = f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                ev["end"] = time.time()
+    finally:
+        ev["devices_created"] = rec.created()
+        ev["devices_removed"] = rec.removed()
+        ev["commands"] = [{"argv": c.argv, "rc": c.returncode, "seconds": c.seconds}
+                          for c in commands]
+        ev["writes_to"] = writes_to(ctx)
+        ev["fingerprints"] = None
+        if ok and ctx.fingerprints and n in FINGERPRINT_AFTER:
+            ev["fingerprints"] = fingerprints(ctx, vm)
+            ev["fingerprints_note"] = FINGERPRINT_AFTER[n]
+        ev["observed_s"] = round(time.time() - ev["end"], 4)
+        runs.append_event(ctx.names, ctx.run.id, ev)
+    return ev
+
+
+def writes_to(ctx: Ctx) -> dict[str, dict[str, str | None]]:
+    """Per disk: the LV the guest's controller maps now, and its role letter."""
+    out: dict[str, dict[str, str | None]] = {}
+    for v, d, disk in ctx.disks():
+        lv = ctx.mapped_lv(disk)
+        role = "B" if lv == disk.B else "C" if lv and lv == disk.C else "?"
+        out[f"{v}/{d}"] = {"lv": lv, "artifact": role}
+    return out
+
+
+def _live(disk: Disk, art: Artifact, mapped: str | None) -> bool:
+    return disk.lv(art) == mapped
+
+
+def fingerprints(ctx: Ctx, vm: str | None) -> dict[str, dict[str, Any]]:
+    """B, C, A, S_B, S_A of each disk: how many blocks are mapped and, for all but the live
+    disk (whose content moves under any hash), the sha256 of the mapped content. A mapping
+    with the same data blocks as one hashed before has the same content (thin blocks are
+    shared, never written in place while shared): its hash is carried over, said so."""
+    present = [(f"{v}/{d}", a, lv, disk) for v, d, disk in ctx.disks(vm)
+               for a, lv in disk.present().items() if os.path.exists(ctx.lv_dev(lv))]
+    ids = thin_ids(ctx, [lv for _, _, lv, _ in present])
+    cache: dict[str, dict[str, Any]] = ctx.fp_cache
+    out: dict[str, dict[str, Any]] = {}
+    with thinmeta.metadata_snap(ctx.names) as snap:
+        for key, a, lv, disk in present:
+            if lv not in ids:
+                continue
+            m = snap.mapping(ids[lv])
+            fp: dict[str, Any] = {"mapped_blocks": m.mapped_blocks, "thin_id": m.dev_id}
+            if _live(disk, a, ctx.mapped_lv(disk)):
+                fp["live"] = True
+            else:
+                digest = hashlib.sha256(repr(m.pairs).encode()).hexdigest()
+                if digest in cache:
+                    fp.update(sha256=cache[digest]["sha256"], same_blocks_as=cache[digest]["lv"])
+                else:
+                    fp["sha256"] = thinmeta.fingerprint(ctx.lv_dev(lv), m)["sha256"]
+                    cache[digest] = {"sha256": fp["sha256"], "lv": lv}
+            out.setdefault(key, {})[a] = fp
+    return out
+
+
+def check_registry() -> list[str]:
+    """Problems with the step registry: every step of the plan has exactly one action."""
+    want = {s.number for s in S.STEPS}
+    return ([f"step {n} has no action" for n in sorted(want - set(ACTIONS))]
+            + [f"action for unknown step {n}" for n in sorted(set(ACTIONS) - want)])

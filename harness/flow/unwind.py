@@ -1,0 +1,168 @@
+"""Undo a run at any point, leaving the live disks whole.
+
+`plan` is pure: from the run record and what exists now (`Facts`) it decides what to remove,
+merge or keep. `carry_out` does it. Controllers are resumed and guests thawed before either,
+unconditionally: a controller left suspended by a kill holds the guest's writes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from hvlab.flow import dest
+from hvlab.flow.context import Ctx, ar_ctl
+from hvlab.guest.client import GuestError
+from hvlab.guest.quiesce import recover_after_crash
+from hvlab.lab import live, runs
+from hvlab.lab.record import Artifact, Run
+from hvlab.sys import dm
+
+Kind = Literal["detach", "remove", "promote", "retag", "remove-dest", "keep-dest"]
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What exists now, read after the controllers were resumed."""
+
+    lvs: frozenset[str]
+    mapped: dict[str, str | None]  # "vm/disk" -> the LV its controller maps
+    live: dict[str, str | None]  # "vm/disk" -> the LV recorded live (a restart maps it)
+    ar_devices: frozenset[str]
+    base_tags: dict[str, frozenset[str]]  # LV of B -> its tags
+    dest_owned: bool
+    dest_exists: bool
+
+
+@dataclass(frozen=True)
+class Undo:
+    kind: Kind
+    vm: str = ""
+    disk: str = ""
+    lv: str = ""
+    note: str = ""
+
+
+def plan(run: Run, facts: Facts, *, was_done: bool) -> list[Undo]:
+    out: list[Undo] = []
+    for v, d, disk in run.disks():
+        key = f"{v}/{d}"
+        if disk.ar_ctl and disk.ar_ctl in facts.ar_devices:
+            out.append(Undo("detach", v, d, disk.ar_ctl, f"removed {disk.ar_ctl}"))
+        removable: tuple[Artifact, ...] = ("S_A", "S_B", "A")
+        for a in removable:
+            lv = disk.lv(a)
+            if lv and lv in facts.lvs:
+                out.append(Undo("remove", v, d, lv, f"removed {a} {lv}"))
+        c = disk.C
+        if c and c in facts.lvs:
+            # Live (mapped, or recorded live for a restart): the guest may have written to
+            # it. Only a C that never went live is removed.
+            if c in (facts.mapped.get(key), facts.live.get(key)):
+                out.append(Undo("promote", v, d, c,
+                                f"merged C {c} into {disk.B} (the guest already wrote to it)"))
+            else:
+                out.append(Undo("remove", v, d, c, f"removed C {c} (never written)"))
+        elif c and f"run_{run.id}" in facts.base_tags.get(disk.B, frozenset()):
+            out.append(Undo("retag", v, d, disk.B, f"finished the merge of C into {disk.B}"))
+    if run.dest_made and not was_done:
+        if facts.dest_owned:
+            out.append(Undo("remove-dest", lv=run.dest, note=f"removed partial backup "
+                                                           f"{run.dest}"))
+        elif facts.dest_exists:
+            out.append(Undo("keep-dest", lv=run.dest, note=f"left {run.dest}: not marked as "
+                                                         f"this run's"))
+    return out
+
+
+def facts(ctx: Ctx) -> Facts:
+    rows = ctx.lvs()
+    disks = ctx.disks()
+    return Facts(
+        lvs=frozenset(rows),
+        mapped={f"{v}/{d}": ctx.mapped_lv(disk) for v, d, disk in disks},
+        live={f"{v}/{d}": live.recorded(ctx.names, v, d) for v, d, _ in disks},
+        ar_devices=frozenset(x.name for x in dm.list_devices()
+                             if any(x.name == ar_ctl(ctx.names, v, d) for v, d, _ in disks)),
+        base_tags={disk.B: rows[disk.B].tags for _, _, disk in disks if disk.B in rows},
+        dest_owned=dest.owns(Path(ctx.run.dest), ctx.run.id),
+        dest_exists=Path(ctx.run.dest).exists())
+
+
+def resume_controllers(ctx: Ctx) -> None:
+    """Resume every controller of the run: one left suspended by a killed step 5 holds the
+    guest's writes. A table loaded before the kill (C) becomes live, which is what step 5
+    had decided; what is live now is recorded for a restart."""
+    for _, _, disk in ctx.disks():
+        dm.run_resume(disk.ctl)
+    ctx.sync_live()
+
+
+def thaw_all(ctx: Ctx) -> list[str]:
+    """Thaw every VM of the run that may be frozen; safe to call any time."""
+    notes = []
+    for vm in ctx.run.vms:
+        v = ctx.vm(vm)
+        if v.answers:
+            try:
+                if ctx.client(vm).abort().get("thawed"):
+                    notes.append(f"{vm}: thawed by abort")
+            except GuestError as exc:
+                notes.append(f"{vm}: abort: {exc}")
+        rec = recover_after_crash(ctx.names.guest_dir(vm))
+        if rec.get("thawed"):
+            notes.append(f"{vm}: recovered freeze marker, thawed {rec['thawed']}")
+        v.frozen = False
+    ctx.save()
+    return notes
+
+
+def carry_out(ctx: Ctx, steps: list[Undo]) -> list[str]:
+    from hvlab.flow.job import promote, retag_base  # the job's merge, done the same way
+
+    notes = []
+    for u in steps:
+        disk = ctx.vm(u.vm).disks[u.disk] if u.vm else None
+        if u.kind == "detach":
+            ctx.detach_ar(u.lv)
+        elif u.kind == "remove":
+            ctx.lvm("lvremove", "-q", "-y", ctx.vg_lv(u.lv))
+        elif u.kind == "promote" and disk is not None:
+            promote(ctx, u.vm, u.disk, disk)
+        elif u.kind == "retag":
+            retag_base(ctx, u.lv)
+        elif u.kind == "remove-dest":
+            shutil.rmtree(u.lv, ignore_errors=True)
+        notes.append(u.note)
+    for _, _, disk in ctx.disks():
+        for a in ("S_A", "S_B", "A", "C"):
+            setattr(disk, f"{a}_exists", False)
+    ctx.save()
+    return notes
+
+
+def unwind(ctx: Ctx, final: str) -> list[str]:
+    run = ctx.run
+    was_done = run.state == "done"
+    run.state = "aborting"
+    runs.mark_self(run)
+    ctx.save()
+    # Resume before thawing: ext4's thaw writes its superblock, and on a controller left
+    # suspended (a kill inside step 5) that write, and the thaw with it, would never end.
+    resume_controllers(ctx)
+    notes = thaw_all(ctx)
+    notes += carry_out(ctx, plan(run, facts(ctx), was_done=was_done))
+    run.unwound = notes
+    run.state = final
+    ctx.save()
+    runs.append_event(ctx.names, run.id, {
+        "run": run.id, "step": None, "name": f"unwind ({final})", "vm": None,
+        "start": time.time(), "end": time.time(), "detail": {"notes": notes},
+        "writes_to": {f"{v}/{d}": {"lv": ctx.mapped_lv(disk), "artifact": "B"}
+                      for v, d, disk in ctx.disks()}})
+    for note in notes:
+        ctx.say(f"  {note}")
+    return notes

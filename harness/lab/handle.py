@@ -1,0 +1,33 @@
+"""A lab opened by name: its names, state and LVM wrapper, checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hvlab.errors import BadInput
+from hvlab.lab.paths import Names
+from hvlab.lab.state import State
+from hvlab.sys.lvm import Lvm, LvRow
+
+
+@dataclass
+class Lab:
+    names: Names
+    state: State
+    lvm: Lvm
+
+    @staticmethod
+    def open(name: str) -> Lab:
+        """The lab, which must be up: one line naming the lab otherwise."""
+        st = State.load(name)
+        if st is None or st.phase != "up":
+            raise BadInput(f"lab {name!r} is not up (`hvlab up` first)")
+        names = Names(name)
+        return Lab(names, st, Lvm(names.lvm_dir))
+
+    @property
+    def name(self) -> str:
+        return self.names.lab
+
+    def lvs(self) -> dict[str, LvRow]:
+        return self.lvm.rows(self.names.vg)

@@ -1,0 +1,146 @@
+"""The run record of a backup, typed: one `Run` with a `Vm` per VM and a `Disk` per disk.
+
+Stored as `runs/<id>/run.json` (see `runs.py`); the JSON keys are the field names, except
+`Vm.cls` which is stored as "class". The engine, the manifest, explain and the commands all
+read these types; nothing reads the JSON by string keys.
+
+Artifacts per disk: B (the live disk, frozen at T0), C (backup checkpoint), A (auto-recovery
+checkpoint), S_B and S_A (the external snapshot set). `<art>` names the LV, `<art>_exists` says
+whether the run made it and has not removed it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+Artifact = Literal["B", "C", "A", "S_B", "S_A"]
+ARTIFACTS: tuple[Artifact, ...] = ("B", "C", "A", "S_B", "S_A")
+ACTIVE = ("running", "paused", "aborting")
+FINAL = ("done", "failed", "aborted")
+
+
+def _pick(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The keys of data that are fields of cls: older or newer records still load."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclass
+class Disk:
+    B: str
+    ctl: str
+    size: int
+    fs: str
+    C: str | None = None
+    C_exists: bool = False
+    c_created_at: float | None = None
+    redirected: bool = False  # the controller maps C (step 5 done)
+    merged: bool = False  # C took B's place (step 14 or an unwind)
+    A: str | None = None
+    A_exists: bool = False
+    ar_ctl: str | None = None  # the auto-recovery attach device of step 10
+    S_B: str | None = None
+    S_B_exists: bool = False
+    S_A: str | None = None
+    S_A_exists: bool = False
+
+    def lv(self, art: Artifact) -> str | None:
+        value: str | None = getattr(self, art)
+        return value
+
+    def exists(self, art: Artifact) -> bool:
+        return art == "B" or bool(getattr(self, f"{art}_exists"))
+
+    def set_exists(self, art: Artifact, value: bool) -> None:
+        setattr(self, f"{art}_exists", value)
+
+    def present(self) -> dict[Artifact, str]:
+        """Artifact -> LV of everything this disk has now."""
+        return {a: lv for a in ARTIFACTS if (lv := self.lv(a)) and self.exists(a)}
+
+
+@dataclass
+class Window:
+    """The guest's flush-and-hold window (steps 4-8)."""
+
+    freeze_start: float
+    frozen_at: float | None = None
+    open_txid: int | None = None
+    thawed_at: float | None = None
+    seconds: float | None = None
+    guest_frozen_for_s: float | None = None
+
+
+@dataclass
+class Vm:
+    profile: str
+    disks: dict[str, Disk]
+    answers: bool | None = None  # the integration services answered (step 2)
+    cls: str | None = None  # consistency class: application-/filesystem-/crash-consistent
+    frozen: bool = False
+    auto_recovery: bool = False
+    guest_profile: str | None = None
+    no_answer: str | None = None
+    window: Window | None = None
+    freeze_reply: dict[str, Any] | None = None
+    t0: float | None = None
+    auto_recovery_result: dict[str, Any] | None = None
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Vm:
+        d = dict(d)
+        disks = {k: Disk(**_pick(Disk, v)) for k, v in d.pop("disks").items()}
+        cls = d.pop("class", None)
+        window = d.pop("window", None)
+        vm = Vm(disks=disks, cls=cls, **_pick(Vm, {k: v for k, v in d.items()
+                                                  if k not in ("disks", "cls")}))
+        vm.window = Window(**_pick(Window, window)) if window else None
+        return vm
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["class"] = d.pop("cls")
+        return d
+
+
+@dataclass
+class Run:
+    id: str
+    lab: str
+    vms: list[str]
+    dest: str
+    created: float
+    vm: dict[str, Vm]
+    state: str = "running"  # running | paused | aborting | done | failed | aborted
+    mode: str = "on-host"
+    pos: int = 0  # index into the plan of the next step
+    pause_at: int | None = None
+    pause_after: int | None = None
+    last_step: int | None = None
+    error: str | None = None
+    pid: int | None = None
+    pid_started: float | None = None
+    updated: float | None = None
+    dest_made: bool = False
+    pre: dict[str, Any] | None = None  # LV set and pool usage before (invariant 8)
+    post: dict[str, Any] | None = None
+    snapshot_set: dict[str, Any] | None = None
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)
+    unwound: list[str] | None = None
+    unwind_error: str | None = None
+
+    def disks(self, vm: str | None = None) -> list[tuple[str, str, Disk]]:
+        """(vm, disk name, disk) of one VM or of the whole job, in definition order."""
+        vms = [vm] if vm else self.vms
+        return [(v, d, info) for v in vms for d, info in self.vm[v].disks.items()]
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Run:
+        vm = {k: Vm.from_dict(v) for k, v in d["vm"].items()}
+        return Run(vm=vm, **_pick(Run, {k: v for k, v in d.items() if k != "vm"}))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["vm"] = {k: v.to_dict() for k, v in self.vm.items()}
+        return d
