@@ -113,4 +113,7 @@ def test_paused_backup_poked_then_resumed(lab_with_guests: LabHandle) -> None:
     ver = json.loads(hvlab("verify", "-n", n, run_id, "--json").stdout)
     assert ver["ok"] is True
     hvlab("restore", "-n", n, run_id, "--as", "rest01", "--vm", "vm01")
+    disks = [d.name for d in lab.defn.vms[0].disks]
+    lab.expect_extra(lvs=[lab.names.lv("rest01", d) for d in disks],
+                     dm=[lab.names.ctl("rest01", d) for d in disks])
     assert "rest01" in hvlab("devices", "-n", n).stdout
