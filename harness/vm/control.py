@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -26,6 +28,12 @@ PASS_ENV = ("CI", "HVLAB_HOME", "PYTEST_ADDOPTS", "COLUMNS", "LINES", "TERM", "N
 # Directories the lab VM mounts for itself: a path under them is not the host's file.
 VM_PRIVATE = ("/proc", "/sys", "/dev", "/run")
 DEFAULT_MEM = os.environ.get("HVLAB_VM_MEM", "2G")
+# How long a command waits for another one that is starting or stopping the lab VM: a boot
+# (60 s at most), a halt after a failed boot or an orderly power-off (30 s), and some slack.
+LOCK_WAIT = 180.0
+# When this command began to look at the lab VM: a command imports this module right before
+# it asks whether the VM is up (psutil's process start time is truncated to whole seconds).
+_LOOKED_AT = time.time()
 
 
 def _python() -> str:
@@ -188,13 +196,74 @@ def is_up() -> bool:
     return pid() is not None and persistent_paths().ready.exists()
 
 
+@contextlib.contextmanager
+def _start_lock(paths: VmPaths, wait: float = LOCK_WAIT) -> Iterator[bool]:
+    """One command at a time starts or stops the persistent VM (flock on a file in its state
+    directory; a killed holder holds nothing). The fd is close-on-exec: the VM never holds it.
+    Yields whether another command held the lock first (this one waited for it)."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.start_lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise HvlabError(f"another hvlab command has been starting or stopping "
+                                     f"the lab VM for {wait:.0f} s (lock {paths.start_lock})"
+                                     ) from None
+                waited = True
+                time.sleep(0.1)
+        yield waited
+    finally:
+        os.close(fd)
+
+
+def _came_up_while_we_looked(paths: VmPaths) -> bool:
+    """The VM became ready after this command first looked at it: a concurrent command
+    started it (what this one wanted), it was not already running before."""
+    try:
+        return paths.ready.stat().st_mtime >= _LOOKED_AT
+    except OSError:
+        return False
+
+
+def _wait_booting(paths: VmPaths, p: int, timeout: float) -> bool:
+    """A VM process without `ready` whose starter is gone (killed mid-boot): give it the
+    rest of its boot time. True when it came up."""
+    try:
+        deadline = psutil.Process(p).create_time() + timeout
+    except psutil.Error:
+        return False
+    while time.time() < deadline and pid() == p:
+        if paths.ready.exists():
+            return True
+        time.sleep(0.1)
+    return is_up()
+
+
 def up(*, mem: str = DEFAULT_MEM, timeout: float = 60.0) -> VmPaths:
+    """Start the persistent VM. A command that finds the VM booting (started by a concurrent
+    command) waits for it and uses it; one that finds it already running is refused."""
     _require()
     paths = persistent_paths()
-    if is_up():
-        raise HvlabError("the lab VM is already running (hvlab vm status)")
-    if pid() is not None:
-        down()
+    with _start_lock(paths) as waited:
+        if is_up():
+            if waited or _came_up_while_we_looked(paths):
+                return paths
+            raise HvlabError("the lab VM is already running (hvlab vm status)")
+        p = pid()
+        if p is not None:
+            if _wait_booting(paths, p, timeout):
+                return paths
+            _down(paths)  # it never came up
+        return _boot(paths, mem, timeout)
+
+
+def _boot(paths: VmPaths, mem: str, timeout: float) -> VmPaths:
     _kill_strays(paths)  # helpers of a VM that was killed (a power loss of the lab VM)
     paths.root.mkdir(parents=True, exist_ok=True)
     uml.prepare(paths)
@@ -247,6 +316,13 @@ def _halt(umid: str, paths: VmPaths, p: int, timeout: float = 20.0) -> None:
 def down(*, timeout: float = 30.0) -> bool:
     """Orderly power-off: the agent exits and init powers off. Falls back to halt/kill."""
     paths = persistent_paths()
+    if not paths.root.exists():  # never started here: only strays could be left
+        return _kill_strays(paths) > 0
+    with _start_lock(paths):  # a VM being started is powered off once it is up
+        return _down(paths, timeout=timeout)
+
+
+def _down(paths: VmPaths, *, timeout: float = 30.0) -> bool:
     p = pid()
     if p is None:
         paths.ready.unlink(missing_ok=True)

@@ -56,6 +56,11 @@ class VmPaths:
     def ready(self) -> Path:
         return self.root / "ready"
 
+    @property
+    def start_lock(self) -> Path:
+        """flock'ed by whoever starts or stops this VM: one at a time."""
+        return self.root / "start.lock"
+
 
 def vm_root() -> Path:
     return Path(os.environ.get("HVLAB_VM_DIR", "/var/lib/hvlab-vm"))

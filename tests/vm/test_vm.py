@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import select
@@ -115,3 +116,60 @@ def test_a_one_shot_vm_never_outlives_its_command(vm_env: Path, sig: int) -> Non
     if sig == signal.SIGKILL:
         assert hvlab("vm", "run", "--ephemeral", "--", "true").returncode == 0
     assert _wait(lambda: not _uml_of(proc.pid), 30), "VM processes outlived their command"
+
+
+TINY_LAB = """[lab]
+name = "race"
+backing_size = "256M"
+[[vm]]
+name = "vm01"
+profile = "none"
+[[vm.disk]]
+name = "disk0"
+size = "32M"
+fs = "ext4"
+"""
+
+
+def test_commands_that_race_a_booting_vm_share_it(vm_env: Path) -> None:
+    """A forwarded `hvlab up` boots the lab VM; a second one and a `vm up` arrive while it
+    boots. Before the boot was serialised, the late ones saw a live pid without `ready`, asked
+    that VM to shut down and halted it under the first command 30 s later."""
+    from hvlab.vm import control
+
+    lab_file = vm_env / "race.toml"
+    lab_file.write_text(TINY_LAB)
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "hvlab.cli", *args], env=os.environ,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    first = start("up", "-n", "racea", "--lab", str(lab_file), "--no-guests")
+    procs = [first]
+    try:
+        assert _wait(lambda: control.pid() is not None, 60), "the first command booted no VM"
+        vm_pid = control.pid()
+        assert not control.is_up(), "booted too fast: no race to test"
+        procs += [start("up", "-n", "raceb", "--lab", str(lab_file), "--no-guests"),
+                  start("vm", "up")]
+        results = [(p.args, *p.communicate(timeout=300), p.returncode) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    failed = [r for r in results if r[3] != 0]
+    assert not failed, failed
+    # One VM served all three: the one the first command booted, still up; one process tree.
+    assert control.is_up() and control.pid() == vm_pid
+    sessions = set()
+    for vm_proc in control._uml_processes(control.persistent_paths()):
+        with contextlib.suppress(ProcessLookupError):  # UML's helpers come and go
+            sessions.add(os.getsid(vm_proc.pid))
+    assert sessions == {vm_pid}
+    for lab in ("racea", "raceb"):
+        res = hvlab("down", "-n", lab)
+        assert res.returncode == 0, res.stderr
+    # A command that finds the VM running (not booting) is still refused.
+    assert hvlab("vm", "up").returncode != 0
