@@ -44,15 +44,9 @@ def _kernel_report() -> Iterator[None]:
 
 
 def _lab_name(name: str | None) -> str:
-    from hvlab.lab.definition import check_name
-    from hvlab.lab.substrate import lab_names
+    from hvlab.lab.substrate import resolve_name
 
-    if name:
-        return check_name("lab", name)
-    if os.environ.get("HVLAB_LAB"):
-        return check_name("lab", os.environ["HVLAB_LAB"])
-    labs = lab_names()
-    return labs[0] if len(labs) == 1 else "hvlab"
+    return resolve_name(name)
 
 
 lab_name_opt = click.option("--lab-name", "-n", default=None,

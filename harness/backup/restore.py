@@ -13,10 +13,9 @@ from hvlab.backup import manifest, reader
 from hvlab.errors import BadInput, HvlabError
 from hvlab.guest import ledger
 from hvlab.lab.definition import check_name
-from hvlab.lab.paths import Names
-from hvlab.lab.state import State, write_json_atomic
+from hvlab.lab.handle import Lab
+from hvlab.lab.state import write_json_atomic
 from hvlab.sys import dm, fs
-from hvlab.sys.lvm import Lvm
 from hvlab.sys.uevents import wait_node
 
 
@@ -45,16 +44,10 @@ def check_images(path: Path, vmrec: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _lab(names: Names) -> None:
-    st = State.load(names.lab)
-    if st is None or st.phase != "up":
-        raise BadInput(f"lab {names.lab!r} is not up")
-
-
-def restore_disks(names: Names, path: Path, vmrec: dict[str, Any], as_name: str,
+def restore_disks(lab: Lab, path: Path, vmrec: dict[str, Any], as_name: str,
                   run_id: str, extra_tags: tuple[str, ...] = ()) -> list[str]:
     """Thin LVs `<as_name>_<disk>` written from the images; returns the LV names."""
-    lvm = Lvm(names.lvm_dir)
+    names, lvm = lab.names, lab.lvm
     made: list[str] = []
     try:
         for d in vmrec["disks"]:
@@ -74,28 +67,26 @@ def restore_disks(names: Names, path: Path, vmrec: dict[str, Any], as_name: str,
     return made
 
 
-def restore(lab: str, backup: str, as_name: str, vm: str | None = None) -> dict[str, Any]:
-    names = Names(lab)
+def restore(lab_name: str, backup: str, as_name: str, vm: str | None = None) -> dict[str, Any]:
     check_name("VM", as_name)
-    _lab(names)
+    lab = Lab.open(lab_name)
+    names = lab.names
     path, man = manifest.locate(names, backup)
-    if man["lab"] != lab:
-        raise BadInput(f"backup {backup} belongs to lab {man['lab']!r}, not {lab!r}")
+    if man["lab"] != lab.name:
+        raise BadInput(f"backup {backup} belongs to lab {man['lab']!r}, not {lab.name!r}")
     vmrec = _pick_vm(man, vm)
-    st = State.load(lab)
-    assert st is not None
-    if any(v.name == as_name for v in st.definition.vms):
+    if any(v.name == as_name for v in lab.state.definition.vms):
         raise BadInput(f"{as_name!r} is a VM of this lab: restore onto a new name")
-    existing = {r["lv_name"] for r in Lvm(names.lvm_dir).lvs(names.vg)}
+    existing = set(lab.lvs())
     for d in vmrec["disks"]:
         if names.lv(as_name, d["name"]) in existing or dm.devices_with_prefix(
                 names.ctl(as_name, d["name"])):
-            raise BadInput(f"{as_name!r} already exists in lab {lab} "
+            raise BadInput(f"{as_name!r} already exists in lab {lab.name} "
                            f"({names.lv(as_name, d['name'])})")
     bad = [c for c in check_images(path, vmrec) if not c["ok"]]
     if bad:
         raise HvlabError(f"backup image {bad[0]['image']} does not match its checksum")
-    made = restore_disks(names, path, vmrec, as_name, man["run"], ("restored",))
+    made = restore_disks(lab, path, vmrec, as_name, man["run"], ("restored",))
     ctls = []
     try:
         for d in vmrec["disks"]:
@@ -108,7 +99,7 @@ def restore(lab: str, backup: str, as_name: str, vm: str | None = None) -> dict[
         for c in ctls:
             dm.remove(c)
         for lv in made:
-            Lvm(names.lvm_dir)("lvremove", "-q", "-y", f"{names.vg}/{lv}", check=False)
+            lab.lvm("lvremove", "-q", "-y", f"{names.vg}/{lv}", check=False)
         raise
     rec = {"name": as_name, "from": str(path), "run": man["run"], "vm": vmrec["name"],
            "lvs": made, "controllers": [f"/dev/mapper/{c}" for c in ctls],
@@ -118,14 +109,13 @@ def restore(lab: str, backup: str, as_name: str, vm: str | None = None) -> dict[
     return rec
 
 
-def verify(lab: str, backup: str) -> dict[str, Any]:
+def verify(lab_name: str, backup: str) -> dict[str, Any]:
     """Checksums; then per VM: restore to temporary LVs, fsck -n, mount read-only, ledger
     check; the temporary LVs are removed whatever happens."""
-    names = Names(lab)
-    _lab(names)
+    lab = Lab.open(lab_name)
+    names, lvm = lab.names, lab.lvm
     path, man = manifest.locate(names, backup)
     report: dict[str, Any] = {"backup": str(path), "run": man["run"], "vms": [], "ok": True}
-    lvm = Lvm(names.lvm_dir)
     for vmrec in man["vms"]:
         cls = vmrec["consistency"]
         r: dict[str, Any] = {"vm": vmrec["name"], "consistency": cls,
@@ -139,7 +129,7 @@ def verify(lab: str, backup: str) -> dict[str, Any]:
         mounted: list[Path] = []
         base = names.dir / "verify" / tmp
         try:
-            made = restore_disks(names, path, vmrec, tmp, man["run"], ("verify",))
+            made = restore_disks(lab, path, vmrec, tmp, man["run"], ("verify",))
             roots: dict[str, Path] = {}
             for d in vmrec["disks"]:
                 lv = names.lv(tmp, d["name"])

@@ -8,7 +8,6 @@ snapshot through the hidden `_tmeta` device, and the snapshot is **always** rele
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import mmap
 import os
 import xml.etree.ElementTree as ET
@@ -48,7 +47,8 @@ class Mapping:
         return sum(n for _, n in self.ranges)
 
 
-def _merge(blocks: Iterable[int]) -> list[Range]:
+def merge(blocks: Iterable[int]) -> list[Range]:
+    """Sorted block numbers -> (first, length) runs."""
     out: list[Range] = []
     for b in sorted(blocks):
         if out and out[-1][0] + out[-1][1] == b:
@@ -100,7 +100,7 @@ class MetadataSnap:
     def mapping(self, dev_id: int) -> Mapping:
         block_bytes, devs = self.dump()
         pairs = devs.get(dev_id, [])
-        return Mapping(dev_id, block_bytes, _merge(v for v, _ in pairs), pairs)
+        return Mapping(dev_id, block_bytes, merge(v for v, _ in pairs), pairs)
 
     def delta(self, thin1: int, thin2: int) -> dict[str, list[Range]]:
         res = run(["thin_delta", "--metadata-snap", "--thin1", str(thin1), "--thin2",
@@ -180,12 +180,3 @@ def read_ranges(dev: str, ranges: Iterable[Range],
                     off += got
     finally:
         os.close(fd)
-
-
-def fingerprint(dev: str, m: Mapping) -> dict[str, object]:
-    """sha256 over (offset, content) of the mapped blocks, and how many blocks are mapped."""
-    h = hashlib.sha256()
-    for off, data in read_ranges(dev, m.ranges, m.block_bytes):
-        h.update(off.to_bytes(8, "little"))
-        h.update(data)
-    return {"sha256": h.hexdigest(), "mapped_blocks": m.mapped_blocks, "thin_id": m.dev_id}

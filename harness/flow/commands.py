@@ -13,9 +13,9 @@ from hvlab.lab.record import Run
 
 
 def _lab(name: str | None) -> str:
-    from hvlab.cli import _lab_name
+    from hvlab.lab.substrate import resolve_name
 
-    return _lab_name(name)
+    return resolve_name(name)
 
 
 lab_opt = click.option("--lab-name", "-n", default=None,
@@ -171,7 +171,11 @@ out_file = click.Path(dir_okay=False, path_type=Path)
 @click.option("--svg", type=out_file, default=None, help="The same picture as SVG.")
 @click.option("--table-svg", type=out_file, default=None,
               help="Save the terminal tables as an SVG screenshot.")
-def explain(run_id: str, lab_name: str | None, as_json: bool, png: Path | None,
+@click.option("--commands", "show_commands", is_flag=True,
+              help="The exact commands each step ran (lvcreate, dmsetup, thin tools), "
+                   "ready to copy.")
+def explain(run_id: str, lab_name: str | None, as_json: bool, show_commands: bool,
+            png: Path | None,
             svg: Path | None, table_svg: Path | None) -> None:
     """The timeline of a run: what B, C, A, S held at each step, and where writes went."""
     from rich.console import Console
@@ -182,14 +186,18 @@ def explain(run_id: str, lab_name: str | None, as_json: bool, png: Path | None,
 
     png, svg = _out_path("--png", png), _out_path("--svg", svg)
     table_svg = _out_path("--table-svg", table_svg)
-    if as_json and (png or svg or table_svg):
-        raise BadInput("--json prints the raw events; save pictures without it")
+    if as_json and (png or svg or table_svg or show_commands):
+        raise BadInput("--json prints the raw events; use it alone")
     names = Names(_lab(lab_name))
     record = runs.load(names, run_id)
     run = record.to_dict()
     evs = runs.events(names, run_id)
     if as_json:
         click.echo(json.dumps({"run": run, "events": evs}, indent=2))
+        return
+    if show_commands:
+        for line in ex.command_lines(record, evs):
+            click.echo(line)
         return
     width = int(os.environ.get("COLUMNS", "0") or 0) or 200
     con = Console(width=width, record=table_svg is not None)

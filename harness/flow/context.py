@@ -48,7 +48,7 @@ class Ctx:
         self.say = say
         self.fingerprints = fingerprints
         self.progress: Any = None  # a rich Progress for step 13, when on a terminal
-        self.fp_cache: dict[str, dict[str, Any]] = {}  # mapping digest -> content hash
+        self.block_digests: dict[int, bytes] = {}  # data block -> sha256 of its content
 
     def save(self) -> None:
         runs.save(self.names, self.run)

@@ -26,6 +26,7 @@ from hvlab.lab.handle import Lab
 from hvlab.lab.paths import Names
 from hvlab.lab.record import Disk, Run, Vm
 from hvlab.lab.state import locked
+from hvlab.sys.lvm import LvRow
 
 LEFTOVER_TEXT = {ROLE_OF["C"]: "backup checkpoint", ROLE_OF["A"]: "auto-recovery checkpoint",
                  ROLE_OF["S_B"]: "external snapshot"}
@@ -105,17 +106,19 @@ def finish(ctx: Ctx) -> None:
     ctx.save()
 
 
-def snapshot_state(ctx: Ctx) -> dict[str, Any]:
+def snapshot_state(ctx: Ctx, rows: dict[str, LvRow] | None = None) -> dict[str, Any]:
     """LV set (name -> roles) and pool usage: invariant 8 compares pre and post."""
     lvs = {name: sorted(t for t in r.tags if t.startswith("role_"))
-           for name, r in ctx.lvs().items() if not r.hidden and name != ctx.names.pool}
+           for name, r in (rows or ctx.lvs()).items()
+           if not r.hidden and name != ctx.names.pool}
     used, total = thinmeta.pool_usage(ctx.names)
     return {"lvs": lvs, "pool_used_blocks": used, "pool_blocks": total}
 
 
-def leftovers(lab: Lab, vms: list[str], live_runs: set[str]) -> list[str]:
+def leftovers(lab: Lab, vms: list[str], live_runs: set[str],
+              rows: dict[str, LvRow] | None = None) -> list[str]:
     out = []
-    for r in lab.lvs().values():
+    for r in (rows or lab.lvs()).values():
         role = next((t for t in sorted(r.tags) if t in LEFTOVER_TEXT), None)
         vm, run_tag = r.tag_value("vm_"), r.tag_value("run_")
         if role and vm in vms and run_tag not in live_runs:
@@ -159,7 +162,8 @@ def _register(lab: Lab, run_id: str, vmdefs: list[Any], where: Path, pause_at: i
         if busy:
             raise BadInput(f"VM {busy[0]} is already in a running backup "
                            f"({r.id}, {runs.effective_state(r)})")
-    left = leftovers(lab, vms, set(active))
+    rows = lab.lvs()  # one scan for the leftovers and the pre-backup state
+    left = leftovers(lab, vms, set(active), rows)
     if left:
         raise BadInput("leftovers of an earlier run, not reused: " + "; ".join(left))
     run = Run(id=run_id, lab=lab.name, vms=vms, dest=str(where), created=time.time(),
@@ -170,7 +174,7 @@ def _register(lab: Lab, run_id: str, vmdefs: list[Any], where: Path, pause_at: i
                   for vd in vmdefs})
     runs.mark_self(run)
     ctx = Ctx(lab, run, say, fingerprints)
-    run.pre = snapshot_state(ctx)
+    run.pre = snapshot_state(ctx, rows)
     backup_dir.claim(where, run_id)
     run.dest_made = True
     ctx.save()

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hvlab.lab import runs
+from hvlab.lab.paths import Names
 from hvlab.lab.record import ARTIFACTS, Run
 
 ARTS = ARTIFACTS
@@ -187,3 +188,22 @@ def render_explain(run: Run, events: list[dict[str, Any]],
             con.print(f"{disk}: image {img['file']} sha256 {img['sha256'][:16]}; "
                       f"auto-recovery changed {n} bytes in "
                       f"{len(img['auto_recovery_ranges'])} ranges (thin_delta S_B..S_A)")
+
+
+def command_lines(run: Run, events: list[dict[str, Any]]) -> list[str]:
+    """Per step, the external commands it ran, shell-quoted (exit code and seconds after a
+    #), with the lab's private LVM config so a person can run them by hand."""
+    from shlex import join
+
+    lvm_dir = f"LVM_SYSTEM_DIR={Names(run.lab).lvm_dir}"
+    out = [f"# run {run.id}: LVM commands need {lvm_dir}"]
+    for ev in events:
+        cmds = ev.get("commands")
+        head = f"# [{ev.get('step') or 'U'}] {ev.get('vm') or 'job'} {ev.get('name')}"
+        if cmds is None:
+            out.append(f"{head}: not recorded (a run from before the program log)")
+            continue
+        out.append(f"{head}: {len(cmds)} command(s)" + (" FAILED" if ev.get("error") else ""))
+        for c in cmds:
+            out.append(f"{join(c['argv'])}  # rc {c['rc']}, {c['seconds']:.3f} s")
+    return out

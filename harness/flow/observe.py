@@ -21,7 +21,6 @@ from hvlab.flow import steps as S
 from hvlab.flow.actions import ACTIONS
 from hvlab.flow.context import Ctx, thin_ids
 from hvlab.lab import runs
-from hvlab.lab.record import Artifact, Disk
 from hvlab.sys.run import program_log
 from hvlab.sys.uevents import watch
 
@@ -72,19 +71,15 @@ def writes_to(ctx: Ctx) -> dict[str, dict[str, str | None]]:
     return out
 
 
-def _live(disk: Disk, art: Artifact, mapped: str | None) -> bool:
-    return disk.lv(art) == mapped
-
-
 def fingerprints(ctx: Ctx, vm: str | None) -> dict[str, dict[str, Any]]:
     """B, C, A, S_B, S_A of each disk: how many blocks are mapped and, for all but the live
-    disk (whose content moves under any hash), the sha256 of the mapped content. A mapping
-    with the same data blocks as one hashed before has the same content (thin blocks are
-    shared, never written in place while shared): its hash is carried over, said so."""
+    disk (whose content moves under any hash), a content hash: sha256 over (virtual block,
+    sha256 of the block) of every mapped block. A data block is read once per run: until the
+    merge every block hashed here stays shared with an artifact nobody writes (B after T0, A
+    after auto-recovery, S), and a thin pool never writes a shared block in place."""
     present = [(f"{v}/{d}", a, lv, disk) for v, d, disk in ctx.disks(vm)
                for a, lv in disk.present().items() if os.path.exists(ctx.lv_dev(lv))]
     ids = thin_ids(ctx, [lv for _, _, lv, _ in present])
-    cache: dict[str, dict[str, Any]] = ctx.fp_cache
     out: dict[str, dict[str, Any]] = {}
     with thinmeta.metadata_snap(ctx.names) as snap:
         for key, a, lv, disk in present:
@@ -92,17 +87,27 @@ def fingerprints(ctx: Ctx, vm: str | None) -> dict[str, dict[str, Any]]:
                 continue
             m = snap.mapping(ids[lv])
             fp: dict[str, Any] = {"mapped_blocks": m.mapped_blocks, "thin_id": m.dev_id}
-            if _live(disk, a, ctx.mapped_lv(disk)):
+            if disk.lv(a) == ctx.mapped_lv(disk):
                 fp["live"] = True
             else:
-                digest = hashlib.sha256(repr(m.pairs).encode()).hexdigest()
-                if digest in cache:
-                    fp.update(sha256=cache[digest]["sha256"], same_blocks_as=cache[digest]["lv"])
-                else:
-                    fp["sha256"] = thinmeta.fingerprint(ctx.lv_dev(lv), m)["sha256"]
-                    cache[digest] = {"sha256": fp["sha256"], "lv": lv}
+                fp.update(_content_hash(ctx, ctx.lv_dev(lv), m))
             out.setdefault(key, {})[a] = fp
     return out
+
+
+def _content_hash(ctx: Ctx, dev: str, m: thinmeta.Mapping) -> dict[str, Any]:
+    cache = ctx.block_digests
+    missing = [v for v, data in m.pairs if data not in cache]
+    data_of = dict(m.pairs)
+    for off, chunk in thinmeta.read_ranges(dev, thinmeta.merge(missing), m.block_bytes):
+        for i in range(0, len(chunk), m.block_bytes):
+            virtual = (off + i) // m.block_bytes
+            cache[data_of[virtual]] = hashlib.sha256(chunk[i:i + m.block_bytes]).digest()
+    h = hashlib.sha256()
+    for virtual, data in m.pairs:
+        h.update(virtual.to_bytes(8, "little"))
+        h.update(cache[data])
+    return {"sha256": h.hexdigest(), "blocks_read": len(missing)}
 
 
 def check_registry() -> list[str]:

@@ -25,7 +25,8 @@ STEPS: tuple[Step, ...] = (
     Step(1, "request",
          "Veeam Backup & Replication interacts with the Microsoft Hyper-V host VSS Service and "
          "requests backup of a specific VM.",
-         "register the run, check leftovers of earlier runs, lock the VM", True),
+         "records the request: before it the job registered the run (run record, backup "
+         "directory), refused leftovers of earlier runs and locked the VM", True),
     Step(2, "pass to guest",
          "The Microsoft VSS Writer on the Microsoft Hyper-V host passes the request to the "
          "Microsoft Hyper-V Integration Components (HV-IC) installed inside the VM guest OS.",

@@ -7,6 +7,7 @@ state file), removes in reverse order and verifies that nothing of the lab is le
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -377,3 +378,15 @@ def lab_names() -> list[str]:
     if not root.exists():
         return []
     return sorted(p.name for p in root.iterdir() if (p / "state.json").exists())
+
+
+def resolve_name(name: str | None) -> str:
+    """The lab a command means: -n NAME, else $HVLAB_LAB, else the only lab, else 'hvlab'."""
+    from hvlab.lab.definition import check_name
+
+    if name:
+        return check_name("lab", name)
+    if os.environ.get("HVLAB_LAB"):
+        return check_name("lab", os.environ["HVLAB_LAB"])
+    labs = lab_names()
+    return labs[0] if len(labs) == 1 else "hvlab"

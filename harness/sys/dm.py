@@ -104,11 +104,13 @@ def slave_name(name: str) -> str | None:
     """The dm name of the one device a stacked dm device maps, from sysfs (no exec: cheap
     enough to ask after every step). None when not exactly one dm device lies below."""
     try:
-        node = os.path.basename(os.path.realpath(f"/dev/mapper/{name}"))
-        slaves = os.listdir(f"/sys/block/{node}/slaves")
+        # /dev/mapper nodes are real nodes here (no udev symlinks): go by major:minor
+        rdev = os.stat(f"/dev/mapper/{name}").st_rdev
+        sysdir = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+        slaves = os.listdir(f"{sysdir}/slaves")
         if len(slaves) != 1:
             return None
-        return Path(f"/sys/block/{slaves[0]}/dm/name").read_text().strip()
+        return Path(f"/sys/class/block/{slaves[0]}/dm/name").read_text().strip()
     except OSError:
         return None
 

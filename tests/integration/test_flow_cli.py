@@ -59,6 +59,9 @@ def test_backup_restore_verify_bad_input(lab: LabHandle, tmp_path: Path) -> None
             (["restore", "-n", n, str(tmp_path / "nobackup"), "--as", "rest"], "nobackup"),
             (["verify", "-n", n, str(tmp_path / "nobackup")], "nobackup"),
             (["explain", "-n", n, "r0nosuchrun"], "r0nosuchrun"),
+            (["explain", "-n", n, done.id, "--json", "--commands"], "use it alone"),
+            (["backup", "-n", n, "vm01", "--inject", "step-99:kill"], "step-99"),
+            (["backup", "-n", n, "vm01", "--inject", "step-05:explode"], "explode"),
         ]
         wrong = [w for args, message in cases if (w := _one_line_error(hvlab(*args), message))]
         assert not wrong, "\n".join(wrong)
@@ -67,6 +70,12 @@ def test_backup_restore_verify_bad_input(lab: LabHandle, tmp_path: Path) -> None
     assert lab.lv_names() == lvs_before, "bad input changed the LV set"
     assert {r.id for r in runs.all_runs(lab.names)} == runs_before, "a run was registered"
     assert lab.controller_maps_base("vm02", "disk0")
+    # The program log: every command of every step, ready to copy.
+    out = hvlab("explain", "-n", n, done.id, "--commands")
+    assert out.returncode == 0, out.stderr
+    assert "# [5] vm02 backup checkpoint" in out.stdout
+    assert "lvm lvcreate -q -s -kn" in out.stdout and "dmsetup reload" in out.stdout
+    assert "thin_dump --metadata-snap" in out.stdout and "lvm lvrename" in out.stdout
 
 
 def test_stop_is_refused_while_a_backup_is_paused(lab: LabHandle) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from hvlab.backup import restore as rst
 from hvlab.fixtures.plugin import LabHandle
-from hvlab.flow import engine
+from hvlab.flow import actions, engine
 from hvlab.guest.client import GuestClient
 from hvlab.guest.supervise import stop_guest
 from hvlab.lab import guests, runs
@@ -53,7 +53,7 @@ def test_flush_and_hold_timeout_fails_and_unwinds(lab_factory: Callable[..., Lab
     h = lab_factory(ONE_VM, start_guests=True)
     pre = h.lv_names()
     # The host asks for a 0.2 s hold: steps 5-7 take longer, so the guest's watchdog thaws.
-    monkeypatch.setattr(engine, "FLUSH_AND_HOLD_S", 0.2)
+    monkeypatch.setattr(actions, "FLUSH_AND_HOLD_S", 0.2)
     with pytest.raises(engine.FlowFailed, match="VSS_E_FLUSH_WRITES_TIMEOUT"):
         engine.start(h.defn.name, ["vm01"], fingerprints=False)
     (run_,) = runs.all_runs(h.names)

@@ -7,7 +7,7 @@ import io
 import pytest
 from rich.console import Console
 
-from hvlab.backup.thinmeta import _merge, parse_delta, parse_dump
+from hvlab.backup.thinmeta import merge, parse_delta, parse_dump
 from hvlab.errors import BadInput
 from hvlab.flow import explain
 from hvlab.flow import steps as S
@@ -70,7 +70,7 @@ def test_parse_thin_dump_and_delta() -> None:
     bs, devs = parse_dump(DUMP)
     assert bs == 64 << 10
     assert devs[1][:5] == [(0, 131), (1, 132), (2, 133), (3, 134), (4, 7)]
-    assert _merge(v for v, _ in devs[1]) == [(0, 5), (9, 1)]
+    assert merge(v for v, _ in devs[1]) == [(0, 5), (9, 1)]
     d = parse_delta(DELTA)
     assert d == {"different": [(0, 1)], "left_only": [], "right_only": [(136, 2)]}
 
