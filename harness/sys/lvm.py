@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -151,18 +153,14 @@ class Lvm:
         return self._report("pvs", "pv_name,vg_name,pv_size,pv_free,pv_tags")
 
 
+SIZE_RE = re.compile(r" *(\d+(?:\.\d+)?|\.\d+)(?:([kmgt])(?:i?b)?|b)? *", re.IGNORECASE | re.ASCII)
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
 def parse_size(text: str) -> int:
-    """A size with an optional binary suffix (K, M, G, T; KiB etc.) in bytes."""
-    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    s = text.strip().lower().removesuffix("ib").removesuffix("b") if text.strip() else ""
-    num = s.rstrip("kmgt")
-    unit = s[len(num):]
-    if not num or unit not in units:
+    """A size with an optional binary suffix (K, M, G, T; KiB, KB, B) in bytes. Plain decimal
+    digits only (no exponent, inf, nan or '_'), computed exactly: any size is a finite int."""
+    m = SIZE_RE.fullmatch(text)
+    if m is None:
         raise ValueError(text)
-    try:
-        value = float(num)
-    except ValueError:
-        raise ValueError(text) from None
-    if value < 0:
-        raise ValueError(text)
-    return int(value * units[unit])
+    return int(Fraction(m.group(1)) * SIZE_UNITS[(m.group(2) or "").lower()])

@@ -14,13 +14,16 @@ from hvlab.sys.run import run
 
 @pytest.mark.parametrize(("text", "value"), [
     ("512", 512), ("1K", 1024), ("64M", 64 << 20), ("1.5G", 3 << 29), ("2GiB", 2 << 30),
-    ("1t", 1 << 40),
+    ("1t", 1 << 40), ("512b", 512), ("4KB", 4096), (" 8G ", 8 << 30), (".5K", 512),
+    ("9" * 40 + "T", int("9" * 40) << 40),
 ])
 def test_parse_size(text: str, value: int) -> None:
     assert lvm.parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "M", "-1M", "12Q", "abc"])
+@pytest.mark.parametrize("text", ["", "M", "-1M", "12Q", "abc", "inf", "-inf", "nan", "1e400",
+                                  "1e3", "Infinity", "1_000", "4G\n", "4 G", "0x10", "4ib",
+                                  "1" * 5000])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         lvm.parse_size(text)
