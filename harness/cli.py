@@ -78,13 +78,17 @@ def up(lab_file: Path | None, lab_name: str | None, backing_size: str | None,
 @cli.command()
 @lab_name_opt
 @click.option("--purge", is_flag=True, help="Also remove the lab's backups (kept by default).")
-def down(lab_name: str | None, purge: bool) -> None:
+@click.option("--force", is_flag=True,
+              help="Also when a backup run is paused or interrupted (its artifacts go too).")
+def down(lab_name: str | None, purge: bool, force: bool) -> None:
     """Remove everything of a lab (devices, mounts, files) and verify nothing is left.
     Backups in the default folder are kept and listed; --purge removes them too."""
     from hvlab.lab import substrate
 
+    lab = _lab_name(lab_name)
+    substrate.refuse_under_runs(lab, force=force)
     with _kernel_report():
-        substrate.down(_lab_name(lab_name), progress=_echo, purge=purge)
+        substrate.down(lab, progress=_echo, purge=purge)
     _echo("lab removed; nothing left")
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hvlab.errors import HvlabError
-from hvlab.flow import faults
+from hvlab.flow import faults, holdguard
 from hvlab.flow import steps as S
 from hvlab.flow.context import Ctx, ar_ctl, lv_name
 from hvlab.guest.client import GuestTimeout, GuestUnavailable
@@ -101,8 +101,13 @@ def backup_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
         todo.append((v, d, disk))
     made = []
     names = [(v, d, disk, lv_name(v, d, "C", ctx.run.id)) for v, d, disk in todo]
+    ctls = [disk.ctl for _, _, disk in todo]
+    window = ctx.vm(vm).window
+    left = FLUSH_AND_HOLD_S - (time.time() - window.freeze_start if window else 0.0)
     try:
-        with dm.suspended(*(disk.ctl for _, _, disk in todo)):
+        # Should this process die or hang with the controllers held, the guard resumes them.
+        with holdguard.guard(ctls, max(left, 1.0), lambda: ctx.sync_live(vm)), \
+                dm.suspended(*ctls):
             for _, _, disk, c in names:
                 disk.C = c
             ctx.save()  # names first: an unwind finds them (and by tags) whatever happens next

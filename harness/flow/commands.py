@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import click
@@ -34,6 +35,19 @@ def _paused(run: Run, lab: str) -> None:
                f"unwind: hvlab backup --abort {run.id}")
 
 
+def _unwind_on_signals() -> None:
+    """SIGTERM (the lab VM's agent passing on a Ctrl-C, or its client being gone) and SIGHUP
+    (a closed terminal) end a backup the way Ctrl-C does: the run unwinds, then exit 130.
+    Later signals are ignored so they cannot cut the unwind short."""
+    def interrupt(signum: int, _frame: object) -> None:
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(s, interrupt)
+
+
 @click.command()
 @click.argument("vms", nargs=-1)
 @lab_opt
@@ -57,6 +71,7 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
     if inject is not None:
         faults.parse(inject)  # one line naming a bad point or action
         os.environ[faults.ENV] = inject
+    _unwind_on_signals()
 
     lab = _lab(lab_name)
     if sum(bool(x) for x in (vms, resume_id, abort_id)) != 1:
@@ -116,6 +131,9 @@ def verify(backup_ref: str, lab_name: str | None, as_json: bool) -> None:
         for r in rep["vms"]:
             sums = "ok" if all(c["ok"] for c in r["checksums"]) else "MISMATCH"
             click.echo(f"{r['vm']} ({r['consistency']}): checksums {sums}")
+            for c in r["checksums"]:
+                if not c["ok"]:
+                    click.echo(f"  {c['disk']}: image {c['image']}: {c['problem']}")
             for d in r["disks"]:
                 click.echo(f"  {d['disk']} {d['fs']}: fsck -n "
                            f"{'clean' if d['fsck_clean'] else 'NOT clean'}, read-only mount "
@@ -125,8 +143,11 @@ def verify(backup_ref: str, lab_name: str | None, as_json: bool) -> None:
                 click.echo(f"  ledger: {'consistent' if led['consistent'] else 'INCONSISTENT'}"
                            f" (last txid {led['last_txid']}, {led['committed']} committed)"
                            + (f" {led['problems'][:2]}" if led["problems"] else ""))
-            click.echo(f"  => {'OK' if r['ok'] else 'FAILED'}")
+            click.echo(f"  => {'OK' if r.get('ok') else 'FAILED'}")
     if not rep["ok"]:
+        bad = [c for r in rep["vms"] for c in r["checksums"] if not c["ok"]]
+        click.echo("hvlab: verify FAILED" + (f": damaged image {bad[0]['image']} "
+                                             f"({bad[0]['problem']})" if bad else ""), err=True)
         raise SystemExit(1)
 
 

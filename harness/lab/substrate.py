@@ -380,6 +380,21 @@ def lab_names() -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "state.json").exists())
 
 
+def refuse_under_runs(lab: str, *, force: bool) -> None:
+    """`down` never pulls a lab from under a backup: a running one is refused always, a
+    paused or interrupted one unless forced (abort it first to merge what the guest wrote)."""
+    from hvlab.lab import runs
+
+    for r in runs.active_runs(Names(lab)):
+        state = runs.effective_state(r)
+        if state in ("running", "aborting"):
+            raise BadInput(f"lab {lab!r} has backup run {r.id} running in process {r.pid}: "
+                           f"interrupt it (it unwinds) before `hvlab down`")
+        if not force:
+            raise BadInput(f"lab {lab!r} has backup run {r.id} ({state}): `hvlab backup "
+                           f"--abort {r.id}` first, or `hvlab down --force`")
+
+
 def resolve_name(name: str | None) -> str:
     """The lab a command means: -n NAME, else $HVLAB_LAB, else the only lab, else 'hvlab'."""
     from hvlab.lab.definition import check_name

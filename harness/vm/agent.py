@@ -51,6 +51,7 @@ def _serve(spool: Path, rid: str, req: dict[str, object]) -> None:
     sel.register(proc.stderr, selectors.EVENT_READ, "err")
     open_streams = 2
     kill_file = spool / f"{rid}.kill"
+    orphaned = False
     while open_streams:
         for key, _ in sel.select(timeout=0.2):
             data = os.read(key.fd, 65536)
@@ -66,10 +67,28 @@ def _serve(spool: Path, rid: str, req: dict[str, object]) -> None:
             kill_file.unlink(missing_ok=True)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
+        if not orphaned and _client_gone(spool, rid):
+            # Its client died (kill -9, a closed terminal): a command has no owner here.
+            # SIGTERM lets it clean up (a backup unwinds); the next command sees the result.
+            orphaned = True
+            outs["err"].write(b"hvlab-vm: the client is gone; stopping the command\n")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
     rc = proc.wait()
     for f in outs.values():
         f.close()
     _write_atomic(spool / f"{rid}.rc", f"{rc}\n")
+
+
+CLIENT_TIMEOUT_S = 10.0
+
+
+def _client_gone(spool: Path, rid: str) -> bool:
+    """The client makes `<rid>.alive-<unix time>` every second; a request without one (an
+    older client) is never judged gone."""
+    beats = [p.name.rsplit("-", 1)[1] for p in spool.glob(f"{rid}.alive-*")]
+    stamps = [int(b) for b in beats if b.isdigit()]
+    return bool(stamps) and time.time() - max(stamps) > CLIENT_TIMEOUT_S
 
 
 def _shell_loop(stop: threading.Event) -> None:

@@ -341,6 +341,9 @@ def _down(paths: VmPaths, *, timeout: float = 30.0) -> bool:
     return True
 
 
+INTERRUPT_WAIT_S = 300.0
+
+
 def run_in(argv: list[str], *, cwd: str | None = None, timeout: float | None = None) -> int:
     """Run argv in the persistent VM; stream its output here; return its exit status."""
     if not is_up():
@@ -352,6 +355,11 @@ def run_in(argv: list[str], *, cwd: str | None = None, timeout: float | None = N
     tmp.write_text(json.dumps(req))
     os.replace(tmp, spool / f"{rid}.req")
     out_f, err_f, rc_f = (spool / f"{rid}.{s}" for s in ("out", "err", "rc"))
+    # Our heartbeat: a new file each second, named by the time. hostfs shows the VM a new
+    # name at once (a directory listing), where an mtime could be cached.
+    alive_f = spool / f"{rid}.alive-{int(time.time())}"
+    alive_f.touch()
+    beat = time.monotonic()
     pos = {"out": 0, "err": 0}
     deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -368,22 +376,39 @@ def run_in(argv: list[str], *, cwd: str | None = None, timeout: float | None = N
                 sink.buffer.write(data)
                 sink.flush()
 
-    try:
+    def wait(until: float | None) -> bool:
+        nonlocal beat, alive_f
         while not rc_f.exists():
             pump()
             if pid() is None:
                 raise HvlabError("the lab VM stopped while the command ran")
-            if deadline is not None and time.monotonic() > deadline:
-                (spool / f"{rid}.kill").write_text("")
-                raise HvlabError(f"command timed out in the lab VM: {argv[0]}")
+            if until is not None and time.monotonic() > until:
+                return False
+            if time.monotonic() - beat > 1.0:
+                old, alive_f = alive_f, spool / f"{rid}.alive-{int(time.time())}"
+                alive_f.touch()
+                if old != alive_f:
+                    old.unlink(missing_ok=True)
+                beat = time.monotonic()
             time.sleep(0.05)
         pump()
+        return True
+
+    try:
+        if not wait(deadline):
+            (spool / f"{rid}.kill").write_text("")
+            raise HvlabError(f"command timed out in the lab VM: {argv[0]}")
         return int(rc_f.read_text().strip() or "1")
     except KeyboardInterrupt:
+        # Ctrl-C: the command inside gets SIGTERM and unwinds; show that, then exit 130.
+        # A second Ctrl-C leaves at once (the command still finishes its unwind).
         (spool / f"{rid}.kill").write_text("")
+        sys.stderr.write("hvlab: interrupting the command in the lab VM "
+                         "(Ctrl-C again to leave it unwinding)\n")
+        wait(time.monotonic() + INTERRUPT_WAIT_S)
         raise
     finally:
-        for p in (out_f, err_f, rc_f):
+        for p in (out_f, err_f, rc_f, alive_f):
             p.unlink(missing_ok=True)
 
 

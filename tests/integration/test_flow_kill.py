@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ from hvlab.errors import BadInput
 from hvlab.fixtures.plugin import LabHandle
 from hvlab.flow import engine, faults
 from hvlab.guest.client import GuestClient
-from hvlab.lab import guests, runs
+from hvlab.lab import guests, live, runs
 from hvlab.lab.record import Run
 from hvlab.sys import dm, fs
 from hvlab.sys.lvm import Lvm
@@ -102,20 +103,56 @@ def test_killed_mid_step_then_abort(lab_factory: Callable[..., LabHandle], point
         engine.resume(h.defn.name, run_.id)
 
 
+def _held(h: LabHandle) -> bool:
+    return any(d.suspended for d in dm.list_devices() if d.name == h.names.ctl("vm01", "disk0"))
+
+
+def _poll(pred: Callable[[], bool], seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return pred()
+
+
 def test_killed_with_controllers_suspended_then_abort(
         lab_factory: Callable[..., LabHandle]) -> None:
     """Killed in step 5 with C loaded into the suspended controller and the guest frozen:
-    abort resumes the controller (C goes live), records it, thaws and merges C."""
+    the step's guard resumes the controller at once (C goes live, recorded), the guest's
+    watchdog thaws within its 10 s, with no command run; abort then merges C."""
     h = lab_factory(ONE_VM, start_guests=True)
     pre = h.lv_names()
+    client = GuestClient(guests.socket_path(h.names, "vm01"))
     run_ = _killed_run(h, "s05-reloaded")
-    assert any(d.suspended for d in dm.list_devices() if d.name == h.names.ctl("vm01", "disk0"))
+    assert _poll(lambda: not _held(h), 2.0), "the controller stayed suspended"
+    assert _poll(lambda: not client.status()["frozen"], 12.0), "the guest stayed frozen"
+    assert live.recorded(h.names, "vm01", "disk0") == f"vm01_disk0_c_{run_.id}"
     engine.abort(h.defn.name, run_.id)
     assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
     assert not GuestClient(guests.socket_path(h.names, "vm01")).status()["frozen"]
     probe = h.mountpoint("vm01", "disk0") / "after-abort.txt"
     probe.write_text("the disk takes writes again\n")
     assert probe.read_text() == "the disk takes writes again\n"
+
+
+def test_hung_with_controllers_suspended(lab_factory: Callable[..., LabHandle]) -> None:
+    """A backup that hangs in step 5 with the controllers held: they are resumed by the
+    guard within the 10 s flush-and-hold limit while the process still hangs."""
+    h = lab_factory(ONE_VM, start_guests=True)
+    proc = subprocess.Popen([sys.executable, "-m", "hvlab.cli", "backup", "vm01", "-n",
+                             h.defn.name, "--no-fingerprints", "--inject", "s05-reloaded:hang"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _poll(lambda: _held(h), 60.0), "never reached step 5"
+        assert _poll(lambda: not _held(h), 11.0), "held past the flush-and-hold limit"
+        assert proc.poll() is None  # still hanging: the guard did it
+    finally:
+        proc.kill()
+        proc.wait(30)
+    (run_,) = runs.all_runs(h.names)
+    engine.abort(h.defn.name, run_.id)
+    assert h.controller_maps_base("vm01", "disk0")
 
 
 def test_resume_finishes_the_retag_of_a_merged_checkpoint(
