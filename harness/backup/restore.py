@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,34 @@ def _pick_vm(man: dict[str, Any], vm: str | None) -> dict[str, Any]:
 
 
 def check_images(path: Path, vmrec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each image's sha256 against the manifest; `problem` says what is wrong with one."""
     out = []
     for d in vmrec["disks"]:
         img = path / str(d["image"])
-        actual = reader.sha256_file(img) if img.exists() else None
+        actual: str | None = None
+        problem: str | None = None
+        try:
+            st = img.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                problem = "not a regular file"
+            elif st.st_size != d["size"]:
+                problem = f"size {st.st_size} bytes, the manifest says {d['size']}"
+            else:
+                actual = reader.sha256_file(img)
+                if actual != d["sha256"]:
+                    problem = "checksum mismatch"
+        except FileNotFoundError:
+            problem = "missing"
+        except OSError as exc:
+            problem = f"unreadable ({exc.strerror})"
         out.append({"disk": d["name"], "image": str(img), "expected": d["sha256"],
-                    "actual": actual, "ok": actual is not None and actual == d["sha256"]})
+                    "actual": actual, "ok": problem is None, "problem": problem})
     return out
+
+
+def image_problems(checks: list[dict[str, Any]]) -> str:
+    """One line: which images are bad and why."""
+    return "; ".join(f"{c['image']}: {c['problem']}" for c in checks if not c["ok"])
 
 
 def restore_disks(lab: Lab, path: Path, vmrec: dict[str, Any], as_name: str,
@@ -83,9 +105,9 @@ def restore(lab_name: str, backup: str, as_name: str, vm: str | None = None) -> 
                 names.ctl(as_name, d["name"])):
             raise BadInput(f"{as_name!r} already exists in lab {lab.name} "
                            f"({names.lv(as_name, d['name'])})")
-    bad = [c for c in check_images(path, vmrec) if not c["ok"]]
-    if bad:
-        raise HvlabError(f"backup image {bad[0]['image']} does not match its checksum")
+    checks = check_images(path, vmrec)
+    if not all(c["ok"] for c in checks):
+        raise HvlabError(f"backup {path} is damaged, nothing restored: {image_problems(checks)}")
     made = restore_disks(lab, path, vmrec, as_name, man["run"], ("restored",))
     ctls = []
     try:
@@ -122,7 +144,7 @@ def verify(lab_name: str, backup: str) -> dict[str, Any]:
                              "checksums": check_images(path, vmrec), "disks": []}
         report["vms"].append(r)
         if not all(c["ok"] for c in r["checksums"]):
-            report["ok"] = False
+            r["ok"] = report["ok"] = False  # a damaged image is not restored nor mounted
             continue
         tmp = "vfy" + secrets.token_hex(3)
         made: list[str] = []
