@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # Commands that touch lab devices: on a kernel without dm-thin they run in the lab VM.
 LAB_COMMANDS = {"up", "down", "stop", "status", "devices", "guest", "backup", "restore",
-                "verify", "runs", "explain"}
+                "verify", "runs", "explain", "recover"}
 # Commands that must live on in the persistent VM (an ephemeral VM would take the lab down).
 NEEDS_PERSISTENT = {"up", "guest", "backup"}
 

@@ -35,6 +35,7 @@ def build(names: Names, run: Run) -> dict[str, Any]:
                           "base_at_t0": img.get("base_at_t0")})
         vms.append({"name": vm, "profile": v.profile, "consistency": v.cls,
                     "integration_services": v.answers, "t0": v.t0,
+                    "app_aware": run.app_aware, "fallback": v.fallback or v.no_answer,
                     "freeze_window": asdict(v.window) if v.window else None,
                     "auto_recovery": v.auto_recovery_result, "disks": disks})
     return {"version": 1, "lab": run.lab, "run": run.id, "mode": run.mode,

@@ -15,7 +15,7 @@ from hvlab.errors import HvlabError
 from hvlab.flow import faults, holdguard
 from hvlab.flow import steps as S
 from hvlab.flow.context import Ctx, ar_ctl, lv_name
-from hvlab.guest.client import GuestTimeout, GuestUnavailable
+from hvlab.guest.client import GuestError, GuestTimeout, GuestUnavailable
 from hvlab.lab import live
 from hvlab.lab.record import Artifact, Disk, Window
 from hvlab.sys import dm
@@ -49,12 +49,19 @@ def request(ctx: Ctx, vm: str) -> dict[str, Any]:
 @action(2)
 def pass_to_guest(ctx: Ctx, vm: str) -> dict[str, Any]:
     v = ctx.vm(vm)
+    policy = ctx.run.app_aware
     try:
+        if policy == "off":
+            raise GuestUnavailable("application-aware processing is off: the guest is not "
+                                   "asked")
         ident = ctx.client(vm, timeout=5.0).identify()
         v.answers = True
         v.auto_recovery = bool(ident.get("auto_recovery"))
         v.guest_profile = ident.get("profile")
     except (GuestUnavailable, GuestTimeout) as exc:
+        if policy == "require":
+            raise HvlabError(f"{vm}: application-aware processing is required, but the "
+                             f"guest's integration services do not answer ({exc})") from exc
         v.answers = False
         v.auto_recovery = False
         v.no_answer = str(exc)
@@ -79,7 +86,19 @@ def quiesce(ctx: Ctx, vm: str) -> dict[str, Any]:
     v.window = Window(freeze_start=time.time())
     v.frozen = True  # before the request: a failure from here on must thaw
     ctx.save()
-    rep = ctx.client(vm).freeze(timeout_s=FLUSH_AND_HOLD_S)
+    try:
+        rep = ctx.client(vm).freeze(timeout_s=FLUSH_AND_HOLD_S)
+    except GuestError as exc:
+        if ctx.run.app_aware == "require":
+            raise HvlabError(f"{vm}: the guest could not quiesce ({exc}); application-aware "
+                             f"processing is required") from exc
+        # Policy try, as Veeam's "ignore failures": make sure nothing stays frozen, then
+        # go on crash-consistent (C is still taken with every controller held), labelled.
+        ctx.client(vm).abort()
+        v.frozen, v.window, v.cls = False, None, S.CRASH
+        v.fallback = f"the guest could not quiesce: {exc}"
+        ctx.save()
+        return {"skipped": f"quiesce failed, crash-consistent: {exc}", "class": v.cls}
     v.window.frozen_at = rep.get("frozen_at")
     v.window.open_txid = rep.get("open_txid")
     v.freeze_reply = {k: rep.get(k) for k in ("frozen", "timeout_s", "open_txid",

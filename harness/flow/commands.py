@@ -58,11 +58,15 @@ def _unwind_on_signals() -> None:
 @click.option("--resume", "resume_id", default=None, help="Continue a paused run.")
 @click.option("--abort", "abort_id", default=None, help="Unwind a paused or interrupted run.")
 @click.option("--no-fingerprints", is_flag=True, help="Skip the content hashes.")
+@click.option("--app-aware", type=click.Choice(["require", "try", "off"]), default="try",
+              show_default=True,
+              help="Application-aware processing: require it (fail if the guest cannot "
+                   "quiesce), try it (fall back to crash-consistent, labelled), or off.")
 @click.option("--inject", default=None, hidden=True,
               help="POINT:ACTION[,...]: kill, raise or hang at a named fault point.")
 def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
            pause_after: int | None, resume_id: str | None, abort_id: str | None,
-           no_fingerprints: bool, inject: str | None) -> None:
+           no_fingerprints: bool, app_aware: str, inject: str | None) -> None:
     """Back up VMs through Hyper-V 2012 R2's 14 steps on real thin snapshots."""
     from rich.progress import Progress
 
@@ -92,7 +96,7 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
         else:
             run = engine.start(lab, list(vms), dest=dest, pause_after=pause_after,
                                say=prog.console.print, fingerprints=not no_fingerprints,
-                               progress=prog)
+                               progress=prog, app_aware=app_aware)
     if run.state == "paused":
         _paused(run, lab)
         return
@@ -243,4 +247,23 @@ def explain(run_id: str, lab_name: str | None, as_json: bool, show_commands: boo
         click.echo(f"saved {path}")
 
 
-COMMANDS: list[click.Command] = [backup, restore, verify, runs_cmd, explain]
+@click.command()
+@lab_opt
+def recover(lab_name: str | None) -> None:
+    """Find what dead backup runs left (checkpoints, snapshots, attach devices, a held
+    metadata snapshot, frozen guests), say what each is in Hyper-V's terms, and clean it:
+    merge a checkpoint the guest wrote to, remove the rest. Exit 1 if anything is left."""
+    from hvlab.flow.recover import recover as do_recover
+
+    rep = do_recover(_lab(lab_name), say=click.echo)
+    for line in rep.done:
+        click.echo(line)
+    for line in rep.left:
+        click.echo(f"left: {line}")
+    if not rep.done and not rep.left:
+        click.echo("nothing to recover")
+    if rep.left:
+        raise SystemExit(1)
+
+
+COMMANDS: list[click.Command] = [backup, restore, verify, runs_cmd, explain, recover]

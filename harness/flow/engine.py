@@ -28,8 +28,12 @@ from hvlab.lab.record import Disk, Run, Vm
 from hvlab.lab.state import locked
 from hvlab.sys.lvm import LvRow
 
-LEFTOVER_TEXT = {ROLE_OF["C"]: "backup checkpoint", ROLE_OF["A"]: "auto-recovery checkpoint",
-                 ROLE_OF["S_B"]: "external snapshot"}
+# What Hyper-V answers when a backup finds an orphan of an earlier one (it never reuses it).
+LEFTOVER_TEXT = {
+    ROLE_OF["C"]: "the VM has a backup checkpoint {lv} (run {run}) that must be merged first",
+    ROLE_OF["A"]: "the auto-recovery checkpoint {lv} exists (run {run}): 'the file exists', "
+                  "0x800423FB (KB3175561)",
+    ROLE_OF["S_B"]: "an external snapshot {lv} of run {run} still exists"}
 
 
 class FlowFailed(HvlabError):
@@ -122,16 +126,19 @@ def leftovers(lab: Lab, vms: list[str], live_runs: set[str],
         role = next((t for t in sorted(r.tags) if t in LEFTOVER_TEXT), None)
         vm, run_tag = r.tag_value("vm_"), r.tag_value("run_")
         if role and vm in vms and run_tag not in live_runs:
-            out.append(f"{vm}: {LEFTOVER_TEXT[role]} exists ({r.name}, run {run_tag or '?'}) "
-                       f"- like 0x800423FB; `hvlab backup --abort {run_tag}` or remove it "
-                       f"by hand")
+            out.append(f"{vm}: " + LEFTOVER_TEXT[role].format(lv=r.name, run=run_tag or "?"))
     return out
+
+
+APP_AWARE = ("require", "try", "off")
 
 
 def start(lab_name: str, vms: list[str], *, dest: Path | None = None,
           pause_after: int | None = None, say: Say = quiet, fingerprints: bool = True,
-          progress: Any = None) -> Run:
+          progress: Any = None, app_aware: str = "try") -> Run:
     """`hvlab backup VM [VM ...]`: validate everything, register the run, execute."""
+    if app_aware not in APP_AWARE:
+        raise BadInput(f"invalid --app-aware {app_aware!r}: one of {', '.join(APP_AWARE)}")
     lab = Lab.open(lab_name)
     if not vms:
         raise BadInput("name at least one VM to back up")
@@ -146,6 +153,8 @@ def start(lab_name: str, vms: list[str], *, dest: Path | None = None,
         with locked(lab.name):
             ctx = _register(lab, run_id, vmdefs, where, pause_at, pause_after, say,
                             fingerprints)
+            ctx.run.app_aware = app_aware
+            ctx.save()
         ctx.progress = progress
         ctx.say(f"run {run_id}: backup of {', '.join(vms)} -> {where}")
         return execute(ctx)
@@ -165,7 +174,7 @@ def _register(lab: Lab, run_id: str, vmdefs: list[Any], where: Path, pause_at: i
     rows = lab.lvs()  # one scan for the leftovers and the pre-backup state
     left = leftovers(lab, vms, set(active), rows)
     if left:
-        raise BadInput("leftovers of an earlier run, not reused: " + "; ".join(left))
+        raise BadInput("; ".join(left) + " - `hvlab recover` cleans up after dead runs")
     run = Run(id=run_id, lab=lab.name, vms=vms, dest=str(where), created=time.time(),
               pause_at=pause_at, pause_after=pause_after, vm={
                   vd.name: Vm(profile=vd.profile, disks={

@@ -144,7 +144,9 @@ def carry_out(ctx: Ctx, steps: list[Undo]) -> list[str]:
     return notes
 
 
-def unwind(ctx: Ctx, final: str) -> list[str]:
+def unwind(ctx: Ctx, final: str, *, record: bool = True) -> list[str]:
+    """Resume, thaw, then carry out the plan; record=False for artifacts whose run record
+    is gone (recover), which have no events file to append to."""
     run = ctx.run
     was_done = run.state == "done"
     run.state = "aborting"
@@ -158,6 +160,8 @@ def unwind(ctx: Ctx, final: str) -> list[str]:
     run.unwound = notes
     run.state = final
     ctx.save()
+    if not record:
+        return notes
     runs.append_event(ctx.names, run.id, {
         "run": run.id, "step": None, "name": f"unwind ({final})", "vm": None,
         "start": time.time(), "end": time.time(), "detail": {"notes": notes},

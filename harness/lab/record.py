@@ -83,6 +83,7 @@ class Vm:
     guest_profile: str | None = None
     no_answer: str | None = None
     window: Window | None = None
+    fallback: str | None = None  # why an application-aware backup fell back (policy try)
     freeze_reply: dict[str, Any] | None = None
     t0: float | None = None
     auto_recovery_result: dict[str, Any] | None = None
@@ -114,6 +115,7 @@ class Run:
     vm: dict[str, Vm]
     state: str = "running"  # running | paused | aborting | done | failed | aborted
     mode: str = "on-host"
+    app_aware: str = "try"  # require | try | off: Veeam's application-aware processing
     pos: int = 0  # index into the plan of the next step
     pause_at: int | None = None
     pause_after: int | None = None

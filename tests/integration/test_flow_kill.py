@@ -6,6 +6,7 @@ as it was."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,14 +18,16 @@ import psutil
 import pytest
 
 from hvlab.backup import restore as rst
+from hvlab.backup import thinmeta
 from hvlab.errors import BadInput
 from hvlab.fixtures.plugin import LabHandle
-from hvlab.flow import engine, faults
+from hvlab.flow import engine, faults, recover
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, live, runs
 from hvlab.lab.record import Run
 from hvlab.sys import dm, fs
 from hvlab.sys.lvm import Lvm
+from hvlab.sys.run import run as sysrun
 
 pytestmark = pytest.mark.integration
 
@@ -200,3 +203,29 @@ GuestClient.post_snapshot = patched
     assert not fs.mounts_under(run_dir) and not list(run_dir.glob("ar-*"))
     assert h.lv_names() == pre
     assert rst.verify(h.defn.name, run_.id)["ok"]
+
+
+def test_recover_cleans_what_dead_runs_left(lab_factory: Callable[..., LabHandle]) -> None:
+    """`hvlab recover`: a run killed after step 11 whose run record is lost too (only the LVM
+    tags tell), a metadata snapshot a dead process holds, a paused run left alone."""
+    h = lab_factory(ONE_VM, start_guests=True)
+    pre = h.lv_names()
+    client = GuestClient(guests.socket_path(h.names, "vm01"))
+    run_ = _killed_run(h, "s12-one")
+    shutil.rmtree(h.names.runs_dir / run_.id)
+    acked = client.status()["committed_txid"]
+    sysrun(["dmsetup", "message", thinmeta.tpool_dev(h.names), "0", "reserve_metadata_snap"])
+    res = subprocess.run([sys.executable, "-m", "hvlab.cli", "recover", "-n", h.defn.name],
+                         capture_output=True, text=True, timeout=300, env=os.environ)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "lingering backup checkpoint (GUID.avhdx)" in res.stdout
+    assert "merged C" in res.stdout and "metadata snapshot" in res.stdout, res.stdout
+    assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
+    assert client.status()["committed_txid"] >= acked  # the guest's writes to C were merged
+    done = engine.start(h.defn.name, ["vm01"], fingerprints=False)
+    assert rst.verify(h.defn.name, done.id)["ok"]
+    paused = engine.start(h.defn.name, ["vm01"], pause_after=9, fingerprints=False)
+    rep = recover.recover(h.defn.name)
+    assert len(rep.left) == 1 and paused.id in rep.left[0] and "paused" in rep.left[0]
+    engine.abort(h.defn.name, paused.id)
+    assert recover.recover(h.defn.name).left == []

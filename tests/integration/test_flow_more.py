@@ -3,7 +3,12 @@ step where a pause is allowed, continued by --resume and unwound by --abort."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -96,11 +101,36 @@ def test_windows_vm_whose_guest_is_down_falls_back_to_crash_consistent(
     """Invariant 9: a guest that does not answer gives a labelled crash-consistent backup."""
     h = lab_factory(ONE_VM, start_guests=True)
     stop_guest(h.names.guest_dir("vm01"))
-    run_ = engine.start(h.defn.name, ["vm01"], fingerprints=False)
+    pre = h.lv_names()
+    # Application-aware processing required: the job fails, as Veeam's "Require" does.
+    with pytest.raises(engine.FlowFailed, match="application-aware processing is required"):
+        engine.start(h.defn.name, ["vm01"], fingerprints=False, app_aware="require")
+    assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
+    run_ = engine.start(h.defn.name, ["vm01"], fingerprints=False)  # "try", the default
     assert run_.state == "done"
     assert run_.vm["vm01"].cls == "crash-consistent"
+    man = json.loads((Path(run_.dest) / "manifest.json").read_text())
+    assert man["vms"][0]["app_aware"] == "try" and man["vms"][0]["fallback"]
     report = rst.verify(h.defn.name, run_.id)
     assert report["ok"] and report["vms"][0]["consistency"] == "crash-consistent"
     rec = rst.restore(h.defn.name, run_.id, "rest01", vm="vm01")
     h.expect_extra(lvs=rec["lvs"], dm=rec["controllers"])
     assert rec["controllers"]
+
+
+def test_application_aware_processing_off_never_asks_the_guest(
+        lab_factory: Callable[..., LabHandle]) -> None:
+    h = lab_factory(ONE_VM, start_guests=True)
+    client = GuestClient(guests.socket_path(h.names, "vm01"))
+    res = subprocess.run([sys.executable, "-m", "hvlab.cli", "backup", "vm01", "-n",
+                          h.defn.name, "--app-aware", "off", "--no-fingerprints"],
+                         capture_output=True, text=True, timeout=300, env=os.environ)
+    assert res.returncode == 0 and "crash-consistent" in res.stdout, res.stdout + res.stderr
+    (run_,) = runs.all_runs(h.names)
+    assert run_.app_aware == "off" and run_.vm["vm01"].answers is False
+    assert "off" in (run_.vm["vm01"].no_answer or "")
+    assert client.status()["state"] != "thawed", "the guest was asked to freeze"
+    bad = subprocess.run([sys.executable, "-m", "hvlab.cli", "backup", "vm01", "-n",
+                          h.defn.name, "--app-aware", "maybe"], capture_output=True, text=True,
+                         timeout=300, env=os.environ)
+    assert bad.returncode == 2 and "maybe" in bad.stderr

@@ -1,0 +1,119 @@
+"""`hvlab recover`: find what dead runs left, say what each is in Hyper-V's terms, clean it.
+
+Hyper-V never reuses an orphan: a leftover GUID-AutoRecovery.avhdx makes the next backup fail
+("the file exists", 0x800423FB, KB3175561) and a lingering GUID.avhdx is a checkpoint that must
+be merged. recover does what an administrator does by hand: merge a backup checkpoint the guest
+already wrote to (its writes are the VM's data), remove the rest, release what is held.
+A run whose process is alive, or that is paused on purpose, is reported and left alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hvlab.backup import thinmeta
+from hvlab.flow import engine, unwind
+from hvlab.flow.context import ROLE_OF, Ctx, Say, ar_ctl, lv_name, quiet
+from hvlab.guest.quiesce import recover_after_crash
+from hvlab.lab import runs
+from hvlab.lab.handle import Lab
+from hvlab.lab.record import Artifact, Disk, Run, Vm
+from hvlab.sys import dm
+from hvlab.sys.lvm import LvRow
+from hvlab.sys.run import run
+
+HYPERV = {"C": "lingering backup checkpoint (GUID.avhdx): merged if the guest wrote to it",
+          "A": "leftover auto-recovery checkpoint (GUID-AutoRecovery.avhdx, KB3175561)",
+          "S_B": "external snapshot (host shadow copy) of B",
+          "S_A": "external snapshot (host shadow copy) of A"}
+ROLE_ART: dict[str, list[Artifact]] = {ROLE_OF["C"]: ["C"], ROLE_OF["A"]: ["A"],
+                                       ROLE_OF["S_B"]: ["S_B", "S_A"]}
+
+
+@dataclass
+class Report:
+    done: list[str] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)
+
+
+class _Orphans(Ctx):
+    """A run rebuilt from LVM tags for artifacts whose run record is gone: never saved."""
+
+    def save(self) -> None:
+        pass
+
+
+def recover(lab_name: str, *, say: Say = quiet) -> Report:
+    lab = Lab.open(lab_name)
+    rep = Report()
+    pending: set[str] = set()
+    for r in runs.all_runs(lab.names):
+        state = runs.effective_state(r)
+        if state in ("running", "paused"):
+            how = (f"running in process {r.pid}" if state == "running"
+                   else "paused on purpose: `hvlab backup --resume` or `--abort` it")
+            rep.left.append(f"run {r.id} ({', '.join(r.vms)}) {how}")
+            pending.add(r.id)
+        elif state == "interrupted":
+            notes = engine.abort(lab.name, r.id, say=say).unwound or []
+            rep.done.append(f"run {r.id} died after step {r.last_step or 0}: aborted it "
+                            f"({'; '.join(notes) or 'nothing left to undo'})")
+    _orphans(lab, pending, rep, say)
+    _held(lab, rep)
+    for vm in lab.state.definition.vms:
+        thawed = recover_after_crash(lab.names.guest_dir(vm.name)).get("thawed")
+        if thawed:
+            rep.done.append(f"{vm.name}: a dead guest's freeze marker: thawed {thawed}")
+    return rep
+
+
+def _orphans(lab: Lab, pending: set[str], rep: Report, say: Say) -> None:
+    """Artifacts tagged with a run that is gone or over: rebuilt per run and unwound."""
+    by_run: dict[str, Run] = {}
+    for row in lab.lvs().values():
+        role = next((t for t in sorted(row.tags) if t in ROLE_ART), None)
+        run_id, vm, disk = row.tag_value("run_"), row.tag_value("vm_"), row.tag_value("disk_")
+        if role is None or not (run_id and vm and disk) or run_id in pending:
+            continue
+        r = by_run.setdefault(run_id, Run(id=run_id, lab=lab.name, vms=[], dest="",
+                                          created=0.0, vm={}, mode="recovered"))
+        if vm not in r.vm:
+            r.vms.append(vm)
+            r.vm[vm] = Vm(profile="?", disks={})
+        rec = r.vm[vm].disks.setdefault(disk, Disk(B=lab.names.lv(vm, disk),
+                                                   ctl=lab.names.ctl(vm, disk), size=0, fs=""))
+        art = _artifact(row, ROLE_ART[role], vm, disk, run_id)
+        setattr(rec, art, row.name)
+        rec.set_exists(art, True)
+        rep.done.append(f"{vm}/{disk}: {row.name}: {HYPERV[art]}")
+    for r in by_run.values():
+        for v, name, rec in r.disks():
+            rec.ar_ctl = ar_ctl(lab.names, v, name)
+        with runs.VmLocks(lab.names, r.vms):
+            notes = unwind.unwind(_Orphans(lab, r, say, fingerprints=False), final="aborted",
+                                  record=False)
+        rep.done += [f"  {n}" for n in notes]
+    # attach devices of step 10 whose run is gone
+    ours = {ar_ctl(lab.names, v.name, d.name) for v in lab.state.definition.vms
+            for d in v.disks}
+    for dev in dm.list_devices():
+        if dev.name in ours:
+            ctx = _Orphans(lab, Run(id="-", lab=lab.name, vms=[], dest="", created=0.0,
+                                    vm={}), quiet)
+            ctx.detach_ar(dev.name)
+            rep.done.append(f"{dev.name}: auto-recovery attach device (A attached to the "
+                            f"guest in step 10): detached")
+
+
+def _artifact(row: LvRow, arts: list[Artifact], vm: str, disk: str, run_id: str) -> Artifact:
+    """Which artifact of its role an LV is (S_B and S_A share role_external)."""
+    return next((a for a in arts if row.name == lv_name(vm, disk, a, run_id)), arts[0])
+
+
+def _held(lab: Lab, rep: Report) -> None:
+    """A pool metadata snapshot a killed process still holds (the pool has only one)."""
+    fields = run(["dmsetup", "status", thinmeta.tpool_dev(lab.names)], check=False).stdout.split()
+    if len(fields) > 6 and fields[6] != "-":
+        with thinmeta.metadata_snap(lab.names):
+            pass  # taking it under the flock releases a stale one; leaving releases ours
+        rep.done.append("pool metadata snapshot held by a dead process: released")
