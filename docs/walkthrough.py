@@ -67,6 +67,7 @@ class Session:
     md: list[str] = field(default_factory=list)
     paused_run: str | None = None
     mounted: list[Path] = field(default_factory=list)
+    readonly: list[str] = field(default_factory=list)  # devices set read-only by us
 
     # ---------------------------------------------------------------- running
     def _argv(self, argv: Sequence[str]) -> list[str]:
@@ -94,6 +95,25 @@ class Session:
             raise WalkFailed(f"`{shown}` exited {res.rc}, expected "
                              f"{' or '.join(map(str, expect))}:\n{res.out}")
         return res
+
+    def mount_ro(self, dev: str, at: Path) -> list[Result]:
+        """Mark the device read-only, then mount it read-only without journal replay."""
+        out = [self.run(self.inside(["blockdev", "--setro", dev]))]
+        self.readonly.append(dev)
+        out.append(self.run(self.inside(["mount", "-o", "ro,noload", dev, str(at)])))
+        self.mounted.append(at)
+        return out
+
+    def umount_all(self) -> list[Result]:
+        """Unmount what we mounted, then make the devices writable again, as they were."""
+        out = []
+        while self.mounted:
+            out.append(self.run(self.inside(["umount", str(self.mounted[0])])))
+            self.mounted.pop(0)
+        while self.readonly:
+            out.append(self.run(self.inside(["blockdev", "--setrw", self.readonly[0]])))
+            self.readonly.pop(0)
+        return out
 
     def inside(self, argv: Sequence[str]) -> list[str]:
         """A command that must see the lab's devices and mounts: in the lab VM when the lab
@@ -142,7 +162,8 @@ def grab(pattern: str, text: str, what: str) -> str:
 
 
 def fingerprints(out: str, disk: str) -> dict[int, dict[str, str]]:
-    """From `hvlab explain`: step -> artifact -> cell ('sha/blocks', '-' absent), one disk."""
+    """From `hvlab explain`: step -> column -> cell, one disk. Artifact cells: 'sha/blocks',
+    'live/blocks' (C), '-' absent, '~' not hashed at that step; 'writes': B or C."""
     lines = out.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.strip().startswith(f"{disk}  ("))
     header = next(ln for ln in lines[start:] if "┃ step" in ln)
@@ -154,7 +175,7 @@ def fingerprints(out: str, disk: str) -> dict[int, dict[str, str]]:
         cells = [c.strip() for c in ln.split("│")]
         if len(cells) == len(cols) and cells[1].isdigit():
             rows[int(cells[1])] = {a: cells[cols.index(a)].removesuffix(" *")
-                                   for a in ("B", "C", "A", "S_B", "S_A")}
+                                   for a in ("writes", "B", "C", "A", "S_B", "S_A")}
     if sorted(rows) != list(range(1, 15)):
         raise WalkFailed(f"cannot read the timeline of {disk} from `hvlab explain`")
     return rows
@@ -261,14 +282,15 @@ frozen. Step 10 attached A to the guest, whose writers repaired it
 
 B has not changed since T0: the guest writes to C. So B *is* the image of the instant the
 guest's shadow copy committed. A is a fork of that same B, changed only by auto-recovery. Mount
-both read-only (`noload`: do not replay the ext4 journal, which would write):
+both read-only, and mean it: `mount -o ro` alone is not enough, because ext4 may still write to
+a writable device on a read-only mount (journal replay, orphan cleanup), and a write here would
+change B or A. So first `blockdev --setro` each device (the kernel then refuses every write);
+`noload` skips the journal replay.
 """)
     made = [s.run(["mkdir", "-p", *(str(mp(k, d)) for k in ("B", "A") for d in DISKS)])]
     for d in DISKS:
         for kind, lv in (("B", f"{VM}_{d}"), ("A", f"{VM}_{d}_a_{run_id}")):
-            made.append(s.run(s.inside(["mount", "-o", "ro,noload", f"/dev/hvlab_{LAB}/{lv}",
-                                        str(mp(kind, d))])))
-            s.mounted.append(mp(kind, d))
+            made += s.mount_ro(f"/dev/hvlab_{LAB}/{lv}", mp(kind, d))
     s.show(*made)
     s.text("""
 The writers' own consistency check (`hvlab guest check`, the one `hvlab verify` runs on a
@@ -334,13 +356,9 @@ the filesystem's own metadata and journal):
                               f"/dev/hvlab_{LAB}/{VM}_disk1_a_{run_id} | wc -l"]))
     ndiff = int(grab(r"^(\d+)$", nbytes.out, "the count of differing bytes"))
     check(0 < ndiff < 1 << 20, "A and B differ in a few bytes, not megabytes")
-    s.text(f"`disk1`: {ndiff} bytes of 256 MiB differ. Unmount before the run goes on (step 14 "
-           "removes B's old LV):")
-    gone = []
-    for path in list(s.mounted):
-        gone.append(s.run(s.inside(["umount", str(path)])))
-        s.mounted.remove(path)
-    s.show(*gone)
+    s.text(f"`disk1`: {ndiff} bytes of 256 MiB differ. Unmount and make the devices writable "
+           "again before the run goes on:")
+    s.show(*s.umount_all())
 
     # ------------------------------------------------------------ finish the backup
     s.text("""
@@ -362,27 +380,38 @@ fingerprint (sha256 of its mapped blocks / number of mapped 64 KiB blocks) after
     res = s.step(["hvlab", "explain", "-n", LAB, run_id])
     for d in DISKS:
         fp = fingerprints(res.out, f"{VM}/{d}")
-        check(len({fp[n]["B"] for n in range(8, 14)}) == 1, f"{d}: B is the same in steps 8-13")
-        check(fp[8]["A"] == fp[8]["B"], f"{d}: A equals B at step 8")
-        check(fp[10]["A"] != fp[9]["A"] and fp[10]["B"] == fp[9]["B"],
-              f"{d}: step 10 changes A and not B")
-        check(fp[11]["S_B"] == fp[8]["B"] and fp[11]["S_A"] == fp[10]["A"],
-              f"{d}: S_B is B@T0 and S_A is A")
-        check(fp[13]["C"] != fp[8]["C"], f"{d}: C took the live writes")
-        check(fp[14]["B"] != fp[13]["B"] and fp[14]["C"] == "-", f"{d}: C became B at step 14")
+
+        def seen(art: str, first: int, last: int, fp: dict[int, dict[str, str]] = fp
+                 ) -> list[str]:
+            """The artifact's cells where it exists and was measured, steps first..last."""
+            return [fp[n][art] for n in range(first, last + 1) if fp[n][art] not in "~-"]
+
+        b_t0, a_t0 = fp[8]["B"], fp[8]["A"]
+        check(b_t0 not in "~-" and set(seen("B", 8, 13)) == {b_t0},
+              f"{d}: B is measured at T0 and the same up to step 13")
+        check(a_t0 == b_t0, f"{d}: A equals B at T0")
+        a_fixed = seen("A", 10, 12)
+        check(bool(a_fixed) and a_fixed[0] != b_t0, f"{d}: step 10 changes A")
+        check(set(seen("S_B", 11, 13)) == {b_t0}, f"{d}: S_B is B@T0")
+        check(set(seen("S_A", 11, 13)) == {a_fixed[0]}, f"{d}: S_A is A")
+        check([fp[n]["writes"] for n in range(5, 15)] == ["C"] * 9 + ["B"],
+              f"{d}: the guest writes to C from step 5 to 13, then to B")
+        check(fp[14]["C"] in "~-", f"{d}: C is gone after step 14")
     changed = re.findall(r"auto-recovery changed (\d+) bytes in (\d+) ranges", res.out)
     check(len(changed) == len(DISKS) and all(int(n) > 0 for n, _ in changed),
           "thin_delta finds auto-recovery's ranges on every disk")
     ranges = ", ".join(f"{int(n) // 1024} KiB in {r} ranges on {d}"
                        for (n, r), d in zip(changed, DISKS, strict=True))
     s.text(f"""
-What to read in it: up to step 3 B is the live disk and moves with the guest's writes; from
-step 8 to step 13 its fingerprint does not change: that is B@T0 (steps 4-7 are not measured, to
-keep the freeze short). At step 8 A has B's fingerprint (a fork, nothing written yet); at step
-10 A changes (auto-recovery) and B does not. C takes the live writes. S_B equals B@T0 and S_A
-equals A. At step 14 C has become the live disk under B's name. The last lines come from
-`thin_delta` between S_B and S_A: auto-recovery changed {ranges} (thin pool blocks of 64 KiB;
-the manifest lists them as `auto_recovery_ranges`).
+What to read in it: a cell is a fingerprint (`~` where the content was not hashed at that
+step; the caption says where it is). B's fingerprint at T0 (step 8) is the same up to the read
+(step 13): that is B@T0, and looking at it in section 3 changed nothing. At step 8 A has B's
+fingerprint (a fork, nothing written yet); after step 10 A differs and B does not. C is the
+live disk (`writes` is C from step 5 to step 13): its cell only counts its mapped blocks. S_B
+has B@T0's fingerprint and S_A has A's. After step 14 C is gone: it became the live disk under
+B's name (`writes` is B again). The last lines come from `thin_delta` between S_B and S_A:
+auto-recovery changed {ranges} (thin pool blocks of 64 KiB; the manifest lists them as
+`auto_recovery_ranges`).
 
 The backup content is B@T0 plus A's changes, which is exactly A: step 13 reads S_A.
 """)
@@ -405,15 +434,10 @@ new disk set from it:
     s.step(["hvlab", "restore", "-n", LAB, str(dest), "--as", "rest01"])
     made = [s.run(["mkdir", "-p", *(str(mp("R", d)) for d in DISKS)])]
     for d in DISKS:
-        made.append(s.run(s.inside(["mount", "-o", "ro,noload",
-                                    f"/dev/mapper/hvlab_{LAB}_ctl_rest01_{d}",
-                                    str(mp("R", d))])))
-        s.mounted.append(mp("R", d))
+        made += s.mount_ro(f"/dev/mapper/hvlab_{LAB}_ctl_rest01_{d}", mp("R", d))
     res = s.run(["hvlab", "guest", "check", *(str(mp("R", d)) for d in DISKS)])
     made.append(res)
-    for path in list(s.mounted):
-        made.append(s.run(s.inside(["umount", str(path)])))
-        s.mounted.remove(path)
+    made += s.umount_all()
     s.show(*made)
     check(f"last committed txid {t0_txid} " in res.out and "excluded files (scratch/*.tmp): 0"
           in res.out, "the restored ledger is A's")
@@ -447,6 +471,9 @@ def cleanup(s: Session) -> list[str]:
         if r.rc:
             problems.append(f"umount {path}: {r.out}")
     s.mounted.clear()
+    for dev in s.readonly:  # a device `hvlab down` removes anyway: best effort
+        s.run(s.inside(["blockdev", "--setrw", dev]), expect=None)
+    s.readonly.clear()
     if lab_dir.exists():
         r = s.run(["hvlab", "down", "-n", LAB], expect=None)
         if r.rc:
