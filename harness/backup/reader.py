@@ -49,7 +49,7 @@ def read_image(dev: str, m: Mapping, size: int, dest: Path,
     read = written = 0
     h = hashlib.sha256()
     hashed = 0  # the logical image is hashed up to here
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the VM's data: root's
     try:
         os.ftruncate(fd, size)
         for off, data in read_ranges(dev, m.ranges, m.block_bytes):

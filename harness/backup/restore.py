@@ -16,7 +16,7 @@ from hvlab.guest import ledger
 from hvlab.lab.definition import check_name
 from hvlab.lab.handle import Lab
 from hvlab.lab.state import write_json_atomic
-from hvlab.sys import dm, fs
+from hvlab.sys import dm, fs, private
 from hvlab.sys.uevents import wait_node
 
 
@@ -192,7 +192,7 @@ def verify(lab_name: str, backup: str) -> dict[str, Any]:
                    "filesystem-consistent": fs_ok}.get(cls, True)
         report["ok"] = report["ok"] and r["ok"]
     try:
-        (path / "verify.json").write_text(json.dumps(report, indent=2))
+        private.write_text(path / "verify.json", json.dumps(report, indent=2))
     except OSError as exc:  # a read-only backup is still verifiable
         report["report_not_saved"] = str(exc)
     return report

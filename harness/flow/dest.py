@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from hvlab.errors import BadInput
+from hvlab.sys import private
 
 MARK = ".hvlab-run"
 
@@ -23,11 +24,13 @@ def check(dest: Path) -> None:
 
 
 def claim(dest: Path, run_id: str) -> None:
+    """Make the directory (0700, and 0700 parents where it makes them: backups are root's
+    only) and mark it (0600)."""
     try:
-        dest.mkdir(parents=True)
+        private.make_dir(dest)
     except FileExistsError:
         raise BadInput(f"backup directory {dest} already exists") from None
-    (dest / MARK).write_text(run_id + "\n")
+    private.write_text(dest / MARK, run_id + "\n")
 
 
 def owns(dest: Path, run_id: str) -> bool:

@@ -1,4 +1,4 @@
-"""The lab state file: its definition and phase. Written atomically (tmp, fsync, rename)."""
+"""The lab state file: its definition and phase. Written atomically (tmp, fsync, rename), 0600."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from typing import Any
 from hvlab.errors import HvlabError
 from hvlab.lab.definition import LabDef
 from hvlab.lab.paths import Names
+from hvlab.sys import private
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    with os.fdopen(private.open_file(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW), "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
         f.flush()
@@ -41,7 +42,7 @@ class State:
 
     def save(self) -> None:
         names = Names(self.definition.name)
-        names.dir.mkdir(parents=True, exist_ok=True)
+        private.make_dirs(names.dir)
         write_json_atomic(names.state_file, self.to_dict())
 
     @staticmethod
@@ -62,7 +63,8 @@ class State:
 def locked(lab: str) -> Iterator[None]:
     """One lab operation at a time (flock on the lab's lock file)."""
     names = Names(lab)
-    names.dir.mkdir(parents=True, exist_ok=True)
+    private.make_dirs(names.dir)  # 0700: the lab's files are root's only
+    private.tighten(names.dir, private.DIR_MODE)  # a lab made by an older hvlab
     fd = os.open(names.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:

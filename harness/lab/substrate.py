@@ -20,7 +20,7 @@ from hvlab.lab import guests, live
 from hvlab.lab.definition import LabDef
 from hvlab.lab.paths import Names
 from hvlab.lab.state import State, locked
-from hvlab.sys import dm, fs, loop
+from hvlab.sys import dm, fs, loop, private
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.uevents import wait_node
 
@@ -144,14 +144,17 @@ def _attach_all(st: State, names: Names, undo: _Undo) -> list[str]:
 def _create(defn: LabDef, names: Names, start_guests: bool, progress: Progress) -> State:
     st = State(defn, phase="creating")
     with _Undo() as undo:
-        names.dir.mkdir(parents=True, exist_ok=True)
+        private.make_dirs(names.dir)  # 0700, as every folder and file below is root's only
         st.save()
         undo.push("remove lab directory", lambda: shutil.rmtree(names.dir, ignore_errors=True))
-        names.backing_dir.mkdir(exist_ok=True)
+        private.make_dirs(names.backing_dir)
         per_file = defn.backing_size // defn.backing_files
         for i in range(defn.backing_files):
-            with open(names.backing_file(i), "wb") as f:
-                f.truncate(per_file)  # sparse
+            fd = private.open_file(names.backing_file(i), os.O_WRONLY | os.O_TRUNC)  # 0600
+            try:
+                os.ftruncate(fd, per_file)  # sparse
+            finally:
+                os.close(fd)
         progress(f"backing files: {defn.backing_files} x {per_file >> 20} MiB (sparse)")
         devs = _attach_all(st, names, undo)
         progress(f"loops: {' '.join(devs)}")
@@ -200,6 +203,9 @@ def _restart(st: State, names: Names, start_guests: bool, progress: Progress) ->
         if missing:
             raise HvlabError(f"cannot restart lab {defn.name!r}: backing file {missing[0]} "
                              f"is gone; run `hvlab down --lab-name {defn.name}`")
+        for i in range(defn.backing_files):  # made by an older hvlab: root's only now
+            private.tighten(names.backing_file(i), private.FILE_MODE)
+        private.tighten(names.backing_dir, private.DIR_MODE)
         devs = _attach_all(st, names, undo)
         progress(f"re-attached {' '.join(devs)}")
         lvm = lvm_for(names)
