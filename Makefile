@@ -13,7 +13,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo --preserve-env=HVLAB_HOME,HVLAB_LA
 IN_LAB := $(HVLAB) vm run --ephemeral --
 
 .PHONY: deps apt venv lab-up lab-down lab-shell lab-status test test-host test-integration \
-	lint typecheck-tree bench docs clean
+	lint typecheck-tree bench soak docs clean
 
 deps:
 	$(PROVISION)
@@ -67,6 +67,12 @@ test-integration: deps
 
 bench: deps
 	$(IN_LAB) $(abspath $(VENV)/bin/python) -m hvlab.bench
+
+# Random backups killed at random fault points, recovered at random (SEED replays one).
+CYCLES ?= 15
+SEED ?=
+soak: deps
+	$(IN_LAB) $(abspath $(VENV)/bin/python) -m hvlab.soak --cycles $(CYCLES) $(if $(SEED),--seed $(SEED))
 
 # docs/walkthrough.md from a real session: a private lab `walk`, its own HVLAB_HOME and lab VM
 # directory unless set (HVLAB_WALK_DIR, default /var/tmp/hvlab-walkthrough). Fails if any step does.

@@ -475,7 +475,7 @@ def cleanup(s: Session) -> list[str]:
         s.run(s.inside(["blockdev", "--setrw", dev]), expect=None)
     s.readonly.clear()
     if lab_dir.exists():
-        r = s.run(["hvlab", "down", "-n", LAB], expect=None)
+        r = s.run(["hvlab", "down", "-n", LAB, "--force"], expect=None)
         if r.rc:
             problems.append(f"hvlab down -n {LAB}: {r.out}")
     if vm_is_up(s.env):  # none ran when we started: this one is ours
