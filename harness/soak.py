@@ -132,7 +132,7 @@ def main() -> int:
         for rid in done:
             rep = restore.verify(lab.name, rid)
             check(rep["ok"], f"backup {rid} does not verify")
-        problems = thinmeta.check(lab.names, lab.names.dir)
+        problems = thinmeta.check(lab.names)
         check(not problems, f"thin_check: {problems}")
         result.update(ok=True, verified=len(done), thin_check="clean")
     except Exception as exc:

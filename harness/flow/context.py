@@ -114,7 +114,9 @@ class Ctx:
         """Record, per disk, the LV its controller maps now (what a restarted lab maps)."""
         for v, d, disk in self.disks(vm):
             lv = self.mapped_lv(disk)
-            if lv is not None and lv in (disk.B, disk.C):
+            # C by its name, not the record: the step-5 guard runs this in a copy of the
+            # process forked before C was named.
+            if lv is not None and lv in (disk.B, lv_name(v, d, "C", self.run.id)):
                 live.record(self.names, v, d, lv)
 
     def detach_ar(self, name: str) -> bool:

@@ -34,6 +34,9 @@ def guard(ctls: list[str], deadline_s: float, after: Callable[[], None]) -> Iter
             os.setsid()  # a signal to the caller's process group does not end the guard
             _watch(parent, ctls, time.monotonic() + deadline_s, after)
         except BaseException:
+            import traceback
+
+            traceback.print_exc()  # to the caller's stderr: nothing else would say why
             code = 1
         finally:
             os._exit(code)
