@@ -1,14 +1,21 @@
-"""Host side of the integration-services channel: one connection per request."""
+"""Host side of the integration-services channel: one connection per request.
+
+The guest serves many connections at once up to a cap; a connection beyond it is refused
+(`full`) before the guest reads anything, so `request` tries again for up to FULL_RETRY_S.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from hvlab.errors import HvlabError
+
+FULL_RETRY_S = 5.0  # how long a request is retried while the guest has no free connection
 
 
 class GuestError(HvlabError):
@@ -35,7 +42,16 @@ class GuestClient:
 
     def request(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
         """Send one request, return the reply; raises GuestError on `ok: false`."""
-        return self._check(op, self.raw(json.dumps({"op": op, "args": args}).encode(), timeout))
+        line = json.dumps({"op": op, "args": args}).encode()
+        end = time.monotonic() + min(FULL_RETRY_S, self.timeout if timeout is None else timeout)
+        pause = 0.05
+        while True:
+            reply = self.raw(line, timeout)
+            # refused unread: nothing of this request was done, it is safe to send it again
+            if reply.get("code") != "full" or time.monotonic() + pause > end:
+                return self._check(op, reply)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
     def raw(self, line: bytes, timeout: float | None = None) -> dict[str, Any]:
         """Send one raw line (tests use it for malformed input) and return the parsed reply."""
