@@ -14,21 +14,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import logging
+import math
 import os
 import signal
 import stat
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from hvlab.errors import BadInput, CommandError, HvlabError
-from hvlab.guest import ledger, quiesce
-from hvlab.guest.protocol import ProtocolError, Server, one_line
+from hvlab.guest import ledger, protocol, quiesce
+from hvlab.guest.protocol import Limits, ProtocolError, Server, one_line
 from hvlab.guest.writers import (
     AppendWriter,
     LedgerWriter,
@@ -46,6 +49,13 @@ log = logging.getLogger("hvlab.guest")
 
 PROFILES = ("windows", "linux", "none")
 FLUSH_WRITES_TIMEOUT = "VSS_E_FLUSH_WRITES_TIMEOUT"
+# Ops that change the guest's VSS state: one at a time, in the order they arrive.
+STATE_OPS = frozenset({"prepare", "freeze", "thaw", "post_snapshot", "abort"})
+OP_WAIT_S = 150.0  # how long a state op waits for the one in progress (post_snapshot <= 120 s)
+MAX_OPS_PER_S = 10000.0  # as a lab file's [vm.workload]
+# A thawed VSS session outlives the guest process: the host may resume a backup at its
+# post_snapshot (auto-recovery) after the guest restarted. Removed by prepare, freeze, abort.
+SESSION = "vss-session.json"
 
 
 @dataclass
@@ -59,6 +69,7 @@ class GuestConfig:
     freeze_timeout_s: float = 10.0  # flush-and-hold, as VSS
     writer_timeout_s: float = 60.0  # writer freeze-to-thaw
     status_every_s: float = 1.0
+    limits: Limits = field(default_factory=Limits)  # per connection of the channel
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> GuestConfig:
@@ -73,6 +84,20 @@ class GuestConfig:
             if "seed" in d:
                 wl.setdefault("seed", int(d["seed"]))
             sock = d.get("socket")
+            ch = dict(d.get("channel", {}))
+            unknown = set(ch) - set(Limits.__dataclass_fields__)
+            if unknown:
+                raise BadInput(f"unknown channel limits: {sorted(unknown)}")
+            limits = Limits(
+                max_line=int(ch.get("max_line", Limits.max_line)),
+                max_clients=int(ch.get("max_clients", Limits.max_clients)),
+                idle_timeout_s=float(ch.get("idle_timeout_s", Limits.idle_timeout_s)),
+                send_timeout_s=float(ch.get("send_timeout_s", Limits.send_timeout_s)),
+            )
+            if min(limits.max_line, limits.max_clients) < 1 or not (
+                0 < min(limits.idle_timeout_s, limits.send_timeout_s) < math.inf
+            ):
+                raise BadInput(f"channel limits must be positive: {limits}")
             if sock is None and profile != "none":
                 raise BadInput(f"profile {profile} needs a socket path")
             cfg = GuestConfig(
@@ -85,6 +110,7 @@ class GuestConfig:
                 freeze_timeout_s=float(d.get("freeze_timeout_s", 10.0)),
                 writer_timeout_s=float(d.get("writer_timeout_s", 60.0)),
                 status_every_s=float(d.get("status_every_s", 1.0)),
+                limits=limits,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BadInput(f"bad guest config: {one_line(exc)}") from exc
@@ -105,8 +131,15 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class Guest:
-    """State machine of the guest's VSS side. Ops run in the server thread; the watchdog in a
-    timer thread; `_lock` serialises the state changes of both."""
+    """State machine of the guest's VSS side.
+
+    Requests arrive on many connections at once, one thread each. The ops that change the VSS
+    state (STATE_OPS) and the watchdog run one at a time under `_op_lock`, in arrival order.
+    A freeze is the guest's, not a connection's: the thaw, post_snapshot or abort that follows
+    may come on another connection (the host connects once per request), but a freeze while
+    another is in progress or held is refused. `_lock` guards the fields and is only held for
+    moments, so status and identify answer at once while a freeze waits for its writers or an
+    auto-recovery mounts its disks. Lock order: `_op_lock`, then `_lock`."""
 
     def __init__(self, cfg: GuestConfig, freezer: quiesce.Freezer | None = None) -> None:
         self.cfg = cfg
@@ -115,13 +148,20 @@ class Guest:
         self.mounts = [mnt for _, mnt in cfg.disks]
         self.state = "idle"  # idle | prepared | frozen | thawed
         self.frozen_at: float | None = None
+        self.frozen_by: str | None = None  # the connection that froze, for the log and status
         self.thawed_at: float | None = None
         self.pending_timeout: dict[str, Any] | None = None
+        self.busy: str | None = None  # the state op under way
+        self.busy_by: str | None = None
         self._gen = 0
         self._timer: threading.Timer | None = None
+        self._op_lock = threading.Lock()
         self._lock = threading.RLock()
+        self._status_file = threading.Lock()
+        self._stopping = False
         self.writers: list[Writer] = []
         self.stop_event = threading.Event()
+        self.server: Server | None = None  # the channel, once serving: its connection count
 
     @property
     def auto_recovery(self) -> bool:
@@ -136,6 +176,7 @@ class Guest:
         return next((w for w in self.writers if isinstance(w, LedgerWriter)), None)
 
     def start(self) -> None:
+        self._restore_session()
         wl = self.cfg.workload
         windows = self.cfg.profile == "windows"
         self.writers = [LedgerWriter(self.roots, wl, vss_aware=windows, seed=wl.seed)]
@@ -153,28 +194,98 @@ class Guest:
         )
 
     def shutdown(self) -> None:
-        with self._lock:
-            if self.state == "frozen":
+        self._stopping = True  # no new state op from here on
+        got = self._op_lock.acquire(timeout=10.0)
+        if not got:
+            log.warning("stopping while %s (from %s) is still under way", self.busy, self.busy_by)
+        try:
+            with self._lock:
+                frozen = self.state == "frozen"
+            if frozen:
                 self._thaw_now()
+        finally:
+            if got:
+                self._op_lock.release()
         for w in self.writers:
             w.thaw()
             w.stop()
         self.write_status(final=True)
 
+    # --- the session a restart keeps
+    def _restore_session(self) -> None:
+        path = self.cfg.run_dir / SESSION
+        try:
+            saved = json.loads(path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring an unreadable %s: %s", SESSION, one_line(exc))
+            return
+        if isinstance(saved, dict) and saved.get("state") == "thawed":
+            self.state = "thawed"
+            at = saved.get("thawed_at")
+            self.thawed_at = float(at) if _number(at) else None
+            log.info("a thawed VSS session from before a restart: post_snapshot may follow")
+
+    def _save_session(self) -> None:
+        try:
+            _atomic_write(
+                self.cfg.run_dir / SESSION,
+                json.dumps({"state": self.state, "thawed_at": self.thawed_at}),
+            )
+        except OSError as exc:
+            log.error("cannot write %s: %s", SESSION, one_line(exc))
+
+    def _drop_session(self) -> None:
+        with contextlib.suppress(OSError):
+            (self.cfg.run_dir / SESSION).unlink(missing_ok=True)
+
     # --- ops
     def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         fn = getattr(self, "op_" + op)
         try:
-            result: dict[str, Any] = fn(**args)
+            inspect.signature(fn).bind(**args)
         except TypeError as exc:
-            if "argument" in str(exc):
-                raise ProtocolError("bad_args", f"{op}: {exc}") from exc
-            raise
+            raise ProtocolError("bad_args", f"{op}: {exc}") from None
+        if op == "freeze":  # wrong arguments are told so at once, not after a freeze under way
+            self._freeze_timeout(args.get("timeout_s"))
+        try:
+            if op in STATE_OPS:
+                with self._one_at_a_time(op):
+                    result: dict[str, Any] = fn(**args)
+            else:
+                result = fn(**args)
         except (HvlabError, OSError) as exc:
-            raise ProtocolError("failed", f"{op}: {exc}") from exc
+            raise ProtocolError("failed", f"{op}: {one_line(exc)}") from exc
         finally:
-            self.write_status()
+            if op not in ("status", "identify"):  # read-only: the periodic write covers them
+                self.write_status()
         return result
+
+    @contextlib.contextmanager
+    def _one_at_a_time(self, op: str) -> Iterator[None]:
+        if self._stopping:
+            raise ProtocolError("failed", f"{op}: the guest is stopping")
+        if not self._op_lock.acquire(blocking=False):
+            busy, by = self.busy, self.busy_by
+            if op == "freeze" and busy == "freeze":
+                raise ProtocolError("busy", f"another freeze is in progress (from {by})")
+            log.info("%s from %s waits for %s from %s", op, protocol.peer(), busy, by)
+            if not self._op_lock.acquire(timeout=OP_WAIT_S):
+                raise ProtocolError(
+                    "busy", f"{op}: {self.busy} (from {self.busy_by}) still under way after "
+                    f"{OP_WAIT_S:g}s"
+                )
+        try:
+            if self._stopping:
+                raise ProtocolError("failed", f"{op}: the guest is stopping")
+            with self._lock:
+                self.busy, self.busy_by = op, protocol.peer()
+            yield
+        finally:
+            with self._lock:
+                self.busy = self.busy_by = None
+            self._op_lock.release()
 
     def op_identify(self) -> dict[str, Any]:
         return {
@@ -201,109 +312,138 @@ class Guest:
             if self.state == "frozen":
                 raise ProtocolError("bad_state", "prepare while frozen")
             self.state = "prepared"
-            return {"state": self.state, "writers": [w.status() for w in self.writers]}
+        self._drop_session()
+        return {"state": "prepared", "writers": [w.status() for w in self.writers]}
+
+    def _freeze_timeout(self, timeout_s: object) -> float:
+        t = self.cfg.freeze_timeout_s if timeout_s is None else timeout_s
+        if not _number(t) or not 0 < t <= 60:
+            raise ProtocolError("bad_args", "timeout_s must be a number in (0, 60]")
+        return min(float(t), self.cfg.writer_timeout_s)
 
     def op_freeze(self, timeout_s: float | None = None) -> dict[str, Any]:
-        t = self.cfg.freeze_timeout_s if timeout_s is None else timeout_s
-        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 60:
-            raise ProtocolError("bad_args", "timeout_s must be a number in (0, 60]")
-        t = min(float(t), self.cfg.writer_timeout_s)
+        t = self._freeze_timeout(timeout_s)
         with self._lock:
             if self.state == "frozen":
-                raise ProtocolError("bad_state", "already frozen")
-            t0: dict[str, Any] = {}
-            held: list[Writer] = []
+                raise ProtocolError("bad_state", f"already frozen (by {self.frozen_by})")
+        # Outside `_lock`: writers may take their time to quiesce, status still answers.
+        t0: dict[str, Any] = {}
+        held: list[Writer] = []
+        try:
+            for w in self.vss_writers:
+                t0[w.wname] = w.freeze(self.cfg.writer_timeout_s)
+                held.append(w)
+            quiesce.write_marker(self.cfg.run_dir, self.mounts)
             try:
-                for w in self.vss_writers:
-                    t0[w.wname] = w.freeze(self.cfg.writer_timeout_s)
-                    held.append(w)
-                quiesce.write_marker(self.cfg.run_dir, self.mounts)
-                try:
-                    self.freezer.freeze(self.mounts)
-                except BaseException:
-                    quiesce.remove_marker(self.cfg.run_dir)
-                    raise
-            except (WriterError, quiesce.FreezeError, OSError) as exc:
-                for w in held:
-                    w.thaw()
+                self.freezer.freeze(self.mounts)
+            except BaseException:
+                quiesce.remove_marker(self.cfg.run_dir)
+                raise
+        except (WriterError, quiesce.FreezeError, OSError) as exc:
+            for w in held:
+                w.thaw()
+            with self._lock:
                 self.state = "idle"
-                raise ProtocolError("failed", f"freeze failed: {exc}") from exc
+            raise ProtocolError("failed", f"freeze failed: {one_line(exc)}") from exc
+        with self._lock:
             self.state, self.frozen_at, self.pending_timeout = "frozen", time.time(), None
+            self.frozen_by = protocol.peer()
             self._gen += 1
             self._timer = threading.Timer(t, self._watchdog, args=(self._gen,))
             self._timer.daemon = True
             self._timer.start()
-            lw = self.ledger_writer
-            open_txid = t0.get("ledger", {}).get("open_txid")
-            log.info("frozen %s for at most %gs (open txn %s)", self.mounts, t, open_txid)
-            return {
-                "frozen_at": self.frozen_at,
-                "frozen": [str(m) for m in self.mounts],
-                "timeout_s": t,
-                "t0": t0,
-                "open_txid": open_txid,
-                "ledger_last_txid": lw.ledger.last_txid if lw else None,
-            }
+            frozen_at = self.frozen_at
+        self._drop_session()
+        lw = self.ledger_writer
+        open_txid = t0.get("ledger", {}).get("open_txid")
+        log.info(
+            "frozen %s for at most %gs by %s (open txn %s)",
+            [str(m) for m in self.mounts], t, self.frozen_by, open_txid,
+        )
+        return {
+            "frozen_at": frozen_at,
+            "frozen": [str(m) for m in self.mounts],
+            "timeout_s": t,
+            "t0": t0,
+            "open_txid": open_txid,
+            "ledger_last_txid": lw.ledger.last_txid if lw else None,
+        }
 
-    def _thaw_now(self) -> float:
-        """Thaw filesystems (disk order), then let writers finish their held work."""
-        self._gen += 1
-        if self._timer is not None:
-            self._timer.cancel()
+    def _thaw_now(self, timed_out: bool = False) -> float:
+        """Thaw filesystems (disk order), then let writers finish their held work. The caller
+        holds `_op_lock`. Should the thaw fail, the state stays frozen and the watchdog armed."""
         self.freezer.thaw(self.mounts)
-        self.thawed_at = time.time()
-        self.state = "thawed"
+        with self._lock:
+            self._gen += 1
+            if self._timer is not None:
+                self._timer.cancel()
+            self.thawed_at = now = time.time()
+            self.state = "thawed"
+            frozen_for = now - (self.frozen_at or now)
+            if timed_out:  # with the state: a reader never sees "timed out" and "frozen"
+                self.pending_timeout = {
+                    "error_code": FLUSH_WRITES_TIMEOUT,
+                    "thawed_at": now,
+                    "frozen_for_s": frozen_for,
+                }
+        self._save_session()
         quiesce.remove_marker(self.cfg.run_dir)
         for w in self.vss_writers:
             w.thaw()
-        return self.thawed_at - (self.frozen_at or self.thawed_at)
+        return frozen_for
 
     def _watchdog(self, gen: int) -> None:
-        with self._lock:
-            if gen != self._gen or self.state != "frozen":
-                return
-            try:
-                frozen_for = self._thaw_now()
-            except Exception:
-                log.exception("watchdog thaw failed")
-                return
-            # Set after the thaw, under the lock status() also takes: a reader never sees
-            # "timed out" together with "frozen".
-            self.pending_timeout = {
-                "error_code": FLUSH_WRITES_TIMEOUT,
-                "thawed_at": self.thawed_at,
-                "frozen_for_s": frozen_for,
-            }
-            log.warning("flush-and-hold timeout: thawed by the watchdog after %.2fs", frozen_for)
+        # A thaw under way holds `_op_lock` for moments; anything longer is stuck, and the
+        # filesystems are thawed anyway.
+        got = self._op_lock.acquire(timeout=5.0)
+        try:
+            with self._lock:
+                if gen != self._gen or self.state != "frozen":
+                    return
+            frozen_for = self._thaw_now(timed_out=True)
+        except Exception:
+            log.exception("watchdog thaw failed")
+            return
+        finally:
+            if got:
+                self._op_lock.release()
+        log.warning("flush-and-hold timeout: thawed by the watchdog after %.2fs", frozen_for)
         self.write_status()
 
     def op_thaw(self) -> dict[str, Any]:
         with self._lock:
-            if self.state == "frozen":
-                frozen_for = self._thaw_now()
-                reply = {
-                    "thawed_at": self.thawed_at,
-                    "frozen_for_s": frozen_for,
-                    "timed_out": False,
-                }
-            elif self.pending_timeout is not None:
-                reply = {**self.pending_timeout, "timed_out": True}
+            state, pending, by = self.state, self.pending_timeout, self.frozen_by
+        if state == "frozen":
+            frozen_for = self._thaw_now()
+            log.info(
+                "thawed after %.2fs (frozen by %s, thawed by %s)", frozen_for, by, protocol.peer()
+            )
+            reply: dict[str, Any] = {
+                "thawed_at": self.thawed_at,
+                "frozen_for_s": frozen_for,
+                "timed_out": False,
+            }
+        elif pending is not None:
+            reply = {**pending, "timed_out": True}
+            with self._lock:
                 self.pending_timeout = None
-            else:
-                raise ProtocolError("bad_state", f"thaw without freeze (state {self.state})")
-            lw = self.ledger_writer
-            reply["ledger_last_txid"] = lw.ledger.last_txid if lw else None
-            return reply
+        else:
+            raise ProtocolError("bad_state", f"thaw without freeze (state {state})")
+        lw = self.ledger_writer
+        reply["ledger_last_txid"] = lw.ledger.last_txid if lw else None
+        return reply
 
     def op_abort(self) -> dict[str, Any]:
         with self._lock:
             thawed = self.state == "frozen"
-            if thawed:
-                self._thaw_now()
-            for w in self.writers:
-                w.thaw()
+        if thawed:
+            self._thaw_now()
+        for w in self.writers:
+            w.thaw()
+        with self._lock:
             self.state = "idle"
-            return {"thawed": thawed, "state": self.state}
+        self._drop_session()
+        return {"thawed": thawed, "state": "idle"}
 
     def op_status(self) -> dict[str, Any]:
         return self.status()
@@ -311,32 +451,34 @@ class Guest:
     def op_workload(
         self, pause: bool | None = None, ops_per_s: float | None = None, writer: str | None = None
     ) -> dict[str, Any]:
+        if pause is not None and not isinstance(pause, bool):
+            raise ProtocolError("bad_args", "pause must be true or false")
+        if writer is not None and not isinstance(writer, str):
+            raise ProtocolError("bad_args", "writer must be a writer's name")
+        if ops_per_s is not None and (not _number(ops_per_s) or not 0 < ops_per_s <= MAX_OPS_PER_S):
+            raise ProtocolError("bad_args", f"ops_per_s must be a number in (0, {MAX_OPS_PER_S:g}]")
         targets = [w for w in self.writers if writer is None or w.wname == writer]
         if not targets:
-            raise ProtocolError("bad_args", f"no writer named {writer!r}")
-        if ops_per_s is not None and (not isinstance(ops_per_s, int | float) or ops_per_s <= 0):
-            raise ProtocolError("bad_args", "ops_per_s must be > 0")
+            shown = writer if writer is None or len(writer) <= 40 else writer[:40] + "..."
+            raise ProtocolError("bad_args", f"no writer named {shown!r}")
         for w in targets:
             if pause is not None:
-                w.pause(bool(pause))
+                w.pause(pause)
             if ops_per_s is not None:
                 w.ops_per_s = float(ops_per_s)
         return {"writers": [w.status() for w in self.writers]}
 
     def op_post_snapshot(self, devices: dict[str, str] | None = None) -> dict[str, Any]:
         with self._lock:
-            if self.state == "frozen":
-                raise ProtocolError("bad_state", "post_snapshot while frozen")
-        if not isinstance(devices, dict) or not devices:
-            raise ProtocolError("bad_args", "devices must be a non-empty {disk: /dev/path} map")
-        for disk, dev in devices.items():
-            if disk not in self.roots:
-                raise ProtocolError("bad_args", f"unknown disk {disk!r}")
-            try:
-                if not stat.S_ISBLK(os.stat(str(dev)).st_mode):
-                    raise ProtocolError("bad_args", f"{dev} is not a block device")
-            except OSError as exc:
-                raise ProtocolError("bad_args", f"no such device {dev}: {exc.strerror}") from exc
+            state = self.state
+        if state == "frozen":
+            raise ProtocolError("bad_state", "post_snapshot while frozen")
+        if state != "thawed":
+            raise ProtocolError(
+                "bad_state", f"post_snapshot before freeze and thaw (state {state})"
+            )
+        self._check_devices(devices)
+        assert isinstance(devices, dict)
         if not self.auto_recovery:
             return {
                 "auto_recovery": False,
@@ -344,6 +486,32 @@ class Guest:
                 "note": f"profile {self.cfg.profile} has no auto-recovery",
             }
         return {"auto_recovery": True, **self._auto_recover(devices)}
+
+    def _check_devices(self, devices: object) -> None:
+        """{disk: /dev/path}: each a known disk, each a distinct block device; where the guest
+        mounts and repairs them (auto-recovery), none mounted already (the live disks are)."""
+        if not isinstance(devices, dict) or not devices:
+            raise ProtocolError("bad_args", "devices must be a non-empty {disk: /dev/path} map")
+        mounted = _mounted_devices() if self.auto_recovery else set()
+        seen: dict[int, str] = {}
+        for disk, dev in devices.items():
+            if disk not in self.roots:
+                shown = disk if len(disk) <= 40 else disk[:40] + "..."
+                raise ProtocolError("bad_args", f"unknown disk {shown!r}")
+            if not isinstance(dev, str) or not dev.startswith("/") or "\0" in dev \
+                    or len(dev) > 4096:
+                raise ProtocolError("bad_args", f"device of {disk} must be an absolute path")
+            try:
+                st = os.stat(dev)
+            except OSError as exc:
+                raise ProtocolError("bad_args", f"no such device {dev}: {exc.strerror}") from exc
+            if not stat.S_ISBLK(st.st_mode):
+                raise ProtocolError("bad_args", f"{dev} is not a block device")
+            if st.st_rdev in seen:
+                raise ProtocolError("bad_args", f"{dev} given for {seen[st.st_rdev]} and {disk}")
+            seen[st.st_rdev] = disk
+            if st.st_rdev in mounted:
+                raise ProtocolError("bad_args", f"{dev} is mounted: not an auto-recovery image")
 
     def _auto_recover(self, devices: dict[str, str]) -> dict[str, Any]:
         """Mount the auto-recovery image's disks privately, run the writers' repair, unmount."""
@@ -379,6 +547,10 @@ class Guest:
             os.sync()
         except CommandError as exc:
             raise ProtocolError("failed", f"auto-recovery mount failed: {exc}") from exc
+        except (ValueError, KeyError) as exc:  # a damaged image (TornPage is a ValueError)
+            raise ProtocolError(
+                "failed", f"auto-recovery failed, the image is damaged: {one_line(exc)}"
+            ) from exc
         finally:
             errors = []
             for mnt in reversed(mounted):
@@ -411,6 +583,9 @@ class Guest:
             "state": self.state,
             "frozen": self.state == "frozen",
             "frozen_at": self.frozen_at if self.state == "frozen" else None,
+            "frozen_by": self.frozen_by if self.state == "frozen" else None,
+            "busy": self.busy,
+            "clients": self.server.connections if self.server is not None else None,
             "timed_out": self.pending_timeout is not None,
             "timeout": self.pending_timeout,
             "committed_txid": lw.ledger.last_txid if lw else None,
@@ -426,9 +601,33 @@ class Guest:
         if final:
             st["state"] = "stopped"
         try:
-            _atomic_write(self.cfg.run_dir / "status.json", json.dumps(st, indent=1))
-        except OSError:
-            log.exception("cannot write status.json")
+            with self._status_file:  # one writer at a time: they share the temporary file
+                _atomic_write(self.cfg.run_dir / "status.json", json.dumps(st, indent=1))
+        except OSError as exc:
+            log.error("cannot write status.json: %s", one_line(exc))
+
+
+def _number(v: object) -> TypeGuard[int | float]:
+    """A JSON number (not a boolean); NaN and infinities never get past the parser."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and not (
+        isinstance(v, float) and not math.isfinite(v)
+    )
+
+
+def _mounted_devices() -> set[int]:
+    """st_rdev of every block device with a filesystem mounted in this mount namespace."""
+    found: set[int] = set()
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return found
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) > 2 and ":" in parts[2]:
+            major, _, minor = parts[2].partition(":")
+            with contextlib.suppress(ValueError):
+                found.add(os.makedev(int(major), int(minor)))
+    return found
 
 
 def clean_stale_ar_mounts(run_dir: Path) -> list[str]:
@@ -469,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         guest.start()
         if cfg.socket is not None and cfg.profile != "none":
-            server = Server(cfg.socket, guest.handle)
+            server = guest.server = Server(cfg.socket, guest.handle, cfg.limits)
         guest.write_status()
         if server is not None:
             server.serve(guest.stop_event.is_set, guest.write_status, cfg.status_every_s)

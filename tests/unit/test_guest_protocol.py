@@ -15,7 +15,7 @@ import pytest
 from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient, GuestError, GuestUnavailable
 from hvlab.guest.emulator import Guest, GuestConfig
-from hvlab.guest.protocol import Server
+from hvlab.guest.protocol import ProtocolError, Server
 from hvlab.guest.quiesce import FreezeError
 
 
@@ -24,9 +24,11 @@ class FakeFreezer:
         self.frozen: list[str] = []
         self.calls: list[tuple[str, list[str]]] = []
         self.fail = False
+        self.delay = 0.0  # a slow FIFREEZE: widens the window for concurrent requests
 
     def freeze(self, mountpoints: Sequence[Path]) -> list[str]:
         self.calls.append(("freeze", [str(m) for m in mountpoints]))
+        time.sleep(self.delay)
         if self.fail:
             raise FreezeError("freeze of x failed: injected")
         self.frozen = [str(m) for m in mountpoints]
@@ -171,19 +173,114 @@ def test_bad_inputs_keep_guest_running(g: Running) -> None:
     assert all(w["state"] == "running" for w in c.status()["writers"])
 
 
-def test_second_client_is_refused_first_keeps_working(g: Running) -> None:
-    first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    first.settimeout(5)
-    first.connect(str(g.client.socket_path))
-    first.sendall(b'{"op":"identify","id":1}\n')
-    assert b'"ok":true' in first.makefile("rb").readline()
-    second = GuestClient(g.client.socket_path, timeout=5).raw(b'{"op":"status"}')
-    assert second["ok"] is False and second["code"] == "busy"
-    first.sendall(b'{"op":"status","id":2}\n')
-    line = first.makefile("rb").readline()
-    assert b'"ok":true' in line and b'"id":2' in line
-    first.close()
-    wait_for(lambda: g.guest.stop_event.is_set() or _ok(g.client))
+def test_idle_client_does_not_block_others(g: Running) -> None:
+    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    idle.settimeout(5)
+    idle.connect(str(g.client.socket_path))  # connected, sends nothing
+    half = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    half.connect(str(g.client.socket_path))
+    half.sendall(b'{"op":"sta')  # half a request
+    c = g.client  # a new connection per request, as the backup flow does
+    assert c.identify()["vm"] == "vm1"
+    assert c.status()["ok"]
+    c.prepare()
+    fr = c.freeze(timeout_s=10)
+    st = GuestClient(c.socket_path).status()
+    assert st["frozen"] is True and st["frozen_by"].startswith("c")
+    th = GuestClient(c.socket_path).thaw()  # another connection than the freeze's
+    assert th["timed_out"] is False and th["thawed_at"] >= fr["frozen_at"]
+    assert c.workload(pause=False)["ok"]
+    idle.sendall(b'{"op":"status","id":"late"}\n')  # the idle one is served as well
+    line = idle.makefile("rb").readline()
+    assert b'"ok":true' in line and b'"id":"late"' in line
+    idle.close()
+    half.close()
+
+
+def test_concurrent_freezes_one_wins(g: Running) -> None:
+    g.freezer.delay = 0.5
+    n = 6
+    gate = threading.Barrier(n)
+    results: list[dict[str, Any]] = []
+
+    def one() -> None:
+        gate.wait()
+        results.append(g.client.raw(b'{"op":"freeze","args":{"timeout_s":10}}'))
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == n
+    won = [r for r in results if r["ok"]]
+    lost = [r for r in results if not r["ok"]]
+    assert len(won) == 1, results
+    assert {r["code"] for r in lost} <= {"busy", "bad_state"}
+    assert all("freeze" in r["error"] for r in lost)
+    assert [c for c in g.freezer.calls if c[0] == "freeze"] == [("freeze", g.freezer.frozen)]
+    g.client.thaw()
+    with pytest.raises(GuestError) as ei:
+        g.client.thaw()
+    assert ei.value.code == "bad_state"
+
+
+def test_status_answers_while_a_freeze_is_under_way(g: Running) -> None:
+    g.freezer.delay = 2.0
+    done: list[dict[str, Any]] = []
+    t = threading.Thread(target=lambda: done.append(g.client.freeze(timeout_s=10)))
+    t.start()
+    wait_for(lambda: g.guest.busy == "freeze")
+    t0 = time.monotonic()
+    st = g.client.status()
+    ident = g.client.identify()
+    assert time.monotonic() - t0 < 1.0  # not behind the freeze
+    assert st["busy"] == "freeze" and st["frozen"] is False and ident["ok"]
+    # a thaw sent meanwhile waits for the freeze, then thaws it
+    th = GuestClient(g.client.socket_path).thaw()
+    t.join(10)
+    assert done and done[0]["ok"] and th["timed_out"] is False
+    assert g.client.status()["state"] == "thawed" and g.freezer.frozen == []
+
+
+def test_out_of_order_and_wrong_types(g: Running) -> None:
+    c = g.client
+
+    def code(op: str, **args: Any) -> str:
+        with pytest.raises(GuestError) as ei:
+            c.request(op, **args)
+        assert "\n" not in str(ei.value)
+        return ei.value.code
+
+    assert code("post_snapshot", devices={"d0": "/dev/null"}) == "bad_state"  # before freeze
+    c.prepare()
+    assert code("post_snapshot", devices={"d0": "/dev/null"}) == "bad_state"
+    assert code("thaw") == "bad_state"
+    bad: object
+    for bad in ("10", True, [], {}, -1, 0, 61, 10**400):
+        assert code("freeze", timeout_s=bad) == "bad_args", bad
+    assert c.raw(b'{"op":"freeze","args":{"timeout":5}}')["code"] == "bad_args"
+    assert code("identify", extra=1) == "bad_args"
+    assert code("workload", pause="yes") == "bad_args"
+    assert code("workload", writer=["ledger"]) == "bad_args"
+    for rate in (0, -5, "fast", True, 1e6, 10**400):
+        assert code("workload", ops_per_s=rate) == "bad_args", rate
+    c.freeze(timeout_s=10)
+    assert code("freeze", timeout_s=10) == "bad_state"
+    assert code("prepare") == "bad_state"
+    assert code("post_snapshot", devices={"d0": "/dev/null"}) == "bad_state"  # while frozen
+    c.thaw()
+    devices: object
+    for devices in (None, {}, [], "d0", {"d0": 5}, {"d0": "rel/path"}, {"d0": "/dev/\u0000x"},
+                    {"nodisk": "/dev/null"}, {"d0": "/dev/null"}, {"d0": "/nope/x"}):
+        assert code("post_snapshot", devices=devices) == "bad_args", devices
+    for line in (b'{"op":"freeze","args":{"timeout_s":NaN}}', b"\x00\xff" * 100):
+        assert c.raw(line)["code"] == "bad_json"
+    st = c.status()
+    assert st["state"] == "thawed" and all(w["state"] == "running" for w in st["writers"])
+    n = st["committed_txid"]
+    wait_for(lambda: c.status()["committed_txid"] > n)
+    assert st["ops_per_s"] < 10000
 
 
 def _ok(c: GuestClient) -> bool:
@@ -247,3 +344,28 @@ def test_linux_profile_has_no_auto_recovery() -> None:
 def test_unavailable_when_no_socket(tmp_path: Path) -> None:
     with pytest.raises(GuestUnavailable):
         GuestClient(tmp_path / "nope.sock", timeout=1).identify()
+
+
+def test_a_thawed_session_survives_a_guest_restart(g: Running) -> None:
+    """The host may resume a backup at step 10 after the guest restarted: post_snapshot is
+    in order after a thaw, also one the previous guest process made; not after abort."""
+    g.client.freeze(timeout_s=10)
+    g.client.thaw()
+
+    def post_snapshot_code() -> str:
+        again = Guest(g.guest.cfg, FakeFreezer())
+        again._restore_session()
+        with pytest.raises(ProtocolError) as ei:
+            again.handle("post_snapshot", {"devices": {"d0": "/dev/null"}})
+        return ei.value.code
+
+    assert post_snapshot_code() == "bad_args"  # in order: only the device is wrong
+    g.client.prepare()
+    assert post_snapshot_code() == "bad_state"
+    g.client.freeze(timeout_s=10)
+    assert post_snapshot_code() == "bad_state"  # died while frozen: that session is gone
+    g.client.abort()
+    assert post_snapshot_code() == "bad_state"
+    g.client.freeze(timeout_s=0.2)  # thawed by the watchdog: still a thawed session
+    wait_for(lambda: g.client.status()["timed_out"])
+    assert post_snapshot_code() == "bad_args"
