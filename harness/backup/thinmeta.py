@@ -84,6 +84,15 @@ def parse_delta(xml_text: str) -> dict[str, list[Range]]:
     return out
 
 
+Dump = tuple[int, dict[int, list[tuple[int, int]]]]  # (block bytes, dev id -> pairs)
+
+
+def mapping_in(dump: Dump, dev_id: int) -> Mapping:
+    block_bytes, devs = dump
+    pairs = devs.get(dev_id, [])
+    return Mapping(dev_id, block_bytes, merge(v for v, _ in pairs), pairs)
+
+
 class MetadataSnap:
     """An open metadata snapshot: query mappings and deltas of any thin id."""
 
@@ -98,9 +107,7 @@ class MetadataSnap:
         return self._dump
 
     def mapping(self, dev_id: int) -> Mapping:
-        block_bytes, devs = self.dump()
-        pairs = devs.get(dev_id, [])
-        return Mapping(dev_id, block_bytes, merge(v for v, _ in pairs), pairs)
+        return mapping_in(self.dump(), dev_id)
 
     def delta(self, thin1: int, thin2: int) -> dict[str, list[Range]]:
         res = run(["thin_delta", "--metadata-snap", "--thin1", str(thin1), "--thin2",
@@ -150,6 +157,15 @@ def thin_tables() -> dict[str, list[str]]:
         if sep:
             out[name] = table.split()
     return out
+
+
+def pool_transaction_id(names: Names) -> int | None:
+    """The transaction id the kernel's pool reports (LVM keeps its own: they must agree)."""
+    fields = run(["dmsetup", "status", tpool_dev(names)], check=False).stdout.split()
+    try:
+        return int(fields[3])
+    except (IndexError, ValueError):
+        return None
 
 
 def pool_usage(names: Names) -> tuple[int, int]:

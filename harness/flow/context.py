@@ -49,6 +49,10 @@ class Ctx:
         self.fingerprints = fingerprints
         self.progress: Any = None  # a rich Progress for step 13, when on a terminal
         self.block_digests: dict[int, bytes] = {}  # data block -> sha256 of its content
+        self.thin_ids: dict[str, int] = {}  # an LV's thin id never changes
+        self.last_dump: thinmeta.Dump | None = None  # step 13's metadata, for its hashes
+        self.pending: tuple[dict[str, Any], Any] | None = None  # (event, pool) hashing
+        self.pending_future: Any = None
 
     def save(self) -> None:
         runs.save(self.names, self.run)
@@ -139,9 +143,9 @@ class Ctx:
 def thin_ids(ctx: Ctx, lvs: list[str]) -> dict[str, int]:
     """Thin device ids of lvs from the kernel's tables (`0 N thin <pool> <id>`): one dmsetup
     call for all of them."""
-    want = {ctx.names.dm_lv_name(lv): lv for lv in lvs}
-    out: dict[str, int] = {}
-    for name, fields in thinmeta.thin_tables().items():
-        if name in want and len(fields) >= 5 and fields[2] == "thin":
-            out[want[name]] = int(fields[4])
-    return out
+    want = {ctx.names.dm_lv_name(lv): lv for lv in lvs if lv not in ctx.thin_ids}
+    if want:
+        for name, fields in thinmeta.thin_tables().items():
+            if name in want and len(fields) >= 5 and fields[2] == "thin":
+                ctx.thin_ids[want[name]] = int(fields[4])
+    return {lv: ctx.thin_ids[lv] for lv in lvs if lv in ctx.thin_ids}

@@ -72,14 +72,17 @@ def execute(ctx: Ctx) -> Run:
             run.last_step = n
             ctx.save()
             if run.pause_at is not None and run.pos - 1 == run.pause_at:
+                observe.flush(ctx)
                 run.state = "paused"
                 run.pause_at = None
                 ctx.save()
                 return run
         faults.point("finish")
+        observe.flush(ctx)
         finish(ctx)
         return run
     except BaseException as exc:
+        observe.flush(ctx)  # never unwind under a hash still reading B
         err = f"{type(exc).__name__}: {exc}"
         run.error = err
         ctx.say(f"step failed: {err}; unwinding")

@@ -171,6 +171,9 @@ def render_explain(run: Run, events: list[dict[str, Any]],
     con = console or Console()
     con.print(f"[bold]run {run.id}[/]  lab {run.lab}  VMs {' '.join(run.vms)}  "
               f"state {runs.effective_state(run)}  backup {run.dest}")
+    cost = time_cost(events)
+    if cost:
+        con.print(cost)
     for t in lanes(run, events):
         con.print(t)
     for t in timeline(run, events):
@@ -207,3 +210,15 @@ def command_lines(run: Run, events: list[dict[str, Any]]) -> list[str]:
         for c in cmds:
             out.append(f"{join(c['argv'])}  # rc {c['rc']}, {c['seconds']:.3f} s")
     return out
+
+
+def time_cost(events: list[dict[str, Any]]) -> str:
+    """The steps' own time against the job's wall time from the first step's start to the
+    last step's end: what observation and bookkeeping between the steps cost."""
+    steps = [e for e in events if e.get("step") and "end" in e and "start" in e]
+    if not steps:
+        return ""
+    own = sum(e["end"] - e["start"] for e in steps)
+    wall = max(e["end"] for e in steps) - min(e["start"] for e in steps)
+    ratio = f" ({wall / own:.2f}x)" if own > 0 else ""
+    return f"time: steps' own {own:.1f} s, wall {wall:.1f} s{ratio}"

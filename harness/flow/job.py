@@ -65,6 +65,7 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
     with thinmeta.metadata_snap(ctx.names) as snap:
         faults.point("s13-metadata")
         maps = {lv: snap.mapping(ids[lv]) for *_, sb, sa in members for lv in (sb, sa)}
+        ctx.last_dump = snap.dump()
         deltas = {f"{v}/{d}": snap.delta(ids[sb], ids[sa]) for v, d, _, sb, sa in members}
     total = sum(maps[sa].mapped_blocks * maps[sa].block_bytes for *_, sa in members)
     prog = ctx.progress

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hvlab.backup import thinmeta
@@ -27,6 +28,7 @@ from hvlab.sys.uevents import watch
 # Where the invariants need content: B and A at T0 (after the thaw, outside the window), A
 # after auto-recovery, B and S before the merge.
 FINGERPRINT_AFTER = {8: "T0", 10: "after auto-recovery", 13: "before the merge"}
+BACKGROUND = {8}
 
 
 def run_step(ctx: Ctx, n: int, vm: str | None) -> dict[str, Any]:
@@ -54,11 +56,39 @@ def run_step(ctx: Ctx, n: int, vm: str | None) -> dict[str, Any]:
         ev["writes_to"] = writes_to(ctx)
         ev["fingerprints"] = None
         if ok and ctx.fingerprints and n in FINGERPRINT_AFTER:
-            ev["fingerprints"] = fingerprints(ctx, vm)
-            ev["fingerprints_note"] = FINGERPRINT_AFTER[n]
+            flush(ctx)  # a hash still running in the background fills the cache first
+            planned = plan_fingerprints(ctx, vm)
+            if n in BACKGROUND:
+                # B (and A, which shares its blocks) cannot change until step 10 writes A,
+                # and only B's device is read: hash while steps 9-10 run.
+                ev["fingerprints_note"] = f"{FINGERPRINT_AFTER[n]}: hashed in the background"
+                ctx.pending = (ev, ThreadPoolExecutor(max_workers=1))
+                ctx.pending_future = ctx.pending[1].submit(hash_planned, ctx, planned)
+            else:
+                ev["fingerprints"] = hash_planned(ctx, planned)
+                ev["fingerprints_note"] = FINGERPRINT_AFTER[n]
+        ctx.last_dump = None
         ev["observed_s"] = round(time.time() - ev["end"], 4)
         runs.append_event(ctx.names, ctx.run.id, ev)
     return ev
+
+
+def flush(ctx: Ctx) -> None:
+    """Wait for a background hash and record it (a supplement to its step's event, which
+    `runs.events` folds in). Called before the next hash, a pause, the end or an unwind."""
+    if ctx.pending is None or ctx.pending_future is None:
+        return
+    (ev, pool), future = ctx.pending, ctx.pending_future
+    ctx.pending, ctx.pending_future = None, None
+    try:
+        fps, note = future.result(), FINGERPRINT_AFTER[ev["step"]]
+    except Exception as exc:  # the run goes on; the event says why it has no hash
+        fps, note = None, f"not hashed: {type(exc).__name__}: {exc}"
+    finally:
+        pool.shutdown()
+    runs.append_event(ctx.names, ctx.run.id, {
+        "run": ctx.run.id, "step": ev["step"], "vm": ev["vm"], "supplement": "fingerprints",
+        "fingerprints": fps, "fingerprints_note": note, "at": time.time()})
 
 
 def writes_to(ctx: Ctx) -> dict[str, dict[str, str | None]]:
@@ -71,28 +101,59 @@ def writes_to(ctx: Ctx) -> dict[str, dict[str, str | None]]:
     return out
 
 
-def fingerprints(ctx: Ctx, vm: str | None) -> dict[str, dict[str, Any]]:
+Planned = tuple[dict[str, dict[str, Any]], dict[tuple[tuple[int, int], ...],
+                                              tuple[str, thinmeta.Mapping]],
+                list[tuple[str, str, tuple[tuple[int, int], ...] | None]]]
+
+
+def plan_fingerprints(ctx: Ctx, vm: str | None) -> Planned:
     """B, C, A, S_B, S_A of each disk: how many blocks are mapped and, for all but the live
-    disk (whose content moves under any hash), a content hash: sha256 over (virtual block,
-    sha256 of the block) of every mapped block. A data block is read once per run: until the
-    merge every block hashed here stays shared with an artifact nobody writes (B after T0, A
-    after auto-recovery, S), and a thin pool never writes a shared block in place."""
+    disk (whose content moves under any hash), what to hash. The mappings are read now; the
+    content can be hashed later from the device of one artifact per mapping."""
     present = [(f"{v}/{d}", a, lv, disk) for v, d, disk in ctx.disks(vm)
                for a, lv in disk.present().items() if os.path.exists(ctx.lv_dev(lv))]
     ids = thin_ids(ctx, [lv for _, _, lv, _ in present])
+    if ctx.last_dump is not None:  # step 13 just took one: S and B have not moved since
+        maps = {lv: thinmeta.mapping_in(ctx.last_dump, ids[lv]) for _, _, lv, _ in present
+                if lv in ids}
+    else:
+        with thinmeta.metadata_snap(ctx.names) as snap:
+            maps = {lv: snap.mapping(ids[lv]) for _, _, lv, _ in present if lv in ids}
     out: dict[str, dict[str, Any]] = {}
-    with thinmeta.metadata_snap(ctx.names) as snap:
-        for key, a, lv, disk in present:
-            if lv not in ids:
-                continue
-            m = snap.mapping(ids[lv])
-            fp: dict[str, Any] = {"mapped_blocks": m.mapped_blocks, "thin_id": m.dev_id}
-            if disk.lv(a) == ctx.mapped_lv(disk):
-                fp["live"] = True
-            else:
-                fp.update(_content_hash(ctx, ctx.lv_dev(lv), m))
-            out.setdefault(key, {})[a] = fp
+    todo: dict[tuple[tuple[int, int], ...], tuple[str, thinmeta.Mapping]] = {}
+    where: list[tuple[str, str, tuple[tuple[int, int], ...] | None]] = []
+    for key, a, lv, disk in present:
+        if lv not in maps:
+            continue
+        m = maps[lv]
+        out.setdefault(key, {})[a] = {"mapped_blocks": m.mapped_blocks, "thin_id": m.dev_id}
+        if disk.lv(a) == ctx.mapped_lv(disk):
+            out[key][a]["live"] = True
+            where.append((key, a, None))
+        else:
+            pairs = tuple(m.pairs)
+            todo.setdefault(pairs, (ctx.lv_dev(lv), m))
+            where.append((key, a, pairs))
+    return out, todo, where
+
+
+def hash_planned(ctx: Ctx, planned: Planned) -> dict[str, dict[str, Any]]:
+    """Content hashes: sha256 over (virtual block, sha256 of the block) of every mapped block.
+    A data block is read once per run: until the merge every block hashed here stays shared
+    with an artifact nobody writes (B after T0, A after auto-recovery, S), and a thin pool
+    never writes a shared block in place. Different mappings are read in parallel."""
+    out, todo, where = planned
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        hashes = dict(zip(todo, pool.map(lambda job: _content_hash(ctx, *job), todo.values()),
+                          strict=True))
+    for key, a, pairs in where:
+        if pairs is not None:
+            out[key][a].update(hashes[pairs])
     return out
+
+
+def fingerprints(ctx: Ctx, vm: str | None) -> dict[str, dict[str, Any]]:
+    return hash_planned(ctx, plan_fingerprints(ctx, vm))
 
 
 def _content_hash(ctx: Ctx, dev: str, m: thinmeta.Mapping) -> dict[str, Any]:

@@ -100,12 +100,20 @@ def events(names: Names, run_id: str) -> list[dict[str, Any]]:
     path = run_dir(names, run_id) / "events.jsonl"
     if not path.exists():
         return []
-    out = []
+    out: list[dict[str, Any]] = []
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            ev = json.loads(line)
         except ValueError:
             continue  # the half-written last line of a killed run
+        if ev.get("supplement") == "fingerprints":  # hashed after its step: fold it in
+            for earlier in reversed(out):
+                if (earlier.get("step"), earlier.get("vm")) == (ev.get("step"), ev.get("vm")):
+                    earlier["fingerprints"] = ev.get("fingerprints")
+                    earlier["fingerprints_note"] = ev.get("fingerprints_note")
+                    break
+            continue
+        out.append(ev)
     return out
 
 

@@ -139,7 +139,7 @@ class Lvm:
     def lvs(self, vg: str) -> list[dict[str, Any]]:
         fields = ("lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,"
                   "metadata_percent,lv_tags,lv_dm_path,lv_active,lv_kernel_major,"
-                  "lv_kernel_minor,thin_id,lv_time")
+                  "lv_kernel_minor,thin_id,lv_time,transaction_id")
         return self._report("lvs", fields, "-a", vg)
 
     def rows(self, vg: str) -> dict[str, LvRow]:

@@ -4,13 +4,16 @@ fault point parser, the typed run record's round trip."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from hvlab.errors import BadInput
-from hvlab.flow import faults, observe
+from hvlab.flow import explain, faults, observe
 from hvlab.flow.actions import ACTIONS
 from hvlab.flow.unwind import Facts, Undo, plan
+from hvlab.lab import runs
+from hvlab.lab.paths import Names
 from hvlab.lab.record import Disk, Run, Vm, Window
 
 
@@ -110,3 +113,20 @@ def test_run_record_round_trips_through_json() -> None:
     again = Run.from_dict(data)
     assert again == run
     assert Run.from_dict({**data, "unknown_future_field": 1}) == run
+
+
+def test_a_background_hash_is_folded_into_its_steps_event(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HVLAB_HOME", str(tmp_path))
+    names = Names("t")
+    runs.run_dir(names, "r1").mkdir(parents=True)
+    for ev in ({"step": 8, "vm": "vm01", "start": 0.0, "end": 1.0, "fingerprints": None},
+               {"step": 9, "vm": "vm01", "start": 1.0, "end": 2.0},
+               {"step": 8, "vm": "vm01", "supplement": "fingerprints",
+                "fingerprints": {"vm01/disk0": {"B": {"sha256": "ab"}}},
+                "fingerprints_note": "T0"}):
+        runs.append_event(names, "r1", ev)
+    evs = runs.events(names, "r1")
+    assert [e["step"] for e in evs] == [8, 9]
+    assert evs[0]["fingerprints"]["vm01/disk0"]["B"]["sha256"] == "ab"
+    assert explain.time_cost(evs) == "time: steps' own 2.0 s, wall 2.0 s (1.00x)"
