@@ -73,6 +73,7 @@ def execute(ctx: Ctx) -> Run:
             ctx.save()
             if run.pause_at is not None and run.pos - 1 == run.pause_at:
                 observe.flush(ctx)
+                run.pauses.append([time.time(), 0.0])
                 run.state = "paused"
                 run.pause_at = None
                 ctx.save()
@@ -217,6 +218,8 @@ def resume(lab_name: str, run_id: str, *, say: Say = quiet, fingerprints: bool =
     lab = Lab.open(lab_name)
     with runs.VmLocks(names, run.vms):
         run.pause_at = pos
+        if run.pauses and not run.pauses[-1][1]:
+            run.pauses[-1][1] = time.time()
         run.state = "running"
         runs.mark_self(run)
         ctx = Ctx(lab, run, say, fingerprints)

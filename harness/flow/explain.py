@@ -171,7 +171,7 @@ def render_explain(run: Run, events: list[dict[str, Any]],
     con = console or Console()
     con.print(f"[bold]run {run.id}[/]  lab {run.lab}  VMs {' '.join(run.vms)}  "
               f"state {runs.effective_state(run)}  backup {run.dest}")
-    cost = time_cost(events)
+    cost = time_cost(events, run.pauses)
     if cost:
         con.print(cost)
     for t in lanes(run, events):
@@ -212,13 +212,15 @@ def command_lines(run: Run, events: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def time_cost(events: list[dict[str, Any]]) -> str:
+def time_cost(events: list[dict[str, Any]], pauses: list[list[float]] | None = None) -> str:
     """The steps' own time against the job's wall time from the first step's start to the
-    last step's end: what observation and bookkeeping between the steps cost."""
+    last step's end, less the time it stood paused: what observation and bookkeeping
+    between the steps cost."""
     steps = [e for e in events if e.get("step") and "end" in e and "start" in e]
     if not steps:
         return ""
     own = sum(e["end"] - e["start"] for e in steps)
     wall = max(e["end"] for e in steps) - min(e["start"] for e in steps)
+    wall -= sum(b - a for a, b in pauses or [] if b > a)
     ratio = f" ({wall / own:.2f}x)" if own > 0 else ""
     return f"time: steps' own {own:.1f} s, wall {wall:.1f} s{ratio}"

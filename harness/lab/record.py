@@ -129,6 +129,7 @@ class Run:
     post: dict[str, Any] | None = None
     snapshot_set: dict[str, Any] | None = None
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pauses: list[list[float]] = field(default_factory=list)  # [paused at, resumed at]
     unwound: list[str] | None = None
     unwind_error: str | None = None
 
