@@ -52,7 +52,8 @@ def _unwind_on_signals() -> None:
 @click.argument("vms", nargs=-1)
 @lab_opt
 @click.option("--dest", type=click.Path(path_type=Path), default=None,
-              help="Backup directory (default: <lab dir>/backups/<run id>); must not exist.")
+              help="Backup directory (default: $HVLAB_HOME/backups/<lab>/<run id>, kept by "
+                   "`hvlab down`); must not exist.")
 @click.option("--pause-after", type=int, default=None,
               help="Stop after step N (not 4-7) with every artifact in place.")
 @click.option("--resume", "resume_id", default=None, help="Continue a paused run.")

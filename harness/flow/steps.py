@@ -1,6 +1,6 @@
 """Veeam's 14 steps of a Hyper-V 2012 R2 on-host backup, as data, and the lab action of each.
 
-The wording is the seed question's (shared/seed/). Steps 1-10 run per VM (each VM its own
+The wording is Veeam's, as users quote it. Steps 1-10 run per VM (each VM its own
 freeze window, steps 4-7); 11-14 run once for the whole job (one external snapshot set).
 """
 

@@ -20,6 +20,7 @@ from hvlab.guest.quiesce import recover_after_crash
 from hvlab.lab import live, runs
 from hvlab.lab.record import Artifact, Run
 from hvlab.sys import dm
+from hvlab.sys.run import program_log
 
 Kind = Literal["detach", "remove", "promote", "retag", "remove-dest", "keep-dest"]
 
@@ -152,11 +153,13 @@ def unwind(ctx: Ctx, final: str, *, record: bool = True) -> list[str]:
     run.state = "aborting"
     runs.mark_self(run)
     ctx.save()
-    # Resume before thawing: ext4's thaw writes its superblock, and on a controller left
-    # suspended (a kill inside step 5) that write, and the thaw with it, would never end.
-    resume_controllers(ctx)
-    notes = thaw_all(ctx)
-    notes += carry_out(ctx, plan(run, facts(ctx), was_done=was_done))
+    start = time.time()
+    with program_log() as commands:
+        # Resume before thawing: ext4's thaw writes its superblock, and on a controller left
+        # suspended (a kill inside step 5) that write, and the thaw with it, would never end.
+        resume_controllers(ctx)
+        notes = thaw_all(ctx)
+        notes += carry_out(ctx, plan(run, facts(ctx), was_done=was_done))
     run.unwound = notes
     run.state = final
     ctx.save()
@@ -164,7 +167,9 @@ def unwind(ctx: Ctx, final: str, *, record: bool = True) -> list[str]:
         return notes
     runs.append_event(ctx.names, run.id, {
         "run": run.id, "step": None, "name": f"unwind ({final})", "vm": None,
-        "start": time.time(), "end": time.time(), "detail": {"notes": notes},
+        "start": start, "end": time.time(), "detail": {"notes": notes},
+        "commands": [{"argv": c.argv, "rc": c.returncode, "seconds": c.seconds}
+                     for c in commands],
         "writes_to": {f"{v}/{d}": {"lv": ctx.mapped_lv(disk), "artifact": "B"}
                       for v, d, disk in ctx.disks()}})
     for note in notes:

@@ -247,7 +247,7 @@ def _workload(vm: str, raw: object) -> tuple[tuple[str, Any], ...]:
 
 
 def default_text() -> str:
-    return resources.files("hvlab.fixtures").joinpath("labs/default.toml").read_text()
+    return resources.files("hvlab.lab").joinpath("default.toml").read_text()
 
 
 MAX_FILE = 1 << 20  # a lab file is a few hundred bytes

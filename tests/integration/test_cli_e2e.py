@@ -50,7 +50,7 @@ def test_status_and_guests_commit(lab_with_guests: LabHandle) -> None:
     assert _txid(n, "vm01") > tx0, "vm01's ledger writer is not committing"
     table = hvlab("guest", "status", "-n", n).stdout
     assert "vm01" in table and "windows" in table and "linux" in table
-    # doctor may fail a check here (the VM's private /tmp has little free space): it must
+    # doctor may fail a check here (inside the lab VM some host tools are missing): it must
     # still report, in a table, the runner it would use
     doc = hvlab("doctor", ok=False)
     assert doc.returncode in (0, 1) and "dm-thin on this kernel" in doc.stdout

@@ -15,7 +15,7 @@ from hvlab.fixtures.plugin import requires
 
 @pytest.fixture
 def vm_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A private VM directory and lab home on the host disk (the VM's own /tmp is private)."""
+    """A private VM directory and lab home on the host disk, apart from the user's."""
     requires("root", "uml", "not-in-vm")
     root = Path("/var/tmp") / f"hvlab-vmtest-{uuid.uuid4().hex[:8]}"
     root.mkdir(parents=True)
