@@ -161,7 +161,10 @@ def thin_tables() -> dict[str, list[str]]:
 
 def pool_transaction_id(names: Names) -> int | None:
     """The transaction id the kernel's pool reports (LVM keeps its own: they must agree)."""
-    fields = run(["dmsetup", "status", tpool_dev(names)], check=False).stdout.split()
+    # --noflush: a status must not commit the pool's metadata (a commit waits on the disk,
+    # and a disk that does not complete writes would hang the question, not just the answer)
+    fields = run(["dmsetup", "status", "--noflush", tpool_dev(names)],
+                 check=False).stdout.split()
     try:
         return int(fields[3])
     except (IndexError, ValueError):
@@ -170,7 +173,7 @@ def pool_transaction_id(names: Names) -> int | None:
 
 def pool_usage(names: Names) -> tuple[int, int]:
     """(used data blocks, total data blocks) from the pool's status line."""
-    fields = run(["dmsetup", "status", tpool_dev(names)]).stdout.split()
+    fields = run(["dmsetup", "status", "--noflush", tpool_dev(names)]).stdout.split()
     try:
         used, total = fields[5].split("/")
         return int(used), int(total)
@@ -197,7 +200,11 @@ def read_ranges(dev: str, ranges: Iterable[Range],
                 off, end = first * block_bytes, (first + n) * block_bytes
                 while off < end:
                     with memoryview(buf) as whole, whole[:min(CHUNK, end - off)] as view:
-                        got = os.preadv(fd, [view], off)
+                        try:
+                            got = os.preadv(fd, [view], off)
+                        except OSError as exc:  # say where: a bad sector has an address
+                            raise OSError(exc.errno, f"{exc.strerror} reading {dev} at "
+                                          f"byte {off}") from None
                         data = bytes(view[:got])
                     yield off, data
                     if got <= 0:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hvlab.errors import HvlabError
-from hvlab.flow import faults, holdguard
+from hvlab.flow import faults, holdguard, windowguard
 from hvlab.flow import steps as S
 from hvlab.flow.context import Ctx, ar_ctl, lv_name
 from hvlab.guest.client import GuestError, GuestTimeout, GuestUnavailable
@@ -22,6 +22,8 @@ from hvlab.sys import dm
 from hvlab.sys.uevents import wait_node
 
 FLUSH_AND_HOLD_S = 10.0
+WRITER_TIMEOUT_S = 60.0  # VSS's bound for writers to quiesce, unless the guest says otherwise
+FREEZE_SLACK_S = 5.0  # the freeze itself, once the writers are quiet, and the round trip
 Action = Callable[[Ctx, Any], dict[str, Any]]
 ACTIONS: dict[int, Action] = {}
 
@@ -58,6 +60,9 @@ def pass_to_guest(ctx: Ctx, vm: str) -> dict[str, Any]:
         v.answers = True
         v.auto_recovery = bool(ident.get("auto_recovery"))
         v.guest_profile = ident.get("profile")
+        wt = ident.get("writer_timeout_s")
+        if isinstance(wt, int | float) and not isinstance(wt, bool) and 0 < wt <= 3600:
+            v.writer_timeout_s = float(wt)
     except (GuestUnavailable, GuestTimeout) as exc:
         if policy == "require":
             raise HvlabError(f"{vm}: application-aware processing is required, but the "
@@ -86,15 +91,20 @@ def quiesce(ctx: Ctx, vm: str) -> dict[str, Any]:
     v.window = Window(freeze_start=time.time())
     v.frozen = True  # before the request: a failure from here on must thaw
     ctx.save()
+    # The guest waits for its writers (its own bound), then holds the freeze at most
+    # FLUSH_AND_HOLD_S; should it die meanwhile, the guard thaws what it froze.
+    wait = (v.writer_timeout_s or WRITER_TIMEOUT_S) + FREEZE_SLACK_S
+    windowguard.open_window(vm, ctx.names.guest_dir(vm), wait + FLUSH_AND_HOLD_S)
     try:
-        rep = ctx.client(vm).freeze(timeout_s=FLUSH_AND_HOLD_S)
+        rep = ctx.client(vm).freeze(timeout_s=FLUSH_AND_HOLD_S, wait_s=wait)
     except GuestError as exc:
         if ctx.run.app_aware == "require":
             raise HvlabError(f"{vm}: the guest could not quiesce ({exc}); application-aware "
                              f"processing is required") from exc
-        # Policy try, as Veeam's "ignore failures": make sure nothing stays frozen, then
-        # go on crash-consistent (C is still taken with every controller held), labelled.
-        ctx.client(vm).abort()
+        # Policy try, as Veeam's "ignore failures": make sure nothing stays frozen (a guest
+        # that does not answer may still have frozen), then go on crash-consistent (C is
+        # still taken with every controller held), labelled.
+        windowguard.thaw(ctx, vm)
         v.frozen, v.window, v.cls = False, None, S.CRASH
         v.fallback = f"the guest could not quiesce: {exc}"
         ctx.save()
@@ -125,8 +135,10 @@ def backup_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
     left = FLUSH_AND_HOLD_S - (time.time() - window.freeze_start if window else 0.0)
     try:
         # Should this process die or hang with the controllers held, the guard resumes them.
+        # A suspend waits for the guest's I/O in flight: one that never completes (a device
+        # below that will not flush) fails the step at the window's end, not hangs it.
         with holdguard.guard(ctls, max(left, 1.0), lambda: ctx.sync_live(vm)), \
-                dm.suspended(*ctls):
+                dm.suspended(*ctls, timeout=max(left, 1.0)):
             for _, _, disk, c in names:
                 disk.C = c
             ctx.save()  # names first: an unwind finds them (and by tags) whatever happens next
@@ -194,7 +206,11 @@ def thaw(ctx: Ctx, vm: str) -> dict[str, Any]:
     w = v.window
     if not v.frozen and w.thawed_at is not None:  # resumed after a kill past the thaw
         return {"window_s": round(w.seconds or 0.0, 3), "timed_out": False}
-    rep = ctx.client(vm).thaw()
+    try:
+        rep = ctx.client(vm).thaw()
+    except GuestError as exc:
+        return _lost_in_window(ctx, vm, exc)
+    windowguard.close(vm)
     end = time.time()
     v.frozen = False
     w.thawed_at = rep.get("thawed_at") or end
@@ -210,10 +226,33 @@ def thaw(ctx: Ctx, vm: str) -> dict[str, Any]:
     return {"window_s": round(w.seconds, 3), "timed_out": False}
 
 
+def _lost_in_window(ctx: Ctx, vm: str, exc: GuestError) -> dict[str, Any]:
+    """The guest stopped answering inside its freeze window (it died, or hangs): the host
+    thaws what it froze. C and A were taken frozen, but the writers' session never ended
+    (no thaw, no auto-recovery): crash-consistent at best. Policy require fails the job."""
+    v, w = ctx.vm(vm), ctx.vm(vm).window
+    notes = windowguard.thaw(ctx, vm)
+    end = time.time()
+    if w is not None:
+        w.thawed_at, w.seconds = end, end - w.freeze_start
+    why = (f"the guest stopped answering inside its freeze window ({exc}); the host thawed "
+           f"its filesystems")
+    if ctx.run.app_aware == "require":
+        ctx.save()
+        raise HvlabError(f"{vm}: {why}; application-aware processing is required") from exc
+    v.cls, v.fallback = S.CRASH, why
+    ctx.save()
+    return {"skipped": f"thaw failed, crash-consistent: {why}", "class": v.cls,
+            "notes": notes}
+
+
 @action(9)
 def ready(ctx: Ctx, vm: str) -> dict[str, Any]:
-    if not ctx.vm(vm).answers:
+    v = ctx.vm(vm)
+    if not v.answers:
         return {"skipped": "no integration services"}
+    if v.fallback:
+        return {"skipped": f"crash-consistent: {v.fallback}"}
     st = ctx.client(vm).status()
     if st.get("frozen"):
         raise HvlabError(f"{vm}: guest still reports frozen after thaw")

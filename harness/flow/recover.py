@@ -97,7 +97,7 @@ def _orphans(lab: Lab, pending: set[str], rep: Report, say: Say) -> None:
     ours = {ar_ctl(lab.names, v.name, d.name) for v in lab.state.definition.vms
             for d in v.disks}
     for dev in dm.list_devices():
-        if dev.name in ours:
+        if dev.name in ours and dev.uuid.startswith(lab.names.uuid_prefix):  # by uuid
             ctx = _Orphans(lab, Run(id="-", lab=lab.name, vms=[], dest="", created=0.0,
                                     vm={}), quiet)
             ctx.detach_ar(dev.name)
@@ -112,7 +112,8 @@ def _artifact(row: LvRow, arts: list[Artifact], vm: str, disk: str, run_id: str)
 
 def _held(lab: Lab, rep: Report) -> None:
     """A pool metadata snapshot a killed process still holds (the pool has only one)."""
-    fields = run(["dmsetup", "status", thinmeta.tpool_dev(lab.names)], check=False).stdout.split()
+    fields = run(["dmsetup", "status", "--noflush", thinmeta.tpool_dev(lab.names)],
+                 check=False).stdout.split()
     if len(fields) > 6 and fields[6] != "-":
         with thinmeta.metadata_snap(lab.names):
             pass  # taking it under the flock releases a stale one; leaving releases ours

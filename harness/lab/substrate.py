@@ -18,7 +18,7 @@ from typing import TypeVar
 from hvlab.errors import BadInput, HvlabError, LeakError
 from hvlab.lab import guests, live
 from hvlab.lab.definition import LabDef
-from hvlab.lab.paths import Names
+from hvlab.lab.paths import Names, refuse_links, refuse_links_in_lab
 from hvlab.lab.state import State, locked
 from hvlab.sys import dm, fs, loop, private
 from hvlab.sys.lvm import Lvm
@@ -54,13 +54,32 @@ class Inventory:
         return ", ".join(parts)
 
 
+def owned_dm(names: Names, loops: list[loop.Loop] | None = None) -> list[dm.DmDevice]:
+    """The lab's dm devices, by ownership, never by name alone: ours carry the lab's uuid
+    prefix (PVs, controllers, attach devices); LVM's carry its LVM- uuid, a name in the lab's
+    VG, and sit on nothing but the lab's own loops. A device that merely looks like ours by
+    name (hvlab_<lab>_x made by someone else) is left alone."""
+    loops = loop.loops_under(names.dir) if loops is None else loops
+    ours_below = {Path(lo.name).name for lo in loops}
+
+    def ours(d: dm.DmDevice) -> bool:
+        if d.uuid.startswith(names.uuid_prefix):
+            return True
+        if not (d.uuid.startswith("LVM-") and d.name.startswith(names.dm_prefixes[0])):
+            return False
+        leaves = dm.leaves(d)
+        return bool(leaves) and leaves <= ours_below
+
+    return [d for d in dm.list_devices() if ours(d)]
+
+
 def inventory(lab: str) -> Inventory:
     names = Names(lab)
-    owned = [d for d in dm.list_devices() if d.name.startswith(names.dm_prefixes)]
+    # By path even when the directory is gone: a loop on a deleted backing file is ours too.
+    loops = loop.loops_under(names.dir)
     return Inventory(
-        # By path even when the directory is gone: a loop on a deleted backing file is ours too.
-        loops=loop.loops_under(names.dir),
-        dm_devices=owned,
+        loops=loops,
+        dm_devices=owned_dm(names, loops),
         mounts=fs.mounts_under(names.dir),
         guests=guests.running_pids(names),
     )
@@ -113,6 +132,7 @@ class _Undo:
 def up(defn: LabDef, *, start_guests: bool = True, progress: Progress = _quiet) -> State:
     """Bring a lab up: create it, or re-attach an existing one (after a restart) with data."""
     names = Names(defn.name)
+    refuse_links_in_lab(names)  # before even reading it: a symlinked lab folder is refused
     orphaned = names.dir.exists() and not names.state_file.exists()
     if orphaned and (not inventory(defn.name).empty() or names.backing_dir.exists()):
         raise BadInput(f"lab {defn.name!r} has leftovers but no state file: "
@@ -133,11 +153,15 @@ def up(defn: LabDef, *, start_guests: bool = True, progress: Progress = _quiet) 
 
 
 def _attach_all(st: State, names: Names, undo: _Undo) -> list[str]:
+    """Loop per backing file, and over each a dm-linear PV (lvm2's test suite's habit): a
+    fault target (error, delay, dust) can replace its table under a live pool."""
     devs = []
     for i in range(st.definition.backing_files):
         dev = loop.attach(names.backing_file(i))
         undo.push(f"detach {dev}", _bind(loop.detach, dev))
-        devs.append(dev)
+        pv = dm.create_linear(names.pv(i), dev, uuid=names.pv_uuid(i))
+        undo.push(f"remove {names.pv(i)}", _bind(dm.remove, names.pv(i)))
+        devs.append(pv)
     return devs
 
 
@@ -157,7 +181,7 @@ def _create(defn: LabDef, names: Names, start_guests: bool, progress: Progress) 
                 os.close(fd)
         progress(f"backing files: {defn.backing_files} x {per_file >> 20} MiB (sparse)")
         devs = _attach_all(st, names, undo)
-        progress(f"loops: {' '.join(devs)}")
+        progress(f"PVs: {' '.join(devs)} (dm-linear over loops)")
         lvm = lvm_for(names)
         lvm.write_config(devs)
         lvm("pvcreate", "-q", *devs)
@@ -249,19 +273,25 @@ def _mount_all(defn: LabDef, names: Names, undo: _Undo) -> None:
 
 
 # ------------------------------------------------------------------------------ stop / down
+def pv_devices(names: Names) -> list[str]:
+    """The lab's PVs as LVM must see them: our dm-linears, or (a lab brought up by an older
+    hvlab, whose PVs were the loops themselves) the loops."""
+    pvs = [d.path for d in dm.list_devices() if d.uuid.startswith(f"{names.uuid_prefix}pv-")]
+    return sorted(pvs) or [lo.name for lo in loop.loops_under(names.dir)]
+
+
 def _deactivate(names: Names) -> None:
-    loops = loop.loops_under(names.dir)
-    if not loops:
+    if not loop.loops_under(names.dir):
         return
     lvm = lvm_for(names)
-    lvm.write_config([lo.name for lo in loops])
+    lvm.write_config(pv_devices(names))
     lvm("vgchange", "-q", "-an", names.vg, check=False)
 
 
 def _remove_dm(names: Names) -> None:
-    """Remove what is left with our prefix, least-held first, until nothing moves."""
+    """Remove what is left of ours, least-held first, until nothing moves."""
     for _ in range(20):
-        ours = [d for d in dm.list_devices() if d.name.startswith(names.dm_prefixes)]
+        ours = owned_dm(names)
         if not ours:
             return
         progress = False
@@ -281,8 +311,8 @@ def teardown(lab: str, *, keep_data: bool, progress: Progress = _quiet) -> None:
     names = Names(lab)
     # A controller left suspended by a killed backup would hang the guest's writes, its exit
     # and the umount: resume first (removing everything, the table it then maps is moot).
-    for d in dm.list_devices():
-        if d.name.startswith(names.dm_prefixes) and d.suspended:
+    for d in owned_dm(names):
+        if d.suspended:
             dm.run_resume(d.name)
             progress(f"resumed suspended {d.name}")
     guests.stop_all(names)
@@ -292,9 +322,12 @@ def teardown(lab: str, *, keep_data: bool, progress: Progress = _quiet) -> None:
     for m in sorted(fs.mounts_under(names.dir), key=lambda m: -len(m.target)):
         fs.umount(Path(m.target))
         progress(f"umount {m.target}")
-    # Our own (non-LVM) devices first: controllers and flow devices sit on top of the LVs.
+    # Our own (non-LVM) devices first: controllers and flow devices sit on top of the LVs
+    # (the PVs below them are held open by the pool until the VG is deactivated).
     for _ in range(10):
-        ours = [d for d in dm.devices_with_prefix(f"{names.vg}_") if d.open_count == 0]
+        ours = [d for d in owned_dm(names)
+                if d.uuid.startswith(names.uuid_prefix) and d.open_count == 0
+                and not d.uuid.startswith(f"{names.uuid_prefix}pv-")]
         if not ours:
             break
         for d in ours:
@@ -306,7 +339,10 @@ def teardown(lab: str, *, keep_data: bool, progress: Progress = _quiet) -> None:
         loop.detach(lo.name)
         progress(f"detach {lo.name}")
     if not keep_data:
+        refuse_links(names.dir, "lab folder")  # rmtree would not follow it, but fail silently
         shutil.rmtree(names.dir, ignore_errors=True)
+        if os.path.lexists(names.dir):
+            raise LeakError(f"lab {lab!r} left behind its folder {names.dir}")
     verify_clean(lab)
 
 
@@ -338,8 +374,13 @@ def stop(lab: str, *, progress: Progress = _quiet) -> None:
 
 def down(lab: str, *, progress: Progress = _quiet, missing_ok: bool = False,
          purge: bool = False) -> None:
-    """Remove the lab. Its backups (in the default folder) are kept unless purge."""
+    """Remove the lab. Its backups (in the default folder) are kept unless purge. A symlink
+    in the lab folder or at its backups folder is refused before anything is removed: down
+    never removes through one, and never reports a lab gone whose files stay elsewhere."""
     names = Names(lab)
+    refuse_links_in_lab(names)
+    if purge:
+        refuse_links(names.backups_dir, "backups folder")
     if not names.dir.exists() and inventory(lab).empty():
         if purge and names.backups_dir.exists():
             _purge_backups(names, progress)
@@ -356,8 +397,9 @@ def down(lab: str, *, progress: Progress = _quiet, missing_ok: bool = False,
 
 
 def _purge_backups(names: Names, progress: Progress) -> None:
-    if names.backups_dir.is_symlink():
-        raise BadInput(f"{names.backups_dir} is a symlink: not removing what it points to")
+    refuse_links(names.backups_dir, "backups folder")
+    if not names.backups_dir.is_dir():
+        raise BadInput(f"backups folder {names.backups_dir} is not a folder: not removing it")
     shutil.rmtree(names.backups_dir)
     progress(f"removed backups {names.backups_dir}")
 
@@ -405,7 +447,7 @@ def resolve_name(name: str | None) -> str:
     """The lab a command means: -n NAME, else $HVLAB_LAB, else the only lab, else 'hvlab'."""
     from hvlab.lab.definition import check_name
 
-    if name:
+    if name is not None:  # `-n ""` is a bad name, not "the default lab"
         return check_name("lab", name)
     if os.environ.get("HVLAB_LAB"):
         return check_name("lab", os.environ["HVLAB_LAB"])

@@ -12,6 +12,7 @@ from rich.tree import Tree
 from hvlab.lab import guests
 from hvlab.lab.paths import Names
 from hvlab.lab.state import State
+from hvlab.lab.substrate import pv_devices as substrate_pvs
 from hvlab.sys import dm, fs, loop
 from hvlab.sys.lvm import Lvm
 
@@ -62,12 +63,15 @@ def build(lab: str) -> dict[str, Any]:
     if st is None:
         return out
     loops = {lo.back_file: lo.name for lo in loop.loops_under(names.dir)}
+    dms = {d.name: d for d in dm.list_devices() if d.uuid.startswith(names.uuid_prefix)}
     for i in range(st.definition.backing_files):
         f = names.backing_file(i)
         size = f.stat().st_size if f.exists() else 0
         used = f.stat().st_blocks * 512 if f.exists() else 0
+        pv = dms.get(names.pv(i))
         out["files"].append({"file": str(f), "size": size, "allocated": used,
-                             "loop": loops.get(str(f))})
+                             "loop": loops.get(str(f.resolve())) or loops.get(str(f)),
+                             "pv": pv.path if pv else None})
     if loops:
         lvm = Lvm(names.lvm_dir)
         rows = lvm.lvs(names.vg) if (names.lvm_dir / "lvm.conf").exists() else []
@@ -76,7 +80,7 @@ def build(lab: str) -> dict[str, Any]:
                 out["pool"] = {"name": f"{names.vg}/{names.pool}", "size": int(r["lv_size"]),
                                "data_percent": _fnum(r["data_percent"]),
                                "metadata_percent": _fnum(r["metadata_percent"]),
-                               "vg": names.vg, "pvs": sorted(loops.values())}
+                               "vg": names.vg, "pvs": substrate_pvs(names)}
             elif r["lv_name"].startswith("["):
                 continue  # hidden pool internals
             else:
@@ -87,7 +91,9 @@ def build(lab: str) -> dict[str, Any]:
                                    "path": names.lv_path(r["lv_name"])})
         by_majmin = {f"{r['lv_kernel_major']}:{r['lv_kernel_minor']}": r["lv_name"]
                      for r in rows}
-        for d in dm.devices_with_prefix(f"{names.vg}_"):
+        for d in dms.values():
+            if d.uuid.startswith(f"{names.uuid_prefix}pv-"):
+                continue  # shown with its backing file
             target = dm.target_of(d.name)
             kind = ("auto-recovery attach (step 10)" if d.name.startswith(f"{names.vg}_ar_")
                     else "controller")
@@ -126,6 +132,8 @@ def render(t: dict[str, Any], *, with_guests: bool = False) -> None:
     for f in t["files"]:
         node = root.add(f"file {f['file']}  {_mb(f['size'])} ({_mb(f['allocated'])} allocated)")
         node = node.add(f"loop {f['loop'] or '[red]not attached[/]'}")
+        if f.get("pv"):
+            node.add(f"dm-linear {f['pv']} (the PV; a fault target can replace it)")
     pool = t["pool"]
     if pool:
         pnode = root.add(f"PV {' '.join(pool['pvs'])} -> VG {pool['vg']} -> thin pool "

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from hvlab.errors import CommandError, HvlabError
 from hvlab.sys.run import run
 
 
@@ -22,6 +24,7 @@ class DmDevice:
     minor: int
     open_count: int
     suspended: bool
+    uuid: str = ""
 
     @property
     def path(self) -> str:
@@ -36,16 +39,16 @@ def list_devices() -> list[DmDevice]:
     if not available():
         return []
     res = run(["dmsetup", "info", "-c", "--noheadings", "--separator", "|",
-               "-o", "name,major,minor,open,attr"], check=False)
+               "-o", "name,major,minor,open,attr,uuid"], check=False)
     if res.returncode != 0 or "No devices found" in res.stdout + res.stderr:
         return []
     devs = []
     for line in res.stdout.splitlines():
         parts = line.strip().split("|")
-        if len(parts) != 5:
+        if len(parts) != 6:
             continue
-        name, major, minor, opened, attr = parts
-        devs.append(DmDevice(name, int(major), int(minor), int(opened), "s" in attr))
+        name, major, minor, opened, attr, uuid = parts
+        devs.append(DmDevice(name, int(major), int(minor), int(opened), "s" in attr, uuid))
     return devs
 
 
@@ -72,22 +75,43 @@ def _mknode(name: str) -> None:
     run(["dmsetup", "mknodes", name], check=False)
 
 
-def create_linear(name: str, target_dev: str, *, uuid: str) -> str:
-    run(["dmsetup", "create", name, "--noudevsync", "-u", uuid, "--table",
-         linear_table(target_dev)])
+def create(name: str, table: str, *, uuid: str) -> str:
+    run(["dmsetup", "create", name, "--noudevsync", "-u", uuid, "--table", table])
     _mknode(name)
     return f"/dev/mapper/{name}"
 
 
+def create_linear(name: str, target_dev: str, *, uuid: str) -> str:
+    return create(name, linear_table(target_dev), uuid=uuid)
+
+
+class SuspendTimeout(HvlabError):
+    """A suspend waits for the I/O in flight below the device; it did not complete in time."""
+
+
+def suspend(name: str, *, timeout: float = 120.0) -> None:
+    """Suspend (--nolockfs: the guest may hold fsfreeze, and a lockfs suspend would fail with
+    EBUSY on 6.1). The kernel waits interruptibly for in-flight I/O: killing dmsetup at the
+    timeout makes it give up and leave the device running, so a device below that never
+    completes its I/O costs at most `timeout`, not a hang."""
+    try:
+        run(["dmsetup", "suspend", "--nolockfs", "--noudevsync", name], timeout=timeout)
+    except CommandError as exc:
+        if exc.returncode != -1:
+            raise
+        raise SuspendTimeout(f"suspend of {name} did not return within {timeout:.1f} s: "
+                             f"I/O below it does not complete; left running") from None
+
+
 @contextmanager
-def suspended(*names: str) -> Iterator[list[str]]:
-    """Hold every named device suspended (--nolockfs: the guest may hold fsfreeze, and a
-    lockfs suspend would fail with EBUSY on 6.1); all are resumed, in reverse, however the
-    block ends. Yields the devices suspended so far."""
+def suspended(*names: str, timeout: float = 120.0) -> Iterator[list[str]]:
+    """Hold every named device suspended; all are resumed, in reverse, however the block
+    ends. `timeout` bounds all the suspends together. Yields the devices suspended so far."""
     held: list[str] = []
+    end = time.monotonic() + timeout
     try:
         for n in names:
-            run(["dmsetup", "suspend", "--nolockfs", "--noudevsync", n])
+            suspend(n, timeout=max(end - time.monotonic(), 0.1))
             held.append(n)
         yield held
     finally:
@@ -95,9 +119,49 @@ def suspended(*names: str) -> Iterator[list[str]]:
             run_resume(n)
 
 
+def reload(name: str, table: str) -> None:
+    """Load a table; it becomes live at the next resume."""
+    run(["dmsetup", "reload", name, "--table", table])
+
+
 def reload_linear(name: str, target_dev: str) -> None:
     """Load a linear table onto target_dev; it becomes live at the next resume."""
-    run(["dmsetup", "reload", name, "--table", linear_table(target_dev)])
+    reload(name, linear_table(target_dev))
+
+
+def message(name: str, *words: str) -> str:
+    return run(["dmsetup", "message", name, "0", *words]).stdout
+
+
+def status(name: str) -> str:
+    return run(["dmsetup", "status", name]).stdout
+
+
+def _slaves_of(majmin_: str) -> list[str]:
+    try:
+        return sorted(os.listdir(f"/sys/dev/block/{majmin_}/slaves"))
+    except OSError:
+        return []
+
+
+def leaves(dev: DmDevice) -> set[str]:
+    """The non-dm devices (loop0, ...) at the bottom of dev's stack, from sysfs."""
+    out: set[str] = set()
+    todo = _slaves_of(f"{dev.major}:{dev.minor}")
+    seen: set[str] = set()
+    while todo:
+        k = todo.pop()
+        if k in seen:
+            continue
+        seen.add(k)
+        if k.startswith("dm-"):
+            try:
+                todo += os.listdir(f"/sys/class/block/{k}/slaves")
+            except OSError:
+                continue
+        else:
+            out.add(k)
+    return out
 
 
 def slave_name(name: str) -> str | None:

@@ -132,14 +132,19 @@ class Lvm:
                                res.stdout) from None
         rows: list[dict[str, Any]] = []
         for rep in data.get("report", []):
-            for key in ("lv", "vg", "pv"):
+            for key in ("lv", "vg", "pv", "seg"):
                 rows.extend(rep.get(key, []))
         return rows
+
+    def report(self, cmd: str, fields: str, *select: str) -> list[dict[str, Any]]:
+        """Any LVM report (lvs, pvs, vgs, with their options) as rows; sizes in bytes."""
+        return self._report(cmd, fields, *select)
 
     def lvs(self, vg: str) -> list[dict[str, Any]]:
         fields = ("lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,"
                   "metadata_percent,lv_tags,lv_dm_path,lv_active,lv_kernel_major,"
-                  "lv_kernel_minor,thin_id,lv_time,transaction_id")
+                  "lv_kernel_minor,thin_id,lv_time,transaction_id,lv_health_status,"
+                  "lv_metadata_size,chunk_size")
         return self._report("lvs", fields, "-a", vg)
 
     def rows(self, vg: str) -> dict[str, LvRow]:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 UML = "/usr/bin/linux.uml"
 UML_MODULES = Path("/usr/lib/uml/modules")
+# dm-delay/-dust/-flakey: the fault targets a test can put under a lab's PVs (lab/pvfault.py).
 MODULES = ("loop", "dm-mod", "dm-thin-pool", "dm-snapshot", "dm-persistent-data",
-           "veth", "nbd")
+           "dm-delay", "dm-dust", "dm-flakey", "veth", "nbd")
 
 
 def available() -> bool:

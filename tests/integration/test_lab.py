@@ -48,10 +48,15 @@ def test_up_builds_the_whole_stack(lab: LabHandle) -> None:
         mounted = {m.target: m for m in fs.mounts()}
         m = mounted[str(names.mountpoint(vm.name, disk.name))]
         assert m.source == f"/dev/mapper/{ctl}" and m.fstype == disk.fs
-    # The private LVM config sees only the lab's loops.
+    # The private LVM config sees only the lab's PVs: a dm-linear (uuid HVLAB-<lab>-pv-<i>)
+    # over each of the lab's loops, and LVM's PV is that device, never the loop.
     conf = (names.lvm_dir / "lvm.conf").read_text()
-    for lo in loop.loops_under(names.dir):
-        assert f"a|^{lo.name}$|" in conf
+    (lo,) = loop.loops_under(names.dir)
+    pv = next(d for d in dm.list_devices() if d.name == names.pv(0))
+    assert pv.uuid == names.pv_uuid(0) and dm.leaves(pv) == {Path(lo.name).name}
+    assert f"a|^{pv.path}$|" in conf and lo.name not in conf
+    pvs = Lvm(names.lvm_dir).pvs()
+    assert [r["pv_name"] for r in pvs] == [pv.path] and pvs[0]["vg_name"] == names.vg
 
 
 def test_devices_shows_the_tree(lab: LabHandle) -> None:
@@ -208,6 +213,28 @@ def test_down_never_touches_what_is_not_ours(lab: LabHandle, tmp_path: Path) -> 
         loop.detach(dev)
 
 
+def test_down_leaves_devices_that_only_look_like_ours(lab_factory: Callable[..., LabHandle]
+                                                      ) -> None:
+    """Issue 9, measured failure 6: `down` of lab "hvlab" removed dm devices named
+    hvlab_hvlab_foreign and hvlab_hvlab-foreign2 that hvlab never made. Ownership is by uuid
+    (ours: HVLAB-<lab>-; LVM's: LVM- and only the lab's own loops below), not by name."""
+    h = lab_factory(name="hvlab")
+    foreign = {"hvlab_hvlab_foreign": "", "hvlab_hvlab-foreign2": "LVM-notreallyours",
+               "hvlab_hvlab_foreign3": "HVLAB-other-ctl-x"}
+    for name, uuid in foreign.items():
+        run(["dmsetup", "create", name, "--noudevsync", *(["-u", uuid] if uuid else []),
+             "--table", "0 8 error"])
+    try:
+        assert not {d.name for d in substrate.inventory("hvlab").dm_devices} & set(foreign)
+        assert h.names.pv(0) in {d.name for d in substrate.inventory("hvlab").dm_devices}
+        substrate.down("hvlab")
+        assert set(foreign) <= {d.name for d in dm.list_devices()}
+    finally:
+        for name in foreign:
+            dm.remove(name)
+    assert_nothing_left("hvlab")
+
+
 def test_crash_recovery_by_discovery_without_state_file(lab_factory: Callable[..., LabHandle]
                                                        ) -> None:
     lab = lab_factory(name="nostate")
@@ -251,7 +278,7 @@ def test_down_after_the_lab_directory_was_deleted(lab_factory: Callable[..., Lab
     lab = lab_factory(name="nodir")
     for m in sorted(fs.mounts_under(lab.names.dir), key=lambda m: -len(m.target)):
         fs.umount(Path(m.target))
-    for d in dm.devices_with_prefix(f"{lab.names.vg}_"):  # controllers sit on the LVs
+    for d in dm.devices_with_prefix(f"{lab.names.vg}_ctl_"):  # controllers sit on the LVs
         dm.remove(d.name)
     substrate._deactivate(lab.names)  # what a host shutdown leaves: loops, no LVs
     substrate._remove_dm(lab.names)

@@ -80,3 +80,28 @@ def test_a_clean_rollback_reraises_the_original_error(home: Path,
     with pytest.raises(CommandError, match="pvcreate failed"):
         substrate.up(definition.parse(LAB), start_guests=False)
     assert not Names("rb").dir.exists()  # the new lab's directory went with the rollback
+
+
+def test_dm_ownership_is_by_uuid_and_what_lies_below(home: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9 item 6: a device is the lab's by its uuid (ours) or by LVM's uuid, the VG's
+    name and nothing but the lab's loops below it (LVM's); a look-alike name is not enough."""
+    from hvlab.sys import dm, loop
+
+    names = Names("hvlab")
+    devs = [
+        dm.DmDevice("hvlab_hvlab_pv0", 253, 0, 1, False, "HVLAB-hvlab-pv-0"),
+        dm.DmDevice("hvlab_hvlab_ctl_vm01_disk0", 253, 5, 1, False,
+                    "HVLAB-hvlab-ctl-vm01-disk0"),
+        dm.DmDevice("hvlab_hvlab-pool-tpool", 253, 3, 1, False, "LVM-abc-tpool"),
+        dm.DmDevice("hvlab_hvlab_foreign", 253, 7, 0, False, ""),
+        dm.DmDevice("hvlab_hvlab-foreign2", 253, 8, 0, False, "LVM-xyz"),
+        dm.DmDevice("hvlab_hvlab_foreign3", 253, 9, 0, False, "HVLAB-other-ctl-x"),
+        dm.DmDevice("hvlab_hvlab-onanotherdisk", 253, 10, 0, False, "LVM-def"),
+    ]
+    below = {3: {"loop0"}, 8: set(), 10: {"loop0", "sdb"}}
+    monkeypatch.setattr(dm, "list_devices", lambda: devs)
+    monkeypatch.setattr(dm, "leaves", lambda d: below.get(d.minor, set()))
+    ours = [loop.Loop("/dev/loop0", str(names.backing_file(0)), False)]
+    got = {d.name for d in substrate.owned_dm(names, ours)}
+    assert got == {"hvlab_hvlab_pv0", "hvlab_hvlab_ctl_vm01_disk0", "hvlab_hvlab-pool-tpool"}

@@ -1,0 +1,106 @@
+"""Faults below a lab's pool, the way lvm2's test suite makes them (aux error_dev, delay_dev):
+every PV is a dm-linear over its loop, and a fault swaps the PV's table for a kernel fault
+target and back. The pool and the LVs above see only what a failing disk would show them.
+
+    with pvfault.delayed(names, 0, write_ms=30_000):   # a device that will not flush
+        ...
+    with pvfault.bad_blocks(names, 0, [1234]):          # reads of those 4 KiB blocks fail
+        ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from hvlab.errors import HvlabError
+from hvlab.lab.paths import Names
+from hvlab.lab.substrate import pv_devices
+from hvlab.sys import dm
+from hvlab.sys.lvm import Lvm
+from hvlab.sys.run import run
+
+DUST_BLOCK = 4096
+
+
+def _require_target(kind: str) -> None:
+    """The lab VM loads the fault targets at boot; natively they may still be modules."""
+    if kind not in run(["dmsetup", "targets"]).stdout.split():
+        run(["modprobe", f"dm-{kind}"], check=False)
+        if kind not in run(["dmsetup", "targets"]).stdout.split():
+            raise HvlabError(f"the kernel has no dm {kind} target (modprobe dm-{kind} failed)")
+
+
+def _swap(pv: str, table: str) -> None:
+    # A plain suspend flushes what is in flight (dm-delay lets its held I/O go at once).
+    dm.suspend(pv)
+    try:
+        dm.reload(pv, table)
+    finally:
+        dm.run_resume(pv)
+
+
+@contextmanager
+def fault(names: Names, i: int, kind: str, args: str) -> Iterator[str]:
+    """PV i maps through a `kind` target (its args after the size) for the block; the plain
+    linear table is back however the block ends. Yields the PV's dm name."""
+    pv = names.pv(i)
+    if not any(d.name == pv and d.uuid == names.pv_uuid(i) for d in dm.list_devices()):
+        raise HvlabError(f"lab {names.lab!r} has no PV {pv} (is it up?)")
+    _require_target(kind)
+    linear = run(["dmsetup", "table", pv]).stdout.strip()
+    size = linear.split()[1]
+    _swap(pv, f"0 {size} {kind} {args}")
+    try:
+        yield pv
+    finally:
+        _swap(pv, linear)
+
+
+def _below(names: Names, i: int) -> str:
+    return dm.target_of(names.pv(i))  # major:minor of the loop under PV i
+
+
+@contextmanager
+def delayed(names: Names, i: int, *, read_ms: int = 0, write_ms: int = 0) -> Iterator[str]:
+    """Every read (write) of PV i completes read_ms (write_ms) late."""
+    lo = _below(names, i)
+    with fault(names, i, "delay", f"{lo} 0 {read_ms} {lo} 0 {write_ms}") as pv:
+        yield pv
+
+
+@contextmanager
+def bad_blocks(names: Names, i: int, blocks: Iterable[int]) -> Iterator[str]:
+    """Reads of these 4 KiB blocks of PV i fail with EIO, like bad sectors (dm-dust); a write
+    to one of them succeeds and heals it, as a disk remaps a sector."""
+    with fault(names, i, "dust", f"{_below(names, i)} 0 {DUST_BLOCK}") as pv:
+        for b in blocks:
+            dm.message(pv, "addbadblock", str(b))
+        dm.message(pv, "enable")
+        yield pv
+
+
+@dataclass(frozen=True)
+class Place:
+    pv: int  # index of the lab's PV
+    offset: int  # bytes from the start of that PV
+
+
+def locate(names: Names, lv: str, offset: int) -> Place:
+    """Where byte `offset` of a (hidden, linear) LV such as the pool's data LV lies on the
+    lab's PVs: from LVM's segment map, the PV's first extent and the extent size."""
+    lvm = Lvm(names.lvm_dir)
+    rows = lvm.report("lvs", "seg_start,seg_size,seg_pe_ranges", "-a", "--segments",
+                      f"{names.vg}/{lv}")
+    pe_start = {r["pv_name"]: int(r["pe_start"])
+                for r in lvm.report("pvs", "pv_name,pe_start", *pv_devices(names))}
+    extent = int(lvm.report("vgs", "vg_extent_size", names.vg)[0]["vg_extent_size"])
+    for r in rows:
+        start, size = int(r["seg_start"]), int(r["seg_size"])
+        if start <= offset < start + size:
+            dev, _, pes = r["seg_pe_ranges"].partition(":")
+            first_pe = int(pes.split("-")[0])
+            i = next(k for k in range(len(pe_start)) if dev.endswith(f"/{names.pv(k)}"))
+            return Place(i, pe_start[dev] + first_pe * extent + offset - start)
+    raise HvlabError(f"offset {offset} lies outside LV {lv}")

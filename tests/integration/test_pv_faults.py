@@ -1,0 +1,107 @@
+"""Faults injected below the flow by the kernel, lvm2's way: a fault target (dm-delay,
+dm-dust) swapped in under the lab's PV while a backup runs. Each ends with nothing lost on
+the live side and nothing left of the run, and the next backup verifies."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hvlab.backup import restore as rst
+from hvlab.backup import thinmeta
+from hvlab.fixtures.plugin import LabHandle
+from hvlab.flow import engine
+from hvlab.guest.client import GuestClient
+from hvlab.lab import guests, pvfault, runs
+from hvlab.sys.lvm import Lvm
+from hvlab.sys.run import run
+
+pytestmark = pytest.mark.integration
+
+ONE_VM: dict[str, Any] = {
+    "lab": {"name": "x", "backing_size": "512M"},
+    "vm": [{"name": "vm01", "profile": "windows",
+            "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}],
+}
+
+
+def _after_the_fault(h: LabHandle, pre: set[str], client: GuestClient, before: int) -> None:
+    """What must hold once the fault is gone: the run unwound to the LV set it found, the
+    guest runs on B, unfrozen, with every transaction it acknowledged, and the next backup
+    verifies."""
+    (failed,) = runs.all_runs(h.names)
+    assert failed.state == "failed"
+    assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
+    st = client.status()
+    assert not st["frozen"] and st["committed_txid"] >= before
+    ok = engine.start(h.defn.name, ["vm01"], fingerprints=False)
+    assert ok.state == "done" and rst.verify(h.defn.name, ok.id)["ok"]
+    assert client.status()["committed_txid"] > before
+
+
+def test_a_suspend_that_does_not_return_is_bounded(lab_factory: Callable[..., LabHandle]
+                                                   ) -> None:
+    """A device below that does not complete writes (dm-delay, 60 s per write): step 5's
+    suspend of the controller waits on the guest's writes in flight. It is given up at the
+    end of the 10 s window (the kernel abandons an interrupted suspend and leaves the device
+    running), the step fails and the run unwinds instead of hanging."""
+    h = lab_factory(ONE_VM, start_guests=True)
+    client = GuestClient(guests.socket_path(h.names, "vm01"))
+    client.workload(ops_per_s=200)
+    pre, before = h.lv_names(), client.status()["committed_txid"]
+    # Crash-consistent: the guest is not frozen, so its writes are in flight at step 5.
+    with pvfault.delayed(h.names, 0, write_ms=60_000), \
+            pytest.raises(engine.FlowFailed, match="did not return within"):
+        engine.start(h.defn.name, ["vm01"], fingerprints=False, app_aware="off")
+    _after_the_fault(h, pre, client, before)
+
+
+def _static_chunk(h: LabHandle, path: Path, block_bytes: int) -> int:
+    """A pool chunk of the live disk that lies wholly inside `path` (which no guest writer
+    touches): its virtual chunk number, from the file's extents (filefrag)."""
+    out = run(["filefrag", "-v", "-b4096", str(path)]).stdout
+    for m in re.finditer(r"^\s*\d+:\s+\d+\.\.\s*\d+:\s+(\d+)\.\.\s*(\d+):", out, re.M):
+        first, last = int(m.group(1)) * 4096, (int(m.group(2)) + 1) * 4096
+        chunk = -(-first // block_bytes)
+        if (chunk + 1) * block_bytes <= last:
+            return chunk
+    raise AssertionError(f"no whole chunk inside {path}: {out}")
+
+
+def test_read_errors_below_the_snapshot(lab_factory: Callable[..., LabHandle]) -> None:
+    """Bad sectors (dm-dust) under a chunk the snapshot maps: step 13's read fails with EIO
+    and says where, the partial image is removed, the run unwinds, and the live VM keeps
+    its data (the chunk belongs to a file the guest never writes, as on a real disk where
+    a bad sector sits under cold data)."""
+    h = lab_factory(ONE_VM, start_guests=True)
+    client = GuestClient(guests.socket_path(h.names, "vm01"))
+    cold = h.mountpoint("vm01", "disk0") / "cold.bin"
+    payload = os.urandom(1 << 20)
+    with open(cold, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())  # a flush: the pool commits the mapping
+    lv = h.names.lv("vm01", "disk0")
+    thin_id = Lvm(h.names.lvm_dir).rows(h.names.vg)[lv].thin_id
+    assert thin_id is not None
+    with thinmeta.metadata_snap(h.names) as ms:
+        block_bytes, _ = ms.dump()
+        data_block = dict(ms.mapping(thin_id).pairs)[_static_chunk(h, cold, block_bytes)]
+    place = pvfault.locate(h.names, f"{h.names.pool}_tdata", data_block * block_bytes)
+    first = place.offset // pvfault.DUST_BLOCK
+    bad = range(first, first + block_bytes // pvfault.DUST_BLOCK)
+
+    pre, before = h.lv_names(), client.status()["committed_txid"]
+    with pvfault.bad_blocks(h.names, place.pv, bad):
+        with pytest.raises(engine.FlowFailed, match="Input/output error reading"):
+            engine.start(h.defn.name, ["vm01"], fingerprints=False)
+        (failed,) = runs.all_runs(h.names)
+        assert not list(Path(failed.dest).glob("*.img")), "a partial image was left"
+    _after_the_fault(h, pre, client, before)
+    run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"])
+    assert cold.read_bytes() == payload, "the live disk lost the data under the bad sectors"
