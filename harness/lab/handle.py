@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hvlab.errors import BadInput
-from hvlab.lab.paths import Names
+from hvlab.lab.paths import Names, refuse_links_in_lab
 from hvlab.lab.state import State
 from hvlab.sys.lvm import Lvm, LvRow
 
@@ -18,11 +18,13 @@ class Lab:
 
     @staticmethod
     def open(name: str) -> Lab:
-        """The lab, which must be up: one line naming the lab otherwise."""
+        """The lab, which must be up: one line naming the lab otherwise. A symlink planted in
+        its folder (a runs folder elsewhere, say) is refused before anything is written."""
+        names = Names(name)
+        refuse_links_in_lab(names)
         st = State.load(name)
         if st is None or st.phase != "up":
             raise BadInput(f"lab {name!r} is not up (`hvlab up` first)")
-        names = Names(name)
         return Lab(names, st, Lvm(names.lvm_dir))
 
     @property

@@ -3,12 +3,94 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from hvlab.errors import BadInput
+
 
 def home() -> Path:
-    return Path(os.environ.get("HVLAB_HOME", "/var/lib/hvlab"))
+    """HVLAB_HOME with its symlinks resolved: the folder itself may be a symlink (say
+    /var/lib/hvlab on a bigger disk), nothing below it may be (see refuse_links)."""
+    return Path(os.path.realpath(os.environ.get("HVLAB_HOME", "/var/lib/hvlab")))
+
+
+def below_home(path: Path) -> bool:
+    """Whether `path` (symlinks resolved) lies strictly inside HVLAB_HOME."""
+    return home() in Path(os.path.realpath(path)).parents
+
+
+def refuse_links(path: Path, what: str) -> None:
+    """Where the lab writes or removes, nothing inside HVLAB_HOME may be a symlink: a planted
+    link would send a backup, a state file or a removal elsewhere. Walks `path` part by part
+    as the kernel does (following symlinks outside HVLAB_HOME, which are yours: the parents
+    of a --dest) and refuses the first symlink that lies inside HVLAB_HOME, and a file where
+    a folder must be. What does not exist yet is made by us, without following anything."""
+    root = home()
+    cur = Path("/") if path.is_absolute() else Path(os.getcwd())
+    pending = list(path.parts[1:] if path.is_absolute() else path.parts)
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            cur = cur.parent  # cur is always a real folder: its parent is the kernel's too
+            continue
+        nxt = cur / part
+        try:
+            st = os.lstat(nxt)
+        except FileNotFoundError:
+            return
+        except NotADirectoryError:
+            raise BadInput(f"{what} {path}: {cur} is not a folder") from None
+        if stat.S_ISLNK(st.st_mode):
+            if root in nxt.parents:
+                where = f"{what} {path}: {nxt}" if nxt != path else f"{what} {nxt}"
+                raise BadInput(f"{where} is a symlink (to {os.readlink(nxt)}): hvlab never "
+                               f"writes or removes through a symlink inside HVLAB_HOME {root} "
+                               f"(HVLAB_HOME itself may be one); remove the link")
+            hops += 1
+            if hops > 40:
+                raise BadInput(f"{what} {path}: too many levels of symlinks")
+            target = Path(os.readlink(nxt))
+            if target.is_absolute():
+                cur = Path("/")
+            pending = list(target.parts[1:] if target.is_absolute() else target.parts) + pending
+            continue
+        if any(p not in ("", ".") for p in pending) and not stat.S_ISDIR(st.st_mode):
+            raise BadInput(f"{what} {path}: {nxt} is not a folder")
+        cur = nxt
+
+
+def refuse_links_in_lab(names: Names) -> None:
+    """The lab folder and everything in it, on its own filesystem (a mounted disk is the
+    guest's): no symlink anywhere, so nothing the lab writes, mounts or removes goes elsewhere.
+    hvlab never makes a symlink there; one found was planted."""
+    refuse_links(names.dir, "lab folder")
+    try:
+        top = os.lstat(names.dir)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(top.st_mode):
+        raise BadInput(f"lab folder {names.dir} is not a folder: remove it or choose "
+                       f"another lab name")
+    todo = [names.dir]
+    while todo:
+        try:
+            entries = list(os.scandir(todo.pop()))
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed meanwhile (a verify's scratch folder)
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                refuse_links(Path(e.path), "in the lab folder,")
+            if stat.S_ISDIR(st.st_mode) and st.st_dev == top.st_dev:
+                todo.append(Path(e.path))
 
 
 # Backups live beside the labs, not inside one: `hvlab down` removes a lab's directory and
@@ -92,6 +174,13 @@ class Names:
 
     def ctl_uuid(self, vm: str, disk: str) -> str:
         return f"HVLAB-{self.lab}-ctl-{vm}-{disk}"
+
+    def pv(self, i: int) -> str:
+        """The PV: a dm-linear over the i-th loop, so a test can swap in a fault target."""
+        return f"{self.vg}_pv{i}"
+
+    def pv_uuid(self, i: int) -> str:
+        return f"HVLAB-{self.lab}-pv-{i}"
 
     @property
     def uuid_prefix(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -16,15 +17,29 @@ from typing import Any
 import psutil
 
 from hvlab.errors import BadInput, HvlabError
-from hvlab.lab.paths import Names
+from hvlab.lab.definition import shown
+from hvlab.lab.paths import Names, refuse_links
 from hvlab.lab.record import ACTIVE, FINAL, Run
 from hvlab.lab.state import write_json_atomic
+from hvlab.sys import private
 
 __all__ = ["ACTIVE", "FINAL", "Run"]
 
 
+# Ids are r<date><time><4 hex>; a given one is checked as the manifest checks its run field.
+RUN_ID_RE = re.compile(r"[a-z0-9]{1,64}")
+
+
 def new_id() -> str:
     return "r" + time.strftime("%Y%m%d%H%M%S") + secrets.token_hex(2)
+
+
+def check_id(run_id: str) -> str:
+    """A run id given on the command line: it names a folder, so no '/', '..' or the like."""
+    if not RUN_ID_RE.fullmatch(run_id):
+        raise BadInput(f"invalid run id {shown(run_id)}: run ids are r<date><time><4 hex "
+                       f"digits>, lowercase letters and digits (`hvlab runs` lists them)")
+    return run_id
 
 
 def run_dir(names: Names, run_id: str) -> Path:
@@ -33,7 +48,8 @@ def run_dir(names: Names, run_id: str) -> Path:
 
 def save(names: Names, run: Run) -> None:
     d = run_dir(names, run.id)
-    d.mkdir(parents=True, exist_ok=True)
+    refuse_links(d, "run folder")  # the runs folder is the lab's: a planted link is refused
+    private.make_dirs(d)
     run.updated = time.time()
     write_json_atomic(d / "run.json", run.to_dict())
 
@@ -43,8 +59,7 @@ def _read(path: Path) -> Run:
 
 
 def load(names: Names, run_id: str) -> Run:
-    if "/" in run_id or not run_id:
-        raise BadInput(f"invalid run id {run_id!r}")
+    check_id(run_id)
     path = run_dir(names, run_id) / "run.json"
     try:
         return _read(path)
@@ -90,7 +105,10 @@ def active_runs(names: Names) -> list[Run]:
 
 
 def append_event(names: Names, run_id: str, event: dict[str, Any]) -> None:
-    with open(run_dir(names, run_id) / "events.jsonl", "a") as f:
+    path = run_dir(names, run_id) / "events.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "a") as f:
         f.write(json.dumps(event, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -131,10 +149,11 @@ class VmLocks:
 
     def __enter__(self) -> VmLocks:
         d = self.names.runs_dir / "locks"
-        d.mkdir(parents=True, exist_ok=True)
+        refuse_links(d, "runs folder")
+        private.make_dirs(d)
         try:
             for vm in self.vms:
-                fd = os.open(d / f"{vm}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                fd = os.open(d / f"{vm}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
                 self.fds.append(fd)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -13,7 +13,7 @@ from typing import Any
 
 from hvlab.errors import HvlabError
 from hvlab.lab.definition import LabDef
-from hvlab.lab.paths import Names
+from hvlab.lab.paths import Names, refuse_links, refuse_links_in_lab
 from hvlab.sys import private
 
 
@@ -42,6 +42,7 @@ class State:
 
     def save(self) -> None:
         names = Names(self.definition.name)
+        refuse_links(names.dir, "lab folder")
         private.make_dirs(names.dir)
         write_json_atomic(names.state_file, self.to_dict())
 
@@ -61,11 +62,13 @@ class State:
 
 @contextmanager
 def locked(lab: str) -> Iterator[None]:
-    """One lab operation at a time (flock on the lab's lock file)."""
+    """One lab operation at a time (flock on the lab's lock file). Every command that changes
+    a lab passes here: a symlink planted in its folder is refused before anything is done."""
     names = Names(lab)
+    refuse_links_in_lab(names)
     private.make_dirs(names.dir)  # 0700: the lab's files are root's only
     private.tighten(names.dir, private.DIR_MODE)  # a lab made by an older hvlab
-    fd = os.open(names.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(names.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -26,7 +26,7 @@ def make_dirs(path: Path) -> None:
         try:
             os.mkdir(d, DIR_MODE)
         except FileExistsError:
-            if not d.is_dir():
+            if not stat.S_ISDIR(os.lstat(d).st_mode):  # a symlink planted meanwhile: not ours
                 raise
 
 
