@@ -63,15 +63,21 @@ def _unwind_on_signals() -> None:
               show_default=True,
               help="Application-aware processing: require it (fail if the guest cannot "
                    "quiesce), try it (fall back to crash-consistent, labelled), or off.")
+@click.option("--metadata-limit", type=click.IntRange(1, 100), default=None, metavar="PERCENT",
+              help="Refuse to start (nothing made, exit 2) when the thin pool's metadata is "
+                   "this full or more (default 80), or when this backup's worst case would "
+                   "take it past 100%; a pool whose data is full or that LVM reports out of "
+                   "data, read-only or failed is always refused.")
 @click.option("--inject", default=None, hidden=True,
               help="POINT:ACTION[,...]: kill, raise or hang at a named fault point.")
 def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
            pause_after: int | None, resume_id: str | None, abort_id: str | None,
-           no_fingerprints: bool, app_aware: str, inject: str | None) -> None:
+           no_fingerprints: bool, app_aware: str, metadata_limit: int | None,
+           inject: str | None) -> None:
     """Back up VMs through Hyper-V 2012 R2's 14 steps on real thin snapshots."""
     from rich.progress import Progress
 
-    from hvlab.flow import engine, faults
+    from hvlab.flow import engine, faults, preflight
 
     if inject is not None:
         faults.parse(inject)  # one line naming a bad point or action
@@ -85,6 +91,9 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
         raise BadInput("--abort takes no other option (--dest, --pause-after, --no-fingerprints)")
     if resume_id and dest:
         raise BadInput("--dest is fixed when a run starts; --resume cannot change it")
+    if (resume_id or abort_id) and metadata_limit is not None:
+        raise BadInput("--metadata-limit is checked when a run starts; not with --resume or "
+                       "--abort")
     if abort_id:
         run = engine.abort(lab, abort_id, say=click.echo)
         click.echo(f"run {abort_id} aborted; live disks whole")
@@ -97,7 +106,9 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
         else:
             run = engine.start(lab, list(vms), dest=dest, pause_after=pause_after,
                                say=prog.console.print, fingerprints=not no_fingerprints,
-                               progress=prog, app_aware=app_aware)
+                               progress=prog, app_aware=app_aware,
+                               metadata_limit=(preflight.DEFAULT_METADATA_LIMIT
+                                               if metadata_limit is None else metadata_limit))
     if run.state == "paused":
         _paused(run, lab)
         return

@@ -18,7 +18,7 @@ from typing import Any
 from hvlab.backup import thinmeta
 from hvlab.errors import BadInput, HvlabError
 from hvlab.flow import dest as backup_dir
-from hvlab.flow import faults, observe, unwind
+from hvlab.flow import faults, observe, preflight, unwind
 from hvlab.flow import steps as S
 from hvlab.flow.context import ROLE_OF, Ctx, Say, quiet
 from hvlab.lab import runs
@@ -139,10 +139,12 @@ APP_AWARE = ("require", "try", "off")
 
 def start(lab_name: str, vms: list[str], *, dest: Path | None = None,
           pause_after: int | None = None, say: Say = quiet, fingerprints: bool = True,
-          progress: Any = None, app_aware: str = "try") -> Run:
+          progress: Any = None, app_aware: str = "try",
+          metadata_limit: int = preflight.DEFAULT_METADATA_LIMIT) -> Run:
     """`hvlab backup VM [VM ...]`: validate everything, register the run, execute."""
     if app_aware not in APP_AWARE:
         raise BadInput(f"invalid --app-aware {app_aware!r}: one of {', '.join(APP_AWARE)}")
+    preflight.check_limit(metadata_limit)
     lab = Lab.open(lab_name)
     if not vms:
         raise BadInput("name at least one VM to back up")
@@ -156,7 +158,7 @@ def start(lab_name: str, vms: list[str], *, dest: Path | None = None,
     with runs.VmLocks(lab.names, vms):
         with locked(lab.name):
             ctx = _register(lab, run_id, vmdefs, where, pause_at, pause_after, say,
-                            fingerprints)
+                            fingerprints, metadata_limit)
             ctx.run.app_aware = app_aware
             ctx.save()
         ctx.progress = progress
@@ -165,8 +167,10 @@ def start(lab_name: str, vms: list[str], *, dest: Path | None = None,
 
 
 def _register(lab: Lab, run_id: str, vmdefs: list[Any], where: Path, pause_at: int | None,
-              pause_after: int | None, say: Say, fingerprints: bool) -> Ctx:
-    """Under the lab lock: no other live run for these VMs, no leftovers; write run.json."""
+              pause_after: int | None, say: Say, fingerprints: bool,
+              metadata_limit: int = preflight.DEFAULT_METADATA_LIMIT) -> Ctx:
+    """Under the lab lock: no other live run for these VMs, no leftovers, room in the thin
+    pool (preflight); then write run.json. A refusal leaves nothing behind."""
     names = lab.names
     vms = [vd.name for vd in vmdefs]
     active = {r.id: r for r in runs.active_runs(names)}
@@ -175,10 +179,14 @@ def _register(lab: Lab, run_id: str, vmdefs: list[Any], where: Path, pause_at: i
         if busy:
             raise BadInput(f"VM {busy[0]} is already in a running backup "
                            f"({r.id}, {runs.effective_state(r)})")
-    rows = lab.lvs()  # one scan for the leftovers and the pre-backup state
+    report = lab.lvm.lvs(names.vg)  # one scan: leftovers, the pool's room, the state before
+    rows = {r.name: r for r in map(LvRow.from_report, report)}
     left = leftovers(lab, vms, set(active), rows)
     if left:
         raise BadInput("; ".join(left) + " - `hvlab recover` cleans up after dead runs")
+    preflight.check(report, names.vg, names.pool,
+                    [names.lv(vd.name, d.name) for vd in vmdefs for d in vd.disks],
+                    metadata_limit)
     run = Run(id=run_id, lab=lab.name, vms=vms, dest=str(where), created=time.time(),
               pause_at=pause_at, pause_after=pause_after, vm={
                   vd.name: Vm(profile=vd.profile, disks={
