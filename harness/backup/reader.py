@@ -45,30 +45,35 @@ def read_image(dev: str, m: Mapping, size: int, dest: Path,
                progress: Progress = _noop) -> dict[str, object]:
     """Copy the mapped blocks of `dev` into a sparse file of `size` bytes; all-zero blocks stay
     holes. The sha256 of the whole logical image (holes as zeros, as `sha256sum` sees it) is
-    computed while copying, so the image is never read back."""
+    computed while copying, so the image is never read back. On any failure (ENOSPC at the
+    destination, EIO from the device) the partial image is removed before the error goes up."""
     read = written = 0
     h = hashlib.sha256()
     hashed = 0  # the logical image is hashed up to here
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the VM's data: root's
     try:
-        os.ftruncate(fd, size)
-        for off, data in read_ranges(dev, m.ranges, m.block_bytes):
-            if off >= size:  # the caller passes the device's size: nothing maps past it
-                break
-            data = data[:size - off]
-            read += len(data)
-            _hash_zeros(h, off - hashed)
-            h.update(data)
-            hashed = off + len(data)
-            view = memoryview(data)
-            for a, b in _nonzero_runs(data, m.block_bytes):  # one write per run, not per block
-                os.pwrite(fd, view[a:b], off + a)
-                written += b - a
-            progress(len(data))
-        _hash_zeros(h, size - hashed)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            os.ftruncate(fd, size)
+            for off, data in read_ranges(dev, m.ranges, m.block_bytes):
+                if off >= size:  # the caller passes the device's size: nothing maps past it
+                    break
+                data = data[:size - off]
+                read += len(data)
+                _hash_zeros(h, off - hashed)
+                h.update(data)
+                hashed = off + len(data)
+                view = memoryview(data)
+                for a, b in _nonzero_runs(data, m.block_bytes):  # one write per run
+                    os.pwrite(fd, view[a:b], off + a)
+                    written += b - a
+                progress(len(data))
+            _hash_zeros(h, size - hashed)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        dest.unlink(missing_ok=True)  # we made it (O_EXCL): never leave half an image
+        raise
     return {"sha256": h.hexdigest(), "bytes_read": read, "bytes_written": written,
             "size": size, "mapped_blocks": m.mapped_blocks, "block_bytes": m.block_bytes}
 

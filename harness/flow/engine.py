@@ -103,12 +103,14 @@ def execute(ctx: Ctx) -> Run:
 
 def finish(ctx: Ctx) -> None:
     from hvlab.backup import manifest
+    from hvlab.flow.job import writing_to
 
     ctx.run.post = snapshot_state(ctx)
     ctx.save()
     # The manifest first: a kill between the two leaves a resumable run, never a "done" run
     # whose backup cannot be verified or restored.
-    manifest.write(ctx.names, ctx.run)
+    with writing_to(Path(ctx.run.dest), manifest.NAME):
+        manifest.write(ctx.names, ctx.run)
     faults.point("finish-manifest")
     ctx.run.state = "done"
     ctx.save()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,30 @@ from hvlab.flow.context import Ctx, lv_name, thin_ids
 from hvlab.lab import live
 from hvlab.lab.record import Artifact, Disk
 from hvlab.sys.uevents import wait_node
+
+
+class DestinationFull(HvlabError):
+    """The backup destination ran out of space (or quota) while the run wrote to it."""
+
+
+@contextmanager
+def writing_to(where: Path, what: str, done: Callable[[], str] = str) -> Iterator[None]:
+    """ENOSPC or EDQUOT while writing `what` into the backup directory -> one line naming
+    the destination; what was written is removed by the writer, the run's folder by the
+    unwind."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        try:
+            st = os.statvfs(where)
+            size = f" (a filesystem of {st.f_blocks * st.f_frsize / 2**20:.1f} MiB)"
+        except OSError:
+            size = ""
+        raise DestinationFull(f"no space left on the backup destination {where}{size}: "
+                              f"{errno.errorcode[exc.errno]} ({exc.strerror}) while writing "
+                              f"{what}{done()}") from None
 
 
 @action(11)
@@ -71,7 +98,10 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
     prog = ctx.progress
     task = prog.add_task("step 13: reading S", total=total) if prog is not None else None
 
+    copied = [0]
+
     def advance(n: int) -> None:
+        copied[0] += n
         if prog is not None:
             prog.update(task, advance=n)
 
@@ -82,7 +112,14 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
         file.unlink(missing_ok=True)  # a resumed step 13 starts its images over
         dev = ctx.lv_dev(sa)
         # The LV's own size (rounded up to whole extents; the filesystem spans all of it).
-        res = reader.read_image(dev, m, _dev_size(dev), file, advance)
+        first, mapped = copied[0], m.mapped_blocks * m.block_bytes
+
+        def so_far(first: int = first, mapped: int = mapped) -> str:
+            return (f" after reading {(copied[0] - first) / 2**20:.1f} of its "
+                    f"{mapped / 2**20:.1f} MiB mapped; partial image removed")
+
+        with writing_to(where, file.name, so_far):
+            res = reader.read_image(dev, m, _dev_size(dev), file, advance)
         bs = m.block_bytes
         images[f"{v}/{d}"] = {
             "file": file.name, **res, "vm": v, "disk": d, "fs": disk.fs, "source": sa,

@@ -137,6 +137,9 @@ def carry_out(ctx: Ctx, steps: list[Undo]) -> list[str]:
             retag_base(ctx, u.lv)
         elif u.kind == "remove-dest":
             shutil.rmtree(u.lv, ignore_errors=True)
+            if Path(u.lv).exists():  # say so, never claim it removed
+                notes.append(f"could not remove partial backup {u.lv}")
+                continue
         notes.append(u.note)
     for _, _, disk in ctx.disks():
         for a in ("S_A", "S_B", "A", "C"):
