@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,11 +215,18 @@ def guest_start(vm_name: str, lab_name: str | None) -> None:
     _echo(f"guest {vm_name} running (pid {pid})")
 
 
+def _finite(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):  # nan passes FloatRange
+        raise click.BadParameter(f"{value} is not a number in (0, 10000]")
+    return value
+
+
 @guest.command("workload")
 @click.argument("vm_name")
 @lab_name_opt
-@click.option("--ops-per-s", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="New rate for the chosen writers.")
+@click.option("--ops-per-s", type=click.FloatRange(min=0, max=10000, min_open=True),
+              default=None, callback=_finite,
+              help="New rate for the chosen writers, in (0, 10000].")
 @click.option("--pause/--resume", "pause", default=None, help="Hold or release the writers.")
 @click.option("--writer", default=None, help="One writer by name (default: all).")
 def guest_workload(vm_name: str, lab_name: str | None, ops_per_s: float | None,
@@ -235,6 +244,14 @@ def guest_workload(vm_name: str, lab_name: str | None, ops_per_s: float | None,
         rep = GuestClient(guests.socket_path(names, vm_name)).workload(
             pause=pause, ops_per_s=ops_per_s, writer=writer)
     except GuestError as exc:
+        if exc.code == "bad_args":  # a writer it does not have: say which it has
+            try:
+                have = [w.get("name") for w in GuestClient(
+                    guests.socket_path(names, vm_name)).status().get("writers", [])]
+            except GuestError:
+                have = []
+            raise BadInput(f"guest {vm_name}: {exc}" + (
+                f" (its writers: {', '.join(map(str, have))})" if have else "")) from None
         raise HvlabError(f"guest {vm_name}: {exc}") from None
     for w in rep["writers"]:
         _echo(f"{w.get('name')}: {w.get('state')}, target {w.get('target_ops_per_s')} ops/s, "
@@ -286,8 +303,24 @@ def vm() -> None:
     """The lab VM (user-mode-linux) for kernels without device-mapper."""
 
 
+MEM_RE = re.compile(r"([1-9][0-9]{0,5})([MG])")
+
+
+def _mem(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """UML's mem=: whole MiB or GiB, 256M to 64G (it boots on no less)."""
+    if value is None:
+        return None
+    m = MEM_RE.fullmatch(value)
+    if m is None or not 256 <= int(m[1]) << (10 if m[2] == "G" else 0) <= 64 << 10:
+        from hvlab.lab.definition import shown
+
+        raise click.BadParameter(f"{shown(value)}: allowed 256M to 64G, a whole number of "
+                                 f"M or G")
+    return value
+
+
 @vm.command("up")
-@click.option("--mem", default=None, help="VM memory, e.g. 2G.")
+@click.option("--mem", default=None, callback=_mem, help="VM memory, 256M to 64G (e.g. 2G).")
 def vm_up(mem: str | None) -> None:
     from hvlab.vm import control
 
@@ -341,23 +374,74 @@ def _register_flow_commands() -> None:
 _register_flow_commands()
 
 
-def _prevalidate(args: list[str]) -> None:
-    """Catch bad input on the host, before a lab VM is booted for nothing."""
+def _prevalidate(args: list[str], *, forwarded: bool) -> None:
+    """Bad input first, wherever the command runs (and on the host before a lab VM is booted
+    for nothing): the options (click), and every value whose check needs no lab (names, run
+    ids, steps, fault points, --dest); a forwarded command's paths must be the VM's too."""
     cmd = cli.commands.get(args[0]) if args else None
     if cmd is None:
         return
-    ctx = cmd.make_context(args[0], args[1:], parent=click.Context(cli), resilient_parsing=False)
+    parent = click.Context(cli)
+    if isinstance(cmd, click.Group):  # guest SUB ...: its subcommand's arguments
+        gctx = cmd.make_context(args[0], args[1:], parent=parent, resilient_parsing=False)
+        rest = [*gctx._protected_args, *gctx.args]
+        if not rest:
+            return
+        _, sub, _ = cmd.resolve_command(gctx, rest)  # a UsageError names an unknown one
+        if sub is None:
+            return
+        cmd, args, parent = sub, rest, gctx
+    ctx = cmd.make_context(args[0], args[1:], parent=parent, resilient_parsing=False)
     params = ctx.params
-    _check_paths(cmd, params)
+    if forwarded:
+        _check_paths(cmd, params)
     if args[0] == "up":
         from hvlab.lab import definition
 
         definition.load(params["lab_file"], name=params["lab_name"],
                         backing_size=params["backing_size"])
-    elif params.get("lab_name"):
-        from hvlab.lab.definition import check_name
+        return
+    _check_values(args[0], params)
 
+
+def _check_values(command: str, params: dict[str, object]) -> None:
+    """The checks of a lab command that need no lab, as the command itself makes them."""
+    from hvlab.lab import runs
+    from hvlab.lab.definition import check_name
+
+    if params.get("lab_name") is not None:
         check_name("lab", params["lab_name"])
+    elif "lab_name" in params and os.environ.get("HVLAB_LAB"):
+        check_name("lab", os.environ["HVLAB_LAB"])
+    for key in ("vm_name", "as_name", "vm"):  # guest VM, restore --as and --vm
+        if isinstance(params.get(key), str):
+            check_name("VM", params[key])
+    for key in ("resume_id", "abort_id", "run_id"):
+        if isinstance(params.get(key), str):
+            runs.check_id(str(params[key]))
+    if params.get("backup_ref") == "":
+        raise BadInput("BACKUP must name a backup directory or a finished run id, not ''")
+    if command == "backup":
+        _check_backup(params)
+
+
+def _check_backup(params: dict[str, object]) -> None:
+    from hvlab.flow import dest, faults, steps
+    from hvlab.lab.definition import check_name
+
+    given = params.get("vms")
+    vms = [str(v) for v in given] if isinstance(given, tuple) else []
+    for v in vms:
+        check_name("VM", v)
+    if sum(bool(x) for x in (vms, params.get("resume_id"), params.get("abort_id"))) != 1:
+        raise BadInput("give VMs to back up, or --resume RUN, or --abort RUN (one of them)")
+    after = params.get("pause_after")
+    steps.pause_position(vms or ["vm"], after if isinstance(after, int) else None)
+    if isinstance(params.get("inject"), str):
+        faults.parse(str(params["inject"]))
+    where = params.get("dest")
+    if isinstance(where, Path) and vms:
+        dest.check(Path(os.path.abspath(where)))  # again when the run starts
 
 
 def _check_paths(cmd: click.Command, params: dict[str, object]) -> None:
@@ -377,7 +461,6 @@ def _forward(args: list[str]) -> int:
     from hvlab.vm import control
 
     argv = [sys.executable, "-m", "hvlab.cli", *args]
-    _prevalidate(args)
     if control.is_up():
         return control.run_in(argv)
     if args and args[0] in NEEDS_PERSISTENT:
@@ -394,6 +477,7 @@ def main(argv: list[str] | None = None) -> None:
             from hvlab.vm import runner
 
             where = runner.choose()
+            _prevalidate(args, forwarded=where == "uml")
             if where == "uml":
                 sys.exit(_forward(args))
             if where == "none":

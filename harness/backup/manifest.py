@@ -49,20 +49,29 @@ def write(names: Names, run: Run) -> Path:
     return path
 
 
+def _exists(path: Path) -> bool:
+    """exists(), and False for a name the kernel refuses (too long, say), not OSError."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def locate(names: Names, backup: str) -> tuple[Path, dict[str, Any]]:
     """A backup by directory (with manifest.json) or by run id; its manifest checked."""
     p = Path(backup)
-    if not (p / NAME).exists():
+    if not _exists(p / NAME):
         run_dir = names.runs_dir / backup / "run.json"
-        if "/" not in backup and run_dir.exists():
+        if "/" not in backup and _exists(run_dir):
             try:
                 p = Path(json.loads(run_dir.read_text())["dest"])
             except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise BadInput(f"run {backup}: unreadable run record ({exc!r})") from None
-    if not (p / NAME).exists() and "/" not in backup:
+    if not _exists(p / NAME) and "/" not in backup:
         p = names.backups_dir / backup  # the default place, also after the lab was removed
-    if not (p / NAME).exists():
-        raise BadInput(f"no backup at {backup!r} (a backup directory or a finished run id)")
+    if not _exists(p / NAME):
+        raise BadInput(f"no backup at {shown(backup, 200)} (a backup directory or a finished "
+                       f"run id)")
     try:
         data = json.loads((p / NAME).read_bytes())
     except (OSError, ValueError, RecursionError) as exc:

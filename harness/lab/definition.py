@@ -112,7 +112,7 @@ WORKLOAD_KNOBS: dict[str, tuple[Any, str]] = {
     "append_ops_per_s": (lambda v: _num(v) and 0 <= v <= 10000, "a number in [0, 10000]"),
     "scratch_ops_per_s": (lambda v: _num(v) and 0 <= v <= 10000, "a number in [0, 10000]"),
     "value_size": (lambda v: _int(v) and 1 <= v <= 4096, "an integer 1 to 4096"),
-    "seed": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "seed": (lambda v: _int(v) and 0 <= v < 1 << 63, "an integer 0 to 2^63-1"),
     "paused": (lambda v: isinstance(v, bool), "true or false"),
 }
 
@@ -149,7 +149,7 @@ class LabDef:
             if v.name == name:
                 return v
         known = ", ".join(v.name for v in self.vms)
-        raise BadInput(f"unknown VM {name!r}: this lab has {known}")
+        raise BadInput(f"unknown VM {shown(name)}: this lab has {known}")
 
     def disks(self) -> list[tuple[VM, Disk]]:
         return [(v, d) for v in self.vms for d in v.disks]
@@ -289,8 +289,8 @@ def load(path: Path | None = None, *, name: str | None = None,
         text, where = read_lab_file(path), shown(str(path), 200)
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        detail = " ".join(str(exc).split())
+    except ValueError as exc:  # TOMLDecodeError, or an integer of more than 4300 digits
+        detail = " ".join(str(exc).split())[:200]
         raise BadInput(f"malformed lab file {where}: {detail}") from None
     except RecursionError:
         raise BadInput(f"malformed lab file {where}: nested too deeply") from None

@@ -6,7 +6,8 @@ HVLAB_HOME that is itself a symlink - allowed - so every path below is tried thr
   in one line, exit 2, nothing made or removed, and `down` of a symlinked lab folder refuses
   instead of reporting a lab gone whose files stay (then `up` and `down` looped);
 - a backup directory that is a file, read-only, a symlink, another run's or inside one, or in
-  a lab's folder: one line, exit 2, no snapshot left, the guest keeps running and committing.
+  a lab's folder: one line, exit 2, no snapshot left, the guest keeps running and committing;
+- every command and option with values wrong in type, range, charset and length.
 
 The command line runs in a fork of this process (hvlab.fixtures.clirun: `hvlab.cli.main`
 with the real argv and environment; a new interpreter costs ~2.5 s in the lab VM).
@@ -204,3 +205,93 @@ def test_symlinks_and_bad_backup_directories(bad_lab: tuple[LabHandle, Path]) ->
     assert not lab_extras(h), lab_extras(h)
     assert not [m for m in fs.mounts() if m.target.startswith(str(away))]
 
+
+def _state(h: LabHandle) -> dict[str, Any]:
+    """What a refused command must leave as it was: LVs, dm devices, loops, mounts, runs, and
+    the files of HVLAB_HOME (but the guests' own folders and the mounted disks)."""
+    real = h.names.dir.parent
+    files = [f for f in listing(real) if not f.startswith((f"{LAB}/guests/", f"{LAB}/mnt/"))]
+    return {"lvs": h.lv_names(), "dm": sorted(d.name for d in dm.list_devices()),
+            "loops": sorted(lo.name for lo in loop.list_loops()),
+            "mounts": sorted(m.target for m in fs.mounts()),
+            "runs": sorted(r.id for r in runs.all_runs(h.names)), "files": files}
+
+
+def test_every_command_and_option_with_bad_values(bad_lab: tuple[LabHandle, Path]) -> None:
+    """The cases that need a lab (the pure ones: tests/unit/test_cli_bad_args.py)."""
+    from hvlab.flow import engine
+
+    h, base = bad_lab
+    n = h.defn.name
+    tmp = base / "cli"
+    tmp.mkdir()
+    done = next((r.id for r in runs.all_runs(h.names) if r.state == "done"), None) or (
+        engine.start(n, ["vm02"], fingerprints=False).id)
+    (tmp / "afile").write_text("")
+    (tmp / "empty").mkdir()
+    (tmp / "empty.toml").write_text("")
+    os.mkfifo(tmp / "fifo")
+    same = tmp / "same.toml"
+    same.write_text(f'[lab]\nname = "{n}"\nbacking_size = "1G"\n' + "".join(
+        f'[[vm]]\nname = "{v["name"]}"\nprofile = "{v["profile"]}"\n'
+        f'[[vm.disk]]\nname = "disk0"\nsize = "64M"\nfs = "ext4"\n' for v in BAD_LAB["vm"]))
+    long = "x" * 5000
+    cases: list[tuple[list[str], str]] = [
+        (["backup", "-n", n, "vm09"], "unknown VM 'vm09': this lab has vm01, vm02"),
+        (["backup", "-n", n, "vm01", "vm01"], "named twice"),
+        (["backup", "-n", "nosuch", "vm01"], "lab 'nosuch' is not up"),
+        (["backup", "-n", n, "--resume", "r0nosuchrun"], "no run 'r0nosuchrun'"),
+        (["backup", "-n", n, "--abort", "r0nosuchrun"], "no run 'r0nosuchrun'"),
+        (["backup", "-n", n, "--resume", done], f"run {done} is done: nothing to resume"),
+        (["backup", "-n", n, "--abort", done], f"run {done} is done: nothing to abort"),
+        (["backup", "-n", n, "--resume", done, "--dest", str(tmp / "d")], "--dest is fixed"),
+        (["backup", "-n", n, "--abort", done, "--pause-after", "9"], "takes no other option"),
+        (["guest", "start", "-n", n, "vm09"], "unknown VM 'vm09'"),
+        (["guest", "stop", "-n", n, "vm09"], "unknown VM 'vm09'"),
+        (["guest", "status", "-n", "nosuch"], "lab 'nosuch' is not up"),
+        (["guest", "workload", "-n", n, "vm09", "--pause"], "unknown VM 'vm09'"),
+        (["guest", "workload", "-n", n, "vm02", "--pause"], "profile none"),
+        (["guest", "workload", "-n", n, "vm01"], "give --ops-per-s"),
+        (["guest", "workload", "-n", n, "vm01", "--pause", "--writer", "nosuch"],
+         "no writer named 'nosuch' (its writers: ledger"),
+        (["guest", "workload", "-n", n, "vm01", "--ops-per-s", "5", "--writer", ""],
+         "no writer named ''"),
+        (["guest", "workload", "-n", n, "vm01", "--pause", "--writer", long],
+         "no writer named 'xxxx"),
+        (["guest", "check", str(tmp / "nonexistent")], "is not a directory"),
+        (["guest", "check", str(tmp / "afile")], "is not a directory"),
+        (["restore", "-n", n, done, "--as", "vm01"], "restore onto a new name"),
+        (["restore", "-n", n, done, "--as", "r1", "--vm", "vm09"], "'vm09' is not in"),
+        (["restore", "-n", n, str(tmp / "nobackup"), "--as", "r1"], "no backup at"),
+        (["restore", "-n", n, str(tmp / "afile"), "--as", "r1"], "no backup at"),
+        (["restore", "-n", n, str(tmp / "empty"), "--as", "r1"], "no backup at"),
+        (["verify", "-n", n, "r0nosuchrun"], "no backup at 'r0nosuchrun'"),
+        (["verify", "-n", n, "/etc"], "no backup at '/etc'"),
+        (["verify", "-n", n, long], "no backup at 'xxxx"),
+        (["verify", "-n", n, str(tmp / long[:300] / "b")], "no backup at"),
+        (["explain", "-n", n, "r0nosuchrun"], "no run 'r0nosuchrun'"),
+        (["explain", "-n", n, done, "--png", str(tmp)], "is a directory"),
+        (["explain", "-n", n, done, "--svg", str(tmp / "no" / "x.svg")], "no directory"),
+        (["explain", "-n", n, done, "--json", "--png", str(tmp / "x.png")], "use it alone"),
+        (["recover", "-n", "nosuch"], "lab 'nosuch' is not up"),
+        (["stop", "-n", "nosuch"], "lab 'nosuch' does not exist"),
+        (["down", "-n", "nosuch"], "lab 'nosuch' is not up"),
+        (["devices", "-n", n, "extra"], "unexpected extra argument"),
+        (["up", "-n", n], f"lab {n!r} already exists with a different definition"),
+        (["up", "--lab", str(same)], f"lab {n!r} is already up"),
+        (["up", "--lab", str(tmp / "empty")], "not a regular file"),
+        (["up", "--lab", str(tmp / "fifo")], "not a regular file"),
+        (["up", "--lab", "/dev/zero"], "not a regular file"),
+        (["up", "--lab", str(tmp / "missing.toml")], "cannot read lab file"),
+        (["up", "--lab", str(tmp / "empty.toml")], "at least one [[vm]]"),
+    ]
+    before = _state(h)
+    tx0 = committed(h)
+    wrong = [f"{[a[:40] for a in args]}: {w}" for args, message in cases
+             if (w := hvlab(*args).refusal(message))]
+    assert not wrong, f"{len(wrong)} of {len(cases)}:\n" + "\n".join(wrong)
+    assert _state(h) == before
+    status = GuestClient(guests.socket_path(h.names, "vm01")).status()
+    assert not any(w.get("state") == "paused" for w in status["writers"]), status["writers"]
+    assert committed(h) > tx0, "the guest stopped committing"
+    assert not lab_extras(h), lab_extras(h)

@@ -226,6 +226,7 @@ BAD_FIELDS: list[tuple[str, Any, str]] = [
     ("vm.0.workload.value_size", 64.0, "invalid workload value_size 64.0"),
     ("vm.0.workload.seed", -1, "invalid workload seed -1"),
     ("vm.0.workload.seed", 1.5, "invalid workload seed 1.5"),
+    ("vm.0.workload.seed", 1 << 63, "invalid workload seed 9223372036854775808"),
     ("vm.0.workload.paused", "yes", "invalid workload paused 'yes'"),
     ("vm.0.workload.paused", 0, "invalid workload paused 0"),
     # structure
