@@ -31,7 +31,8 @@ LAB = {"lab": {"name": "soak", "backing_size": "1G"},
                "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]},
               {"name": "vm02", "profile": "linux",
                "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}]}
-FREEZE = {"step-05", "step-06", "step-07", "step-08", "s05-snapshots", "s05-reloaded", "s06-one"}
+FREEZE = {"step-05", "step-06", "step-07", "step-08", "s05-one", "s05-snapshots",
+          "s05-reloaded", "s06-one"}
 
 
 class SoakFailure(AssertionError):

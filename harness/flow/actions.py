@@ -147,6 +147,7 @@ def backup_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
                 disk.C_exists = True
                 disk.c_created_at = time.time()
                 made.append(art(v, d, "C", c))
+                faults.point("s05-one")
             faults.point("s05-snapshots")
             for _, _, disk, c in names:
                 dm.reload_linear(disk.ctl, ctx.lv_dev(c))

@@ -2,15 +2,17 @@
 
 `HVLAB_INJECT=POINT:ACTION[,POINT:ACTION...]` (or the hidden `hvlab backup --inject`) arms
 points; ACTION is `kill` (SIGKILL, as a crash would), `raise` (a step fails: the run unwinds)
-or `hang` (sleep until killed, at most an hour). Every step boundary is a point (`step-NN`,
-before step NN starts; `finish` after the last step), and so is every place inside a step
-that does more than one thing. A point fires once per process.
+or `hang` (sleep until killed, at most an hour; it says so on stderr first, so a test knows
+the moment has come). Every step boundary is a point (`step-NN`, before step NN starts;
+`finish` after the last step), and so is every place inside a step that does more than one
+thing. A point fires once per process.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 from hvlab.errors import BadInput, HvlabError
@@ -19,6 +21,7 @@ ENV = "HVLAB_INJECT"
 ACTIONS = ("kill", "raise", "hang")
 
 INSIDE: dict[str, str] = {
+    "s05-one": "step 5: one C made (of possibly several), controllers suspended",
     "s05-snapshots": "step 5: every C made, controllers suspended, not yet redirected",
     "s05-reloaded": "step 5: C tables loaded, controllers still suspended",
     "s06-one": "step 6: one A made (of possibly several)",
@@ -74,6 +77,8 @@ def point(name: str) -> None:
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "hang":
+        sys.stderr.write(f"hvlab: hanging at fault point {name} (injected)\n")
+        sys.stderr.flush()
         deadline = time.monotonic() + 3600
         while time.monotonic() < deadline:
             time.sleep(0.5)

@@ -21,7 +21,7 @@ from hvlab.backup import restore as rst
 from hvlab.backup import thinmeta
 from hvlab.errors import BadInput
 from hvlab.fixtures.plugin import LabHandle
-from hvlab.flow import engine, faults, recover
+from hvlab.flow import actions, engine, faults, recover
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, live, runs
 from hvlab.lab.record import Run
@@ -62,8 +62,8 @@ def die():
 engine.start(sys.argv[1], ["vm01"], fingerprints=False)
 """
 # Killed there, the run is inside the guest's freeze window: resume is refused, abort it.
-IN_FREEZE = {"step-05", "step-06", "step-07", "step-08", "s05-snapshots", "s05-reloaded",
-             "s06-one"}
+IN_FREEZE = {"step-05", "step-06", "step-07", "step-08", "s05-one", "s05-snapshots",
+             "s05-reloaded", "s06-one"}
 
 
 @pytest.mark.parametrize("point", list(faults.POINTS))
@@ -76,6 +76,7 @@ def test_killed_at_every_fault_point(lab_factory: Callable[..., LabHandle], poin
     pre = h.lv_names()
     run_ = _killed_run(h, point)
     if point in IN_FREEZE:
+        _thaws_within_its_watchdog(h, client)
         with pytest.raises(BadInput, match="inside a freeze window"):
             engine.resume(h.defn.name, run_.id, fingerprints=False)
         engine.abort(h.defn.name, run_.id)
@@ -89,6 +90,18 @@ def test_killed_at_every_fault_point(lab_factory: Callable[..., LabHandle], poin
     assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
     assert not client.status()["frozen"]
     assert rst.verify(h.defn.name, run_.id)["ok"]
+
+
+def _thaws_within_its_watchdog(h: LabHandle, client: GuestClient) -> None:
+    """Killed inside the window, with no command run after it: the guest's own watchdog
+    thaws it by the end of its flush-and-hold limit, and the disk takes writes again."""
+    st = client.status()
+    assert st["frozen"], st
+    deadline = st["frozen_at"] + actions.FLUSH_AND_HOLD_S
+    assert _poll(lambda: not client.status()["frozen"], deadline - time.time() + 1.0), \
+        "the guest stayed frozen past its watchdog"
+    probe = h.mountpoint("vm01", "disk0") / "after-watchdog.txt"
+    probe.write_text("the disk takes writes again\n")
 
 
 @pytest.mark.parametrize("point", ["s11-one", "s14-base-removed"])

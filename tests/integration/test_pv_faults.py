@@ -15,7 +15,7 @@ import pytest
 from hvlab.backup import restore as rst
 from hvlab.backup import thinmeta
 from hvlab.fixtures.plugin import LabHandle
-from hvlab.flow import engine
+from hvlab.flow import engine, faults
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, pvfault, runs
 from hvlab.sys.lvm import Lvm
@@ -105,3 +105,29 @@ def test_read_errors_below_the_snapshot(lab_factory: Callable[..., LabHandle]) -
     _after_the_fault(h, pre, client, before)
     run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"])
     assert cold.read_bytes() == payload, "the live disk lost the data under the bad sectors"
+
+
+TWO_DISKS: dict[str, Any] = {
+    "lab": {"name": "x", "backing_size": "512M"},
+    "vm": [{"name": "vm01", "profile": "windows",
+            "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"},
+                     {"name": "disk1", "size": "64M", "fs": "ext4"}]}],
+}
+
+
+def test_the_second_disks_checkpoint_fails(lab_factory: Callable[..., LabHandle],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """C of disk0 made, C of disk1 fails (step 5, controllers held, guest frozen): the
+    first is rolled back, the controllers run on B again, the guest thaws and goes on. The
+    failure is raised by the flow between the two `lvcreate`s (fault point s05-one): a fault
+    in the kernel there would also fail the unwind's own LVM writes."""
+    h = lab_factory(TWO_DISKS, start_guests=True)
+    client = GuestClient(guests.socket_path(h.names, "vm01"))
+    pre, before = h.lv_names(), client.status()["committed_txid"]
+    monkeypatch.setenv(faults.ENV, "s05-one:raise")
+    monkeypatch.setattr(faults, "_fired", set())
+    with pytest.raises(engine.FlowFailed, match="s05-one"):
+        engine.start(h.defn.name, ["vm01"], fingerprints=False)
+    monkeypatch.delenv(faults.ENV)
+    assert h.controller_maps_base("vm01", "disk1")
+    _after_the_fault(h, pre, client, before)
