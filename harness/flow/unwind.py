@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from hvlab.flow import dest
+from hvlab.flow import dest, windowguard
 from hvlab.flow.context import Ctx, ar_ctl
-from hvlab.guest.client import GuestError
-from hvlab.guest.quiesce import recover_after_crash
 from hvlab.lab import live, runs
 from hvlab.lab.record import Artifact, Run
 from hvlab.sys import dm
@@ -104,19 +102,7 @@ def resume_controllers(ctx: Ctx) -> None:
 
 def thaw_all(ctx: Ctx) -> list[str]:
     """Thaw every VM of the run that may be frozen; safe to call any time."""
-    notes = []
-    for vm in ctx.run.vms:
-        v = ctx.vm(vm)
-        if v.answers:
-            try:
-                if ctx.client(vm).abort().get("thawed"):
-                    notes.append(f"{vm}: thawed by abort")
-            except GuestError as exc:
-                notes.append(f"{vm}: abort: {exc}")
-        rec = recover_after_crash(ctx.names.guest_dir(vm))
-        if rec.get("thawed"):
-            notes.append(f"{vm}: recovered freeze marker, thawed {rec['thawed']}")
-        v.frozen = False
+    notes = [n for vm in ctx.run.vms for n in windowguard.thaw(ctx, vm)]
     ctx.save()
     return notes
 

@@ -110,9 +110,10 @@ class GuestClient:
     def prepare(self) -> dict[str, Any]:
         return self.request("prepare")
 
-    def freeze(self, timeout_s: float = 10.0) -> dict[str, Any]:
-        # Writers may take up to their own 60 s bound to quiesce.
-        return self.request("freeze", timeout=max(self.timeout, 70.0), timeout_s=timeout_s)
+    def freeze(self, timeout_s: float = 10.0, wait_s: float | None = None) -> dict[str, Any]:
+        # Writers may take up to their own bound (60 s by default) to quiesce.
+        wait = max(self.timeout, 70.0) if wait_s is None else wait_s
+        return self.request("freeze", timeout=wait, timeout_s=timeout_s)
 
     def thaw(self) -> dict[str, Any]:
         return self.request("thaw")
@@ -128,3 +129,8 @@ class GuestClient:
 
     def workload(self, **knobs: Any) -> dict[str, Any]:
         return self.request("workload", **knobs)
+
+    def fault(self, veto: str | None = None, mute: str | None = None) -> dict[str, Any]:
+        """Arm a writer's veto of the next freeze, or no answer to an op's next request."""
+        args: dict[str, Any] = {k: v for k, v in (("veto", veto), ("mute", mute)) if v}
+        return self.request("fault", **args)

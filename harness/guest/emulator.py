@@ -8,6 +8,12 @@ Profiles:
   for the application, rolled back when it next starts).
 - none: no integration services: workloads run, no socket; the host must fall back to crash-
   consistent backups.
+
+The `fault` op arms the failures a guest shows in the field, each for one time, so a test (or a
+curious user) can watch the host's policy deal with them: `veto` names a VSS-aware writer that
+fails its next freeze (as a VSS writer answering VSS_E_WRITERERROR_RETRYABLE: the writers
+frozen before it are thawed, nothing is frozen), `mute` names an op whose next request the
+guest never answers nor carries out (a hung integration service: the host's request times out).
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ FLUSH_WRITES_TIMEOUT = "VSS_E_FLUSH_WRITES_TIMEOUT"
 STATE_OPS = frozenset({"prepare", "freeze", "thaw", "post_snapshot", "abort"})
 OP_WAIT_S = 150.0  # how long a state op waits for the one in progress (post_snapshot <= 120 s)
 MAX_OPS_PER_S = 10000.0  # as a lab file's [vm.workload]
+WRITER_VETO = "VSS_E_WRITERERROR_RETRYABLE"
+MUTED_FOR_S = 600.0  # a muted request is dropped after this (its client gave up long before)
 # A thawed VSS session outlives the guest process: the host may resume a backup at its
 # post_snapshot (auto-recovery) after the guest restarted. Removed by prepare, freeze, abort.
 SESSION = "vss-session.json"
@@ -162,6 +170,7 @@ class Guest:
         self.writers: list[Writer] = []
         self.stop_event = threading.Event()
         self.server: Server | None = None  # the channel, once serving: its connection count
+        self.armed: dict[str, str] = {}  # the `fault` op's: "veto" -> writer, "mute" -> op
 
     @property
     def auto_recovery(self) -> bool:
@@ -249,6 +258,10 @@ class Guest:
             raise ProtocolError("bad_args", f"{op}: {exc}") from None
         if op == "freeze":  # wrong arguments are told so at once, not after a freeze under way
             self._freeze_timeout(args.get("timeout_s"))
+        if self._fire("mute", op):
+            log.warning("%s from %s: muted (fault armed): no answer", op, protocol.peer())
+            self.stop_event.wait(MUTED_FOR_S)
+            raise ProtocolError("failed", f"{op}: muted (fault armed)")
         try:
             if op in STATE_OPS:
                 with self._one_at_a_time(op):
@@ -329,9 +342,13 @@ class Guest:
         # Outside `_lock`: writers may take their time to quiesce, status still answers.
         t0: dict[str, Any] = {}
         held: list[Writer] = []
+        # As VSS: every writer quiesces within one writer timeout, not one timeout each.
+        deadline = time.monotonic() + self.cfg.writer_timeout_s
         try:
             for w in self.vss_writers:
-                t0[w.wname] = w.freeze(self.cfg.writer_timeout_s)
+                if self._fire("veto", w.wname):
+                    raise WriterError(f"writer {w.wname} vetoed the freeze: {WRITER_VETO}")
+                t0[w.wname] = w.freeze(max(0.0, deadline - time.monotonic()))
                 held.append(w)
             quiesce.write_marker(self.cfg.run_dir, self.mounts)
             try:
@@ -447,6 +464,34 @@ class Guest:
 
     def op_status(self) -> dict[str, Any]:
         return self.status()
+
+    def op_fault(self, veto: str | None = None, mute: str | None = None) -> dict[str, Any]:
+        """Arm a veto of a VSS-aware writer's next freeze, or no answer to an op's next
+        request (see the module doc); with no argument, report what is armed."""
+        for what, value, allowed in (("veto", veto, [w.wname for w in self.vss_writers]),
+                                     ("mute", mute, [o for o in protocol.OPS if o != "fault"])):
+            if value is None:
+                continue
+            if not isinstance(value, str) or value not in allowed:
+                shown = str(value)[:40]
+                raise ProtocolError("bad_args", f"{what}: {shown!r} is not one of "
+                                                f"{', '.join(allowed) or 'nothing here'}")
+        with self._lock:
+            if veto is not None:
+                self.armed["veto"] = veto
+            if mute is not None:
+                self.armed["mute"] = mute
+            armed = dict(self.armed)
+        log.warning("faults armed by %s: %s", protocol.peer(), armed)
+        return {"armed": armed}
+
+    def _fire(self, kind: str, name: str) -> bool:
+        """An armed fault for name, disarmed as it fires."""
+        with self._lock:
+            if self.armed.get(kind) != name:
+                return False
+            del self.armed[kind]
+            return True
 
     def op_workload(
         self, pause: bool | None = None, ops_per_s: float | None = None, writer: str | None = None
@@ -587,6 +632,7 @@ class Guest:
             "busy": self.busy,
             "clients": self.server.connections if self.server is not None else None,
             "timed_out": self.pending_timeout is not None,
+            "faults": dict(self.armed),
             "timeout": self.pending_timeout,
             "committed_txid": lw.ledger.last_txid if lw else None,
             "committed_hash": lw.ledger.last_hash if lw else None,

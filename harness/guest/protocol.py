@@ -33,7 +33,8 @@ from typing import Any
 
 log = logging.getLogger("hvlab.guest.protocol")
 
-OPS = ("identify", "prepare", "freeze", "thaw", "post_snapshot", "abort", "status", "workload")
+OPS = ("identify", "prepare", "freeze", "thaw", "post_snapshot", "abort", "status", "workload",
+       "fault")
 MAX_LINE = 64 << 10
 LOGGED_ERRORS = 5  # error replies logged per connection; the rest are counted
 

@@ -14,7 +14,7 @@ import psutil
 
 from hvlab.errors import HvlabError
 from hvlab.guest.client import GuestClient, GuestError
-from hvlab.guest.quiesce import recover_after_crash
+from hvlab.guest.quiesce import MARKER, recover_after_crash
 
 MODULE = "hvlab.guest.emulator"
 
@@ -69,6 +69,17 @@ def start_guest(config: dict[str, Any], timeout: float = 30.0) -> int:
         time.sleep(0.05)
     _kill(proc.pid, 5.0)
     raise HvlabError(f"guest {config.get('vm')} did not come up within {timeout:g}s")
+
+
+def thaw_if_dead(run_dir: Path | str) -> list[str]:
+    """Thaw what the guest of run_dir left frozen, if it died frozen (its marker is there, the
+    process is not); the mountpoints thawed. A live guest keeps its freeze: its watchdog ends
+    it."""
+    run_dir = Path(run_dir)
+    if not (run_dir / MARKER).exists() or _proc(run_dir) is not None:
+        return []
+    thawed: list[str] = recover_after_crash(run_dir).get("thawed", [])
+    return thawed
 
 
 def guest_status(run_dir: Path | str) -> dict[str, Any]:

@@ -82,6 +82,7 @@ class Vm:
     auto_recovery: bool = False
     guest_profile: str | None = None
     no_answer: str | None = None
+    writer_timeout_s: float | None = None  # how long the guest's writers may take to quiesce
     window: Window | None = None
     fallback: str | None = None  # why an application-aware backup fell back (policy try)
     freeze_reply: dict[str, Any] | None = None
