@@ -62,7 +62,12 @@ def claim(dest: Path, run_id: str) -> None:
         raise BadInput(f"backup directory {dest} already exists: {NEW}") from None
     except OSError as exc:
         raise BadInput(f"cannot make backup directory {dest}: {exc.strerror}") from None
-    private.write_text(dest / MARK, run_id + "\n")
+    try:
+        private.write_text(dest / MARK, run_id + "\n")
+    except OSError as exc:  # a destination already full (ENOSPC): leave nothing behind
+        (dest / MARK).unlink(missing_ok=True)
+        dest.rmdir()
+        raise BadInput(f"cannot write to backup directory {dest}: {exc.strerror}") from None
 
 
 def owns(dest: Path, run_id: str) -> bool:

@@ -379,8 +379,11 @@ def down(lab: str, *, progress: Progress = _quiet, missing_ok: bool = False,
     never removes through one, and never reports a lab gone whose files stay elsewhere."""
     names = Names(lab)
     refuse_links_in_lab(names)
-    if purge:
+    if purge:  # checked before anything is removed: a purge must not fail half way
         refuse_links(names.backups_dir, "backups folder")
+        if os.path.lexists(names.backups_dir) and not names.backups_dir.is_dir():
+            raise BadInput(f"backups folder {names.backups_dir} is not a folder: "
+                           f"not removing it")
     if not names.dir.exists() and inventory(lab).empty():
         if purge and names.backups_dir.exists():
             _purge_backups(names, progress)
@@ -399,7 +402,8 @@ def down(lab: str, *, progress: Progress = _quiet, missing_ok: bool = False,
 def _purge_backups(names: Names, progress: Progress) -> None:
     refuse_links(names.backups_dir, "backups folder")
     if not names.backups_dir.is_dir():
-        raise BadInput(f"backups folder {names.backups_dir} is not a folder: not removing it")
+        progress(f"no backups to remove ({names.backups_dir} does not exist)")
+        return
     shutil.rmtree(names.backups_dir)
     progress(f"removed backups {names.backups_dir}")
 

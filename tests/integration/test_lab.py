@@ -227,7 +227,14 @@ def test_down_leaves_devices_that_only_look_like_ours(lab_factory: Callable[...,
     try:
         assert not {d.name for d in substrate.inventory("hvlab").dm_devices} & set(foreign)
         assert h.names.pv(0) in {d.name for d in substrate.inventory("hvlab").dm_devices}
-        substrate.down("hvlab")
+        # --purge whose backups folder is a file: refused before anything is removed
+        h.names.backups_dir.parent.mkdir(parents=True, exist_ok=True)
+        h.names.backups_dir.write_text("not a folder\n")
+        with pytest.raises(BadInput, match="is not a folder"):
+            substrate.down("hvlab", purge=True)
+        assert substrate.is_up("hvlab")
+        h.names.backups_dir.unlink()
+        substrate.down("hvlab", purge=True)  # no backups at all: nothing to purge, fine
         assert set(foreign) <= {d.name for d in dm.list_devices()}
     finally:
         for name in foreign:

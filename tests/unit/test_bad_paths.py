@@ -170,3 +170,18 @@ def test_an_empty_lab_name_is_refused_not_the_default_lab(monkeypatch: pytest.Mo
     monkeypatch.setenv("HVLAB_LAB", "Bad")
     with pytest.raises(BadInput, match="invalid lab name 'Bad'"):
         resolve_name(None)
+
+
+def test_claim_of_a_full_destination_leaves_nothing(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC already when the run's mark is written: one line, and no folder left."""
+    import errno
+
+    def full(path: Path, text: str) -> None:
+        path.write_text("")  # made, then the write fails, as on a full filesystem
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(private, "write_text", full)
+    with pytest.raises(BadInput, match="No space left on device"):
+        dest.claim(tmp_path / "full", "r1")
+    assert not (tmp_path / "full").exists()
