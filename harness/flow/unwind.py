@@ -85,7 +85,8 @@ def facts(ctx: Ctx) -> Facts:
         mapped={f"{v}/{d}": ctx.mapped_lv(disk) for v, d, disk in disks},
         live={f"{v}/{d}": live.recorded(ctx.names, v, d) for v, d, _ in disks},
         ar_devices=frozenset(x.name for x in dm.list_devices()
-                             if any(x.name == ar_ctl(ctx.names, v, d) for v, d, _ in disks)),
+                             if x.uuid.startswith(ctx.names.uuid_prefix)
+                             and any(x.name == ar_ctl(ctx.names, v, d) for v, d, _ in disks)),
         base_tags={disk.B: rows[disk.B].tags for _, _, disk in disks if disk.B in rows},
         dest_owned=dest.owns(Path(ctx.run.dest), ctx.run.id),
         dest_exists=Path(ctx.run.dest).exists())
