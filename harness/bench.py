@@ -2,6 +2,7 @@
 
 - reading a thin snapshot: our mapped-blocks reader vs `dd` of the whole device
 - the cost of a thin snapshot (lvcreate -s) and of a controller redirect (the freeze window)
+- the window's floor: suspend N thin devices, create_snap, resume, by ioctl vs dmsetup
 Writes bench-results/bench.json and bench-results/bench.txt.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from hvlab import bench_floor
 from hvlab.backup.reader import read_image
 from hvlab.backup.thinmeta import metadata_snap
 from hvlab.lab import definition, substrate
@@ -122,6 +124,8 @@ def main() -> int:
         results["controller_redirect_s"] = {"runs": redirects, "median": med(redirects)}
     finally:
         substrate.down(defn.name, missing_ok=True)
+    # The freeze window's floor at kernel speed vs dmsetup execs (issue 10): bench_floor.py.
+    results["snapshot_floor"] = bench_floor.measure()
     (out_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     table = Table(title=f"hvlab bench (kernel {results['kernel']}, median of {REPEAT})")
     for col in ("what", "ours", "baseline", "ratio"):
@@ -140,6 +144,8 @@ def main() -> int:
                   f"{results['lvcreate_snapshot_s']['median']:.2f} s", "", "")
     table.add_row("controller redirect (suspend/reload/resume)",
                   f"{results['controller_redirect_s']['median'] * 1000:.0f} ms", "", "")
+    for row in bench_floor.rows(results["snapshot_floor"]):
+        table.add_row(*row)
     console = Console(record=True, width=120)
     console.print(table)
     (out_dir / "bench.txt").write_text(console.export_text())
