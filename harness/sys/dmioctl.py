@@ -612,7 +612,8 @@ def _bounded(work: Callable[[], None], timeout: float, current: Callable[[], str
                                  f"suspend of {current()} did not return within {timeout:.2f} s "
                                  "and is not interruptible: its state is unknown")
         assert t.ident is not None
-        signal.pthread_kill(t.ident, INTERRUPT)
+        with suppress(ProcessLookupError):  # it ended meanwhile
+            signal.pthread_kill(t.ident, INTERRUPT)
         t.join(0.01)
     if not failed:
         return  # done, if late: the devices are suspended
