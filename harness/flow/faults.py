@@ -3,9 +3,11 @@
 `HVLAB_INJECT=POINT:ACTION[,POINT:ACTION...]` (or the hidden `hvlab backup --inject`) arms
 points; ACTION is `kill` (SIGKILL, as a crash would), `raise` (a step fails: the run unwinds)
 or `hang` (sleep until killed, at most an hour; it says so on stderr first, so a test knows
-the moment has come). Every step boundary is a point (`step-NN`, before step NN starts;
-`finish` after the last step), and so is every place inside a step that does more than one
-thing. A point fires once per process.
+the moment has come), or `wait` (pause until the file named by HVLAB_INJECT_GO exists, at most
+an hour: the moment for a test to do something to the devices, e.g. fill the pool inside the
+freeze window; `<file>.waiting` appears while it waits). Every step boundary is a point
+(`step-NN`, before step NN starts; `finish` after the last step), and so is every place inside
+a step that does more than one thing. A point fires once per process.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import time
 from hvlab.errors import BadInput, HvlabError
 
 ENV = "HVLAB_INJECT"
-ACTIONS = ("kill", "raise", "hang")
+GO_ENV = "HVLAB_INJECT_GO"
+ACTIONS = ("kill", "raise", "hang", "wait")
 
 INSIDE: dict[str, str] = {
     "s05-one": "step 5: one C made (of possibly several), controllers suspended",
@@ -76,6 +79,9 @@ def point(name: str) -> None:
     _fired.add(name)
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "wait":
+        _wait(name)
+        return
     if action == "hang":
         sys.stderr.write(f"hvlab: hanging at fault point {name} (injected)\n")
         sys.stderr.flush()
@@ -83,3 +89,20 @@ def point(name: str) -> None:
         while time.monotonic() < deadline:
             time.sleep(0.5)
     raise InjectedFault(f"injected fault at {name}")
+
+
+def _wait(name: str) -> None:
+    go = os.environ.get(GO_ENV)
+    if not go:
+        raise InjectedFault(f"fault point {name}: wait needs {GO_ENV}=FILE")
+    waiting = f"{go}.waiting"
+    with open(waiting, "w") as f:
+        f.write(f"{os.getpid()} {name}\n")
+    try:
+        deadline = time.monotonic() + 3600
+        while not os.path.exists(go) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.unlink(waiting)
+    if os.path.exists(go):
+        os.unlink(go)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,3 +133,69 @@ def test_the_second_disks_checkpoint_fails(lab_factory: Callable[..., LabHandle]
     monkeypatch.delenv(faults.ENV)
     assert h.controller_maps_base("vm01", "disk1")
     _after_the_fault(h, pre, client, before)
+
+
+def _pool_free_bytes(h: LabHandle) -> int:
+    used, total = thinmeta.pool_usage(h.names)
+    return (total - used) * (64 << 10)  # the lab's pools have 64 KiB chunks
+
+
+def test_the_pool_fills_inside_the_freeze_window(lab_factory: Callable[..., LabHandle],
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    """fstests generic/459's case: another writer of the same pool fills its data space while
+    the guest is frozen. LVM refuses the checkpoint ("free space in thin pool ... reached
+    threshold"), the job fails inside the window, unwinds and thaws the guest (its thaw
+    writes B in place: no new chunk needed); once the pool is extended the next backup works.
+    The guest's workload is paused: with the pool in error-when-full mode a write that needs
+    a new chunk would fail with EIO, which is the pool's failure, not the backup's."""
+    h = lab_factory(ONE_VM, start_guests=True)
+    client = GuestClient(guests.socket_path(h.names, "vm01"))
+    client.workload(pause=True)
+    lvm = Lvm(h.names.lvm_dir)
+    vg, filler = h.names.vg, "filler"
+    lvm("lvcreate", "-q", "-V", "1G", "-T", f"{vg}/{h.names.pool}", "-n", filler,
+        "--addtag", h.names.tag)
+    dev = h.names.lv_path(filler)
+    h.expect_extra(lvs=[filler])  # until the end of the test, where it is removed
+    room = 4 << 20  # what the backup finds free; the filler takes it inside the window
+    mib = (_pool_free_bytes(h) - room) >> 20
+    run(["dd", "if=/dev/urandom", f"of={dev}", "bs=1M", f"count={mib}", "oflag=direct",
+         "status=none"])
+    pre, before = h.lv_names(), client.status()["committed_txid"]
+
+    go = tmp_path / "go"
+    monkeypatch.setenv(faults.ENV, "step-05:wait")
+    monkeypatch.setenv(faults.GO_ENV, str(go))
+    monkeypatch.setattr(faults, "_fired", set())
+
+    def fill_when_frozen() -> None:
+        waiting = Path(f"{go}.waiting")
+        while not waiting.exists():
+            time.sleep(0.05)
+        assert client.status()["frozen"], "step 5 comes inside the freeze window"
+        run(["dd", "if=/dev/urandom", f"of={dev}", "bs=1M", f"seek={mib}", "count=16",
+             "oflag=direct", "status=none"], check=False)  # ENOSPC: the pool is full
+        go.touch()
+
+    filler_thread = threading.Thread(target=fill_when_frozen)
+    filler_thread.start()
+    try:
+        with pytest.raises(engine.FlowFailed, match=r"reached threshold|out of data space"):
+            engine.start(h.defn.name, ["vm01"], fingerprints=False)
+    finally:
+        go.touch()
+        filler_thread.join()
+    monkeypatch.delenv(faults.ENV)
+    assert _pool_free_bytes(h) == 0
+    (failed,) = runs.all_runs(h.names)
+    assert failed.state == "failed" and h.lv_names() == pre
+    assert h.controller_maps_base("vm01", "disk0") and not client.status()["frozen"]
+    assert client.status()["committed_txid"] >= before
+
+    lvm("lvextend", "-q", "-l", "+100%FREE", f"{vg}/{h.names.pool}")
+    client.workload(pause=False)
+    ok = engine.start(h.defn.name, ["vm01"], fingerprints=False)
+    assert ok.state == "done" and rst.verify(h.defn.name, ok.id)["ok"]
+    assert client.status()["committed_txid"] > before
+    lvm("lvremove", "-q", "-y", f"{vg}/{filler}")
