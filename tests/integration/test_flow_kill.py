@@ -22,6 +22,7 @@ from hvlab.backup import thinmeta
 from hvlab.errors import BadInput
 from hvlab.fixtures.plugin import LabHandle
 from hvlab.flow import actions, engine, faults, recover
+from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, live, runs
 from hvlab.lab.record import Run
@@ -75,6 +76,7 @@ def test_killed_at_every_fault_point(lab_factory: Callable[..., LabHandle], poin
     client = GuestClient(guests.socket_path(h.names, "vm01"))
     pre = h.lv_names()
     run_ = _killed_run(h, point)
+    acked = client.status()["committed_txid"]  # what the guest acknowledged by the kill
     if point in IN_FREEZE:
         _thaws_within_its_watchdog(h, client)
         with pytest.raises(BadInput, match="inside a freeze window"):
@@ -83,13 +85,18 @@ def test_killed_at_every_fault_point(lab_factory: Callable[..., LabHandle], poin
         assert runs.load(h.names, run_.id).state == "aborted"
         run_ = engine.start(h.defn.name, ["vm01"], fingerprints=False)
     else:
-        acked = client.status()["committed_txid"]
         done = engine.resume(h.defn.name, run_.id, fingerprints=False)
         assert done.state == "done"
-        assert client.status()["committed_txid"] >= acked  # nothing committed was lost
+    # Nothing acknowledged was lost, read from the live disk (the ledger's WAL through the
+    # mount), not from the guest's own counter.
+    assert _live_txid(h) >= acked
     assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
     assert not client.status()["frozen"]
     assert rst.verify(h.defn.name, run_.id)["ok"]
+
+
+def _live_txid(h: LabHandle) -> int:
+    return ledger.check({"disk0": h.mountpoint("vm01", "disk0")}).last_txid
 
 
 def _thaws_within_its_watchdog(h: LabHandle, client: GuestClient) -> None:
@@ -111,12 +118,21 @@ def test_killed_mid_step_then_abort(lab_factory: Callable[..., LabHandle], point
     marker = h.mountpoint("vm01", "disk0") / "live.txt"
     run_ = _killed_run(h, point)
     marker.write_text("written after the kill\n")
+    # `down` never pulls the lab from under an interrupted run (the measured failure: the
+    # unwind then failed with "Cannot process volume group")
+    refused = _cli("down", "-n", h.defn.name)
+    assert refused.returncode == 2 and f"--abort {run_.id}" in refused.stderr, refused.stderr
     engine.abort(h.defn.name, run_.id)
     assert runs.load(h.names, run_.id).state == "aborted"
     assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
     assert marker.read_text() == "written after the kill\n"
     with pytest.raises(Exception, match="nothing to resume"):
         engine.resume(h.defn.name, run_.id)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hvlab.cli", *args], env=dict(os.environ),
+                          capture_output=True, text=True, timeout=300)
 
 
 def _held(h: LabHandle) -> bool:
@@ -163,6 +179,8 @@ def test_hung_with_controllers_suspended(lab_factory: Callable[..., LabHandle]) 
         assert _poll(lambda: _held(h), 60.0), "never reached step 5"
         assert _poll(lambda: not _held(h), 11.0), "held past the flush-and-hold limit"
         assert proc.poll() is None  # still hanging: the guard did it
+        refused = _cli("down", "-n", h.defn.name)  # never under a running backup
+        assert refused.returncode == 2 and "running in process" in refused.stderr
     finally:
         proc.kill()
         proc.wait(30)
