@@ -33,6 +33,7 @@ INSIDE: dict[str, str] = {
     "s11-one": "step 11: one member of the snapshot set made",
     "s12-one": "step 12: one A removed",
     "s13-metadata": "step 13: the pool's metadata snapshot reserved",
+    "s13-reading": "step 13: the first part of an image read and written (mid-read)",
     "s13-image": "step 13: one disk image written (mid-read of the job)",
     "s14-one": "step 14: one S removed",
     "s14-base-removed": "step 14: B removed, C not yet renamed to B",

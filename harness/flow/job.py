@@ -102,6 +102,7 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
 
     def advance(n: int) -> None:
         copied[0] += n
+        faults.point("s13-reading")  # part of an image written, the rest still to read
         if prog is not None:
             prog.update(task, advance=n)
 
