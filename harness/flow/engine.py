@@ -88,9 +88,7 @@ def execute(ctx: Ctx) -> Run:
         run.error = err
         ctx.say(f"step failed: {err}; unwinding")
         try:
-            unwind.unwind(ctx, final="failed")
-            run.post = snapshot_state(ctx)
-            ctx.save()
+            unwind.unwind(ctx, final="failed", post=lambda: snapshot_state(ctx))
         except Exception as exc2:
             run.unwind_error = str(exc2)
             ctx.save()
@@ -256,9 +254,7 @@ def abort(lab_name: str, run_id: str, *, say: Say = quiet) -> Run:
     lab = Lab.open(lab_name)
     with runs.VmLocks(names, run.vms):
         ctx = Ctx(lab, run, say, fingerprints=False)
-        unwind.unwind(ctx, final="aborted")
-        run.post = snapshot_state(ctx)
-        ctx.save()
+        unwind.unwind(ctx, final="aborted", post=lambda: snapshot_state(ctx))
     return run
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from hvlab.flow import dest, windowguard
 from hvlab.flow.context import Ctx, ar_ctl
@@ -135,9 +136,12 @@ def carry_out(ctx: Ctx, steps: list[Undo]) -> list[str]:
     return notes
 
 
-def unwind(ctx: Ctx, final: str, *, record: bool = True) -> list[str]:
+def unwind(ctx: Ctx, final: str, *, record: bool = True,
+           post: Callable[[], dict[str, Any]] | None = None) -> list[str]:
     """Resume, thaw, then carry out the plan; record=False for artifacts whose run record
-    is gone (recover), which have no events file to append to."""
+    is gone (recover), which have no events file to append to. `post` (the state after)
+    is recorded in the same save as the final state: a reader never sees one without the
+    other."""
     run = ctx.run
     was_done = run.state == "done"
     run.state = "aborting"
@@ -151,6 +155,8 @@ def unwind(ctx: Ctx, final: str, *, record: bool = True) -> list[str]:
         notes = thaw_all(ctx)
         notes += carry_out(ctx, plan(run, facts(ctx), was_done=was_done))
     run.unwound = notes
+    if post is not None:
+        run.post = post()
     run.state = final
     ctx.save()
     if not record:
