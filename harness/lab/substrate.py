@@ -15,13 +15,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from hvlab.errors import BadInput, HvlabError, LeakError
+from hvlab.errors import BadInput, CommandError, HvlabError, LeakError
 from hvlab.lab import guests, live
 from hvlab.lab.definition import LabDef
 from hvlab.lab.paths import Names, refuse_links, refuse_links_in_lab
 from hvlab.lab.state import State, locked
 from hvlab.sys import dm, fs, loop, private
 from hvlab.sys.lvm import Lvm
+from hvlab.sys.run import Result
 from hvlab.sys.uevents import wait_node
 
 Progress = Callable[[str], None]
@@ -184,19 +185,21 @@ def _create(defn: LabDef, names: Names, start_guests: bool, progress: Progress) 
         progress(f"PVs: {' '.join(devs)} (dm-linear over loops)")
         lvm = lvm_for(names)
         lvm.write_config(devs)
-        lvm("pvcreate", "-q", *devs)
-        lvm("vgcreate", "-q", "--addtag", names.tag, names.vg, *devs)
         undo.push(f"remove VG {names.vg}", lambda: _deactivate(names))
+        lvm("vgcreate", "-q", "--addtag", names.tag, names.vg, *devs)  # makes the PVs too
         lvm("lvcreate", "-q", "--type", "thin-pool", "-l", "90%VG", "--chunksize", "64k",
             "-Zn", "--addtag", names.tag, "-n", names.pool, names.vg)
-        # A full pool must fail writes at once, not queue them for 60 s (hangs filesystems).
-        lvm("lvchange", "-q", "--errorwhenfull", "y", f"{names.vg}/{names.pool}")
         progress(f"thin pool {names.vg}/{names.pool}")
-        for vm, disk in defn.disks():
-            lv = names.lv(vm.name, disk.name)
-            lvm("lvcreate", "-q", "-V", f"{disk.size}b", "-T", f"{names.vg}/{names.pool}",
-                "-n", lv, "--addtag", names.tag, "--addtag", "role_base",
-                "--addtag", f"vm_{vm.name}", "--addtag", f"disk_{disk.name}")
+        disks = [(vm, disk, names.lv(vm.name, disk.name)) for vm, disk in defn.disks()]
+        # A full pool must fail writes at once, not queue them for 60 s (hangs filesystems).
+        _batch(names, lvm, [["lvchange", "-q", "--errorwhenfull", "y",
+                             f"{names.vg}/{names.pool}"],
+                            *[["lvcreate", "-q", "-V", f"{disk.size}b", "-T",
+                               f"{names.vg}/{names.pool}", "-n", lv, "--addtag", names.tag,
+                               "--addtag", "role_base", "--addtag", f"vm_{vm.name}",
+                               "--addtag", f"disk_{disk.name}"] for vm, disk, lv in disks]],
+               [lv for *_, lv in disks], error_when_full=names.pool)
+        for _vm, disk, lv in disks:
             wait_node(names.lv_path(lv))
             progress(f"thin LV {lv} ({disk.size >> 20} MiB virtual)")
         _controllers(defn, names, undo)
@@ -234,23 +237,47 @@ def _restart(st: State, names: Names, start_guests: bool, progress: Progress) ->
         progress(f"re-attached {' '.join(devs)}")
         lvm = lvm_for(names)
         lvm.write_config(devs)
-        lvm("vgchange", "-q", "-ay", names.vg)
-        undo.push(f"deactivate VG {names.vg}", lambda: _deactivate(names))
         existing = {r["lv_name"] for r in lvm.lvs(names.vg)}
+        undo.push(f"deactivate VG {names.vg}", lambda: _deactivate(names))
         targets = {}
         for vm, disk in defn.disks():
-            lv = live.lv_to_map(names, vm.name, disk.name, existing)
-            if lv != names.lv(vm.name, disk.name):
-                # The guest was writing to a backup checkpoint when the lab stopped: keep
-                # mapping it (snapshots may carry the activation-skip flag: -K).
-                lvm("lvchange", "-q", "-ay", "-K", f"{names.vg}/{lv}")
-                progress(f"{vm.name}/{disk.name}: the guest writes to {lv} (a backup's C)")
+            targets[(vm.name, disk.name)] = live.lv_to_map(names, vm.name, disk.name, existing)
+        # The guest was writing to a backup checkpoint when the lab stopped: keep mapping it
+        # (snapshots may carry the activation-skip flag: -K). All in one lvm process.
+        checkpoints = [lv for (v, d), lv in targets.items() if lv != names.lv(v, d)]
+        _batch(names, lvm, [["vgchange", "-q", "-ay", names.vg],
+                            *[["lvchange", "-q", "-ay", "-K", f"{names.vg}/{lv}"]
+                              for lv in checkpoints]], list(targets.values()))
+        for (v, d), lv in targets.items():
+            if lv in checkpoints:
+                progress(f"{v}/{d}: the guest writes to {lv} (a backup's C)")
             wait_node(names.lv_path(lv))
-            targets[(vm.name, disk.name)] = lv
         _controllers(defn, names, undo, targets)
         _go_live(st, names, undo, start_guests)
         progress(f"lab {defn.name} is up again (data kept)")
         return st
+
+
+def _batch(names: Names, lvm: Lvm, commands: list[list[str]], active: list[str],
+           error_when_full: str = "") -> None:
+    """Commands in one lvm process (it exits 0 whatever they did), then one report: every LV
+    of `active` must exist and be active (and the pool error_when_full set so), else one
+    error naming them and what LVM said."""
+    res = lvm.batch(commands)
+    try:
+        rows = {r["lv_name"]: r for r in lvm.report("lvs", "lv_name,lv_active,lv_when_full",
+                                                    names.vg)}
+    except CommandError as exc:
+        rows, res = {}, Result(res.argv, res.returncode, res.stdout,
+                               f"{res.stderr}\n{exc}")
+    short = [f"{lv} missing" if lv not in rows else f"{lv} inactive" for lv in active
+             if rows.get(lv, {}).get("lv_active") != "active"]
+    if error_when_full and rows.get(error_when_full, {}).get("lv_when_full") != "error":
+        short.append(f"{error_when_full} not set to fail writes when full")
+    if short:
+        said = " | ".join(ln.strip() for ln in res.stderr.splitlines() if ln.strip())
+        raise HvlabError(f"lvm ({', '.join(sorted({c[0] for c in commands}))}) left "
+                         f"{', '.join(short)}: {said or 'lvm said nothing'}")
 
 
 def _controllers(defn: LabDef, names: Names, undo: _Undo,
