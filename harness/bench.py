@@ -1,154 +1,136 @@
-"""`make bench`: measured side by side in one run, on one lab, on the same snapshot.
+"""`make bench` (issue 10): side by side in one run, in the lab VM or natively.
 
-- reading a thin snapshot: our mapped-blocks reader vs `dd` of the whole device
-- the cost of a thin snapshot (lvcreate -s) and of a controller redirect (the freeze window)
-- the window's floor: suspend N thin devices, create_snap, resume, by ioctl vs dmsetup
-Writes bench-results/bench.json and bench-results/bench.txt.
+1. the freeze window of one VM of 1, 2, 4, 8 disks (real backups, from the run record), next
+   to its floor measured in the same run (bench_floor: suspend + create_snap + resume of as
+   many thin devices by ioctl) and the 10 s limit; the per-disk skew when recorded
+2. the wall time of jobs of 1, 4, 8 one-disk VMs and its ratio to one VM; the time of each
+   step of the default lab's vm01 backup
+3. the full-backup reader against dd on the same mapped extents of the same snapshot
+
+Writes bench-results/bench.json, bench.txt (the tables) and window/jobs/steps/reader.png.
+`python -m hvlab.bench --quick`: fewer sizes and repeats (a smoke run, a few minutes).
+Every lab is removed however a part ends; a failed part is named and the others still run
+(exit 1 then).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import statistics
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
-from functools import partial
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
-from hvlab import bench_floor
-from hvlab.backup.reader import read_image
-from hvlab.backup.thinmeta import metadata_snap
-from hvlab.lab import definition, substrate
-from hvlab.lab.paths import Names
-from hvlab.sys import dm
-from hvlab.sys.lvm import Lvm
-from hvlab.sys.run import run
-
-LAB = {"lab": {"name": "bench", "backing_size": "2G"},
-       "vm": [{"name": "vm01", "profile": "none",
-               "disk": [{"name": "disk0", "size": "1G", "fs": "ext4"}]}]}
-REPEAT = 3
+from hvlab import bench_floor, bench_flow, bench_read, bench_report
+from hvlab.lab import paths
+from hvlab.vm import runner
 
 
-def _drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+@dataclass(frozen=True)
+class Config:
+    window: tuple[int, ...]  # disks per VM
+    jobs: tuple[int, ...]  # VMs per job
+    floor_repeat: int
+    read_repeat: int
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    _drop_caches()
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
+FULL = Config(window=(1, 2, 4, 8), jobs=(1, 4, 8), floor_repeat=5, read_repeat=3)
+QUICK = Config(window=(1, 2), jobs=(1, 2), floor_repeat=2, read_repeat=1)
 
 
-def _ratio(speedup: float) -> str:
-    return f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
+def runner_name() -> str:
+    if runner.in_vm():
+        return f"uml lab VM (user-mode-linux {os.uname().release})"
+    return runner.choose()
 
 
-def main() -> int:
-    out_dir = Path("bench-results")
-    out_dir.mkdir(exist_ok=True)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m hvlab.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="window for 1, 2 disks, jobs of 1, 2 VMs, fewer repeats")
+    ap.add_argument("--out", type=Path, default=Path("bench-results"),
+                    help="results folder (default: bench-results)")
+    return ap.parse_args(argv)
+
+
+def _interrupt_on_signals() -> None:
+    """SIGTERM (the lab VM's agent passing on a Ctrl-C) and SIGHUP end the bench as Ctrl-C
+    does: the running backup unwinds, the labs come down. Later signals are ignored so they
+    cannot cut that short."""
+    def interrupt(signum: int, _frame: object) -> None:
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, interrupt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _interrupt_on_signals()
+    cfg = QUICK if args.quick else FULL
     os.environ.setdefault("HVLAB_HOME", "/var/tmp/hvlab-bench")
-    defn = definition.parse(LAB)
-    names = Names(defn.name)
-    substrate.down(defn.name, missing_ok=True)
-    substrate.up(defn, start_guests=False)
-    results: dict[str, Any] = {"kernel": os.uname().release, "repeat": REPEAT}
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    repo = Path(__file__).resolve().parents[1]
+    res: dict[str, Any] = {
+        "meta": {"kernel": os.uname().release, "runner": runner_name(),
+                 "machine": bench_report.machine(),
+                 "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                 "git_commit": bench_report.git_commit(repo), "quick": args.quick,
+                 "config": asdict(cfg),
+                 "parts_s": {}},
+        "floor": None, "window": {"limit_s": bench_report.WINDOW_LIMIT_S,
+                                  "disk_size": bench_flow.DISK_SIZE, "fs": bench_flow.DISK_FS,
+                                  "profile": bench_flow.PROFILE, "points": []},
+        "jobs": {"points": []}, "steps": None, "reader": None, "goals": [], "errors": {}}
+
+    def part(name: str, fn: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn()
+        except KeyboardInterrupt:
+            res["errors"][name] = "interrupted"
+            print(f"bench: interrupted in part {name}; removing its lab", file=sys.stderr)
+            raise
+        except Exception as exc:  # the others still run; the part is named in the results
+            res["errors"][name] = f"{type(exc).__name__}: {exc}"
+            print(f"bench: part {name} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+            traceback.print_exc(limit=3)
+            return None
+        finally:
+            res["meta"]["parts_s"][name] = round(time.perf_counter() - t, 1)
+
     try:
-        mnt = names.mountpoint("vm01", "disk0")
-        # 96 MiB of data in a 1 GiB virtual disk: a typical sparse VM disk.
-        for i in range(12):
-            (mnt / f"f{i}.bin").write_bytes(os.urandom(8 << 20))
-        os.sync()
-        lvm = Lvm(names.lvm_dir)
-        snaps: list[float] = []
-        for i in range(REPEAT):
-            t = time.perf_counter()
-            lvm("lvcreate", "-q", "-s", "-kn", "-n", f"bs{i}", f"{names.vg}/vm01_disk0",
-                "--addtag", names.tag)
-            snaps.append(time.perf_counter() - t)
-        snap = names.lv_path("bs0")
-        rows = {r["lv_name"]: r for r in lvm.lvs(names.vg)}
-        size = int(rows["bs0"]["lv_size"])
-        ours: list[float] = []
-        dds: list[float] = []
-        dd_sums: list[float] = []
-        read_bytes = 0
-        for i in range(REPEAT):
-            img = out_dir / f"ours{i}.img"
-            img.unlink(missing_ok=True)
-
-            def ours_read(img: Path = img) -> dict[str, object]:
-                with metadata_snap(names) as ms:
-                    return read_image(snap, ms.mapping(int(rows["bs0"]["thin_id"])), size, img)
-
-            secs, info = _timed(ours_read)
-            ours.append(secs)
-            read_bytes = int(str(info["bytes_read"]))
-            img.unlink()
-            ddimg = out_dir / f"dd{i}.img"
-            dd_argv = ["dd", f"if={snap}", f"of={ddimg}", "bs=4M", "conv=sparse", "status=none"]
-            secs, _ = _timed(partial(run, dd_argv, timeout=900))
-            dds.append(secs)
-            # Ours also yields the image's sha256: the like-for-like baseline is dd + sha256sum.
-            t = time.perf_counter()
-            run(["sha256sum", str(ddimg)], timeout=900)
-            dd_sums.append(secs + time.perf_counter() - t)
-            ddimg.unlink()
-        redirects: list[float] = []
-        ctl = names.ctl("vm01", "disk0")
-        base = names.lv_path("vm01_disk0")
-        for _ in range(REPEAT):
-            t = time.perf_counter()
-            for target in (names.lv_path("bs1"), base):
-                with dm.suspended(ctl):
-                    dm.reload_linear(ctl, target)
-            redirects.append((time.perf_counter() - t) / 2)
-        med = statistics.median
-        results["read"] = {
-            "virtual_size": size, "mapped_bytes_read": read_bytes,
-            "ours_s": ours, "dd_s": dds, "ours_median_s": med(ours), "dd_median_s": med(dds),
-            "dd_sha256sum_s": dd_sums, "dd_sha256sum_median_s": med(dd_sums),
-            "speedup_vs_dd": med(dds) / med(ours),
-            "speedup_vs_dd_sha256sum": med(dd_sums) / med(ours),
-            "ours_MiB_per_s_of_mapped": read_bytes / med(ours) / (1 << 20),
-        }
-        results["lvcreate_snapshot_s"] = {"runs": snaps, "median": med(snaps)}
-        results["controller_redirect_s"] = {"runs": redirects, "median": med(redirects)}
-    finally:
-        substrate.down(defn.name, missing_ok=True)
-    # The freeze window's floor at kernel speed vs dmsetup execs (issue 10): bench_floor.py.
-    results["snapshot_floor"] = bench_floor.measure()
-    (out_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = Table(title=f"hvlab bench (kernel {results['kernel']}, median of {REPEAT})")
-    for col in ("what", "ours", "baseline", "ratio"):
-        table.add_column(col)
-    r = results["read"]
-    table.add_row(f"read thin snapshot ({r['virtual_size'] >> 20} MiB virtual, "
-                  f"{r['mapped_bytes_read'] >> 20} MiB mapped)",
-                  f"{r['ours_median_s']:.2f} s (mapped blocks)",
-                  f"{r['dd_median_s']:.2f} s (dd, whole device)",
-                  _ratio(r["speedup_vs_dd"]))
-    table.add_row("read + sha256 of the image (ours computes it while copying)",
-                  f"{r['ours_median_s']:.2f} s",
-                  f"{r['dd_sha256sum_median_s']:.2f} s (dd, then sha256sum)",
-                  _ratio(r["speedup_vs_dd_sha256sum"]))
-    table.add_row("thin snapshot (lvcreate -s)",
-                  f"{results['lvcreate_snapshot_s']['median']:.2f} s", "", "")
-    table.add_row("controller redirect (suspend/reload/resume)",
-                  f"{results['controller_redirect_s']['median'] * 1000:.0f} ms", "", "")
-    for row in bench_floor.rows(results["snapshot_floor"]):
-        table.add_row(*row)
-    console = Console(record=True, width=120)
-    console.print(table)
-    (out_dir / "bench.txt").write_text(console.export_text())
+        bench_flow.say("bench: floor (suspend + create_snap + resume by ioctl) ...")
+        res["floor"] = part("floor", lambda: bench_floor.measure(
+            paths.home() / "bench-floor", counts=cfg.window, repeat=cfg.floor_repeat))
+        part("window", lambda: bench_flow.window(cfg.window, res["floor"],
+                                                 res["window"]["points"]))
+        one = next((p for p in res["window"]["points"] if p["disks"] == 1), None)
+        part("jobs", lambda: bench_flow.jobs(cfg.jobs, res["jobs"]["points"], one))
+        bench_report.job_ratios(res["jobs"]["points"])
+        res["steps"] = part("steps", bench_flow.default_steps)
+        res["reader"] = part("reader", lambda: bench_read.measure(
+            cfg.read_repeat, paths.home() / "bench-read"))
+    finally:  # an interrupt still leaves what was measured
+        res["goals"] = bench_report.goals(res)
+        (out / "bench.json").write_text(json.dumps(res, indent=2) + "\n")
+        text = bench_report.render_text(res)
+        (out / "bench.txt").write_text(text)
+        bench_report.plots(res, out)
+    print(text)
+    if res["errors"]:
+        print(f"bench: FAILED parts: {', '.join(res['errors'])}", file=sys.stderr)
+        return 1
     return 0
 
 
