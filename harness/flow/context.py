@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hvlab.backup import thinmeta
+from hvlab.errors import HvlabError
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, live, runs
 from hvlab.lab.handle import Lab
 from hvlab.lab.paths import Names
 from hvlab.lab.record import Artifact, Disk, Run, Vm
 from hvlab.sys import dm, fs
-from hvlab.sys.lvm import LvRow
+from hvlab.sys.lvm import Lvm, LvRow
+from hvlab.sys.run import Result
 from hvlab.sys.uevents import wait_node
 
 Say = Callable[[str], None]
@@ -28,6 +31,35 @@ KIND: dict[Artifact, str] = {"C": "c", "A": "a", "S_B": "sb", "S_A": "sa"}
 
 def quiet(_: str) -> None:
     pass
+
+
+def _nothing() -> None:
+    pass
+
+
+REPORTS = frozenset({"lvs", "vgs", "pvs", "fullreport"})
+
+
+@dataclass
+class TrackedLvm(Lvm):
+    """The lab's Lvm, telling its Ctx before any command that may change LVM's view: the
+    Ctx's cached report is then read again when next needed (a command that failed or was
+    killed half-way leaves nothing stale behind)."""
+
+    changing: Callable[[], None] = _nothing
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 120.0) -> Result:
+        if not args or args[0] not in REPORTS:
+            self.changing()
+        return super().__call__(*args, check=check, timeout=timeout)
+
+    def batch(self, commands: Sequence[Sequence[str]], *, timeout: float = 300.0) -> Result:
+        self.changing()
+        return super().batch(commands, timeout=timeout)
+
+
+class BatchFailed(HvlabError):
+    """An lvm batch left LVM short of what it was to make or remove."""
 
 
 def lv_name(vm: str, disk: str, art: Artifact, run_id: str) -> str:
@@ -43,7 +75,10 @@ class Ctx:
     def __init__(self, lab: Lab, run: Run, say: Say = quiet, fingerprints: bool = True) -> None:
         self.lab = lab
         self.names = lab.names
-        self.lvm = lab.lvm
+        # One `lvs` (0.5 s of CPU in the lab VM) serves every question until a command
+        # through self.lvm may have changed the answer; a new process reads afresh.
+        self._rows: dict[str, LvRow] | None = None
+        self.lvm: Lvm = TrackedLvm(lab.lvm.conf_dir, self.forget)
         self.run = run
         self.say = say
         self.fingerprints = fingerprints
@@ -78,25 +113,66 @@ class Ctx:
             out += ["--addtag", t]
         return out
 
+    def snapshot_argv(self, origin: str, name: str, art: Artifact, vm: str, disk: str,
+                      read_only: bool = False) -> list[str]:
+        """lvcreate of a thin snapshot of origin, tagged with its role, active (-kn)."""
+        return ["lvcreate", "-q", "-s", "-kn", *(["-pr"] if read_only else []),
+                "-n", name, *self.tags(ROLE_OF[art], vm, disk), self.vg_lv(origin)]
+
     def snapshot(self, origin: str, name: str, art: Artifact, vm: str, disk: str,
                  read_only: bool = False) -> None:
         """A thin snapshot of origin, tagged with its role, active (-kn), node waited for."""
-        self.lvm("lvcreate", "-q", "-s", "-kn", *(["-pr"] if read_only else []),
-                 "-n", name, *self.tags(ROLE_OF[art], vm, disk), self.vg_lv(origin))
+        self.lvm(*self.snapshot_argv(origin, name, art, vm, disk, read_only))
         wait_node(self.lv_dev(name))
 
-    def lvs(self) -> dict[str, LvRow]:
-        return self.lab.lvs()
+    def forget(self) -> None:
+        """Drop the cached report: LVM's view may change."""
+        self._rows = None
+
+    def lvs(self, fresh: bool = False) -> dict[str, LvRow]:
+        """Every LV of the lab's VG, from one `lvs` reused until a command through self.lvm
+        may have changed it (or fresh)."""
+        if self._rows is None or fresh:
+            self._rows = self.lab.lvs()
+        return self._rows
 
     def exists(self, lv: str) -> bool:
         return lv in self.lvs()
 
+    def remove_lvs(self, lvs: Sequence[str]) -> list[str]:
+        """One lvremove for those of lvs that exist (a killed run may have removed some);
+        returns them. The cached report stays valid: lvremove exits 0 only when all went."""
+        rows = self.lvs()
+        present = [lv for lv in dict.fromkeys(lvs) if lv in rows]
+        if present:
+            self.lvm("lvremove", "-q", "-y", *map(self.vg_lv, present))
+            self._rows = {k: r for k, r in rows.items() if k not in present}
+        return present
+
     def remove_lv(self, lv: str) -> bool:
         """lvremove if present; False when it was already gone (a killed run did it)."""
-        if not self.exists(lv):
-            return False
-        self.lvm("lvremove", "-q", "-y", self.vg_lv(lv))
-        return True
+        return bool(self.remove_lvs([lv]))
+
+    def batch(self, commands: Sequence[Sequence[str]], *, present: Sequence[str] = (),
+              absent: Sequence[str] = (), active: bool = True) -> dict[str, LvRow]:
+        """Commands in one `lvm` process, then one report to check what they were to do: every
+        LV of `present` exists (and, when active, is active), none of `absent` does. The
+        shell exits 0 whatever happened: a shortfall is an error naming the LVs and quoting
+        what LVM said. Returns the report."""
+        if not commands:
+            return self.lvs()
+        res = self.lvm.batch(commands)
+        rows = self.lvs(fresh=True)
+        short = [f"{lv} missing" for lv in present if lv not in rows]
+        short += [f"{lv} inactive" for lv in present
+                  if active and lv in rows and rows[lv].major is None]
+        short += [f"{lv} still present" for lv in absent if lv in rows]
+        if short:
+            said = " | ".join(ln.strip() for ln in res.stderr.splitlines() if ln.strip())
+            raise BatchFailed(f"lvm batch of {len(commands)} commands "
+                              f"({', '.join(sorted({c[0] for c in commands}))}): "
+                              f"{', '.join(short)}; lvm said: {said or '(nothing)'}")
+        return rows
 
     # --- what the kernel says ---------------------------------------------------------------
     def mapped_lv(self, disk: Disk) -> str | None:

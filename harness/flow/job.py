@@ -46,22 +46,33 @@ def writing_to(where: Path, what: str, done: Callable[[], str] = str) -> Iterato
 
 @action(11)
 def external_snapshot(ctx: Ctx, _: None) -> dict[str, Any]:
-    made = []
+    """S_B and S_A of every disk in one lvm batch, checked by one report. Resumed after a
+    kill, only what is missing is made, and what a kill inside lvcreate left inactive is
+    activated (in the same batch)."""
     start = time.time()
+    # Only a resumed step (names already recorded) can find members made: the first pass
+    # needs no report before its batch.
+    resumed = any(disk.S_B or disk.S_A for _, _, disk in ctx.disks())
+    members: list[tuple[str, str, Artifact, str, str]] = []
     for v, d, disk in ctx.disks():
         pairs: tuple[tuple[Artifact, str | None], ...] = (("S_B", disk.B), ("S_A", disk.A))
         for a, origin in pairs:
             name = lv_name(v, d, a, ctx.run.id)
             setattr(disk, a, name)
-            ctx.save()
-            if not ctx.exists(name):
-                ctx.snapshot(origin or "", name, a, v, d, read_only=True)
-            else:  # made by a killed step 11; a kill inside lvcreate may leave it inactive
-                ctx.lvm("lvchange", "-q", "-ay", ctx.vg_lv(name))
-                wait_node(ctx.lv_dev(name))
-            disk.set_exists(a, True)
-            made.append(art(v, d, a, name))
-            faults.point("s11-one")
+            members.append((v, d, a, name, origin or ""))
+    ctx.save()  # names first: an unwind finds them (and by tags) whatever happens next
+    rows = ctx.lvs() if resumed else {}
+    cmds = [ctx.snapshot_argv(origin, name, a, v, d, read_only=True)
+            if name not in rows else ["lvchange", "-q", "-ay", ctx.vg_lv(name)]
+            for v, d, a, name, origin in members
+            if name not in rows or rows[name].major is None]
+    ctx.batch(cmds, present=[m[3] for m in members])
+    made = []
+    for v, d, a, name, _origin in members:
+        wait_node(ctx.lv_dev(name))
+        ctx.vm(v).disks[d].set_exists(a, True)
+        made.append(art(v, d, a, name))
+    faults.point("s11-one")  # the whole set made (one batch), the record not yet saved
     ctx.run.snapshot_set = {"start": start, "end": time.time(),
                             "members": [m["lv"] for m in made]}
     ctx.save()
@@ -70,14 +81,16 @@ def external_snapshot(ctx: Ctx, _: None) -> dict[str, Any]:
 
 @action(12)
 def remove_auto_recovery(ctx: Ctx, _: None) -> dict[str, Any]:
+    """Every A in one lvremove."""
+    todo = [(v, d, disk) for v, d, disk in ctx.disks() if disk.A_exists and disk.A]
+    ctx.remove_lvs([disk.A or "" for *_, disk in todo])
     removed = []
-    for v, d, disk in ctx.disks():
-        if disk.A_exists and disk.A:
-            ctx.remove_lv(disk.A)
-            disk.A_exists = False
-            removed.append(art(v, d, "A", disk.A))
-            ctx.save()
-            faults.point("s12-one")
+    for v, d, disk in todo:
+        disk.A_exists = False
+        removed.append(art(v, d, "A", disk.A))
+    ctx.save()
+    if todo:
+        faults.point("s12-one")  # every A removed (one lvremove)
     return {"removed": removed}
 
 
@@ -141,48 +154,75 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
 
 @action(14)
 def merge(ctx: Ctx, _: None) -> dict[str, Any]:
+    """Every S removed, then every C merged into its B: one lvremove for the S and the B
+    (where C is there to take its place), one lvm batch of renames, one lvchange of tags."""
     removed = []
     external: tuple[Artifact, ...] = ("S_B", "S_A")
-    for v, d, disk in ctx.disks():
-        for a in external:
-            lv = disk.lv(a)
-            if lv and disk.exists(a):
-                ctx.remove_lv(lv)
-                disk.set_exists(a, False)
-                removed.append(art(v, d, a, lv))
-                ctx.save()
-                faults.point("s14-one")
-    merged = []
-    for v, d, disk in ctx.disks():
-        promote(ctx, v, d, disk)  # idempotent: a resumed step 14 finishes a half-done merge
-        merged.append({**art(v, d, "C", disk.C), "into": disk.B})
+    gone = [(v, d, a, lv) for v, d, disk in ctx.disks() for a in external
+            if (lv := disk.lv(a)) and disk.exists(a)]
+    todo = [(v, d, disk) for v, d, disk in ctx.disks()]
+    merge_into(ctx, todo, also_remove=[lv for *_, lv in gone])
+    for v, d, a, lv in gone:
+        ctx.vm(v).disks[d].set_exists(a, False)
+        removed.append(art(v, d, a, lv))
+    ctx.save()
+    merged = [{**art(v, d, "C", disk.C), "into": disk.B} for v, d, disk in todo]
     return {"removed": removed, "merged": merged}
 
 
 def promote(ctx: Ctx, vm: str, d: str, disk: Disk) -> None:
-    """Merge C into B: B's LV goes, C takes its name and the live-disk role. The controller
-    maps C's dm device, which LVM renames in place: the guest sees nothing. Every part is
-    skipped when already done, so a run killed half-way through finishes it."""
-    if disk.C and ctx.exists(disk.C):
-        ctx.remove_lv(disk.B)
+    """Merge one disk's C into its B (the unwind's merge)."""
+    merge_into(ctx, [(vm, d, disk)])
+
+
+def merge_into(ctx: Ctx, disks: list[tuple[str, str, Disk]],
+               also_remove: list[str] | None = None) -> None:
+    """Merge C into B for each disk: B's LV goes, C takes its name and the live-disk role. The
+    controller maps C's dm device, which LVM renames in place: the guest sees nothing. Every
+    part is skipped when already done, so a run killed half-way through finishes it. Done
+    for all disks at once: one lvremove (B, and also_remove with it), one lvm batch of
+    renames checked by one report, one lvchange for the tags."""
+    rows = ctx.lvs()
+    moving = [(v, d, disk) for v, d, disk in disks if disk.C and disk.C in rows]
+    if also_remove:
+        ctx.remove_lvs(also_remove + [disk.B for *_, disk in moving])
+        faults.point("s14-one")  # every S removed (one lvremove, with the B below)
+    elif moving:
+        ctx.remove_lvs([disk.B for *_, disk in moving])
+    if moving:
         faults.point("s14-base-removed")
-        ctx.lvm("lvrename", "-q", ctx.names.vg, disk.C, disk.B)
+        ctx.batch([["lvrename", "-q", ctx.names.vg, disk.C or "", disk.B]
+                   for *_, disk in moving],
+                  present=[disk.B for *_, disk in moving],
+                  absent=[disk.C or "" for *_, disk in moving])
         faults.point("s14-renamed")
-    live.record(ctx.names, vm, d, disk.B)  # the renamed C is the disk now
-    disk.C_exists = False
+    for v, d, disk in disks:
+        live.record(ctx.names, v, d, disk.B)  # the renamed C is the disk now
+        disk.C_exists = False
     ctx.save()
-    retag_base(ctx, disk.B)
-    disk.merged = True
+    retag_bases(ctx, [disk.B for *_, disk in disks])
+    for *_, disk in disks:
+        disk.merged = True
     ctx.save()
 
 
 def retag_base(ctx: Ctx, lv: str) -> None:
-    """A renamed C still carries its checkpoint tags: make it the live disk (idempotent)."""
-    tags = ctx.lvs()[lv].tags
-    stale = sorted(t for t in tags if t == "role_checkpoint" or t.startswith("run_"))
-    if stale or "role_base" not in tags:
+    retag_bases(ctx, [lv])
+
+
+def retag_bases(ctx: Ctx, lvs: list[str]) -> None:
+    """A renamed C still carries its checkpoint tags: make it the live disk (idempotent). One
+    lvchange per set of stale tags (all of a run's renamed Cs share theirs)."""
+    rows = ctx.lvs()
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for lv in dict.fromkeys(lvs):
+        tags = rows[lv].tags
+        stale = tuple(sorted(t for t in tags if t == "role_checkpoint" or t.startswith("run_")))
+        if stale or "role_base" not in tags:
+            groups.setdefault(stale, []).append(lv)
+    for stale, group in groups.items():
         ctx.lvm("lvchange", "-q", *[x for t in stale for x in ("--deltag", t)],
-                "--addtag", "role_base", ctx.vg_lv(lv))
+                "--addtag", "role_base", *map(ctx.vg_lv, group))
 
 
 def _dev_size(dev: str) -> int:

@@ -110,24 +110,34 @@ def thaw_all(ctx: Ctx) -> list[str]:
 
 
 def carry_out(ctx: Ctx, steps: list[Undo]) -> list[str]:
-    from hvlab.flow.job import promote, retag_base  # the job's merge, done the same way
+    """In plan order by kind: attach devices first (they hold A open), then every LV to go
+    in one lvremove, every C to merge in one merge, the retags, the folder."""
+    from hvlab.flow.job import merge_into, retag_bases  # the job's merge, done the same way
 
-    notes = []
-    for u in steps:
-        disk = ctx.vm(u.vm).disks[u.disk] if u.vm else None
+    done: set[int] = set()
+    for i, u in enumerate(steps):
         if u.kind == "detach":
             ctx.detach_ar(u.lv)
-        elif u.kind == "remove":
-            ctx.lvm("lvremove", "-q", "-y", ctx.vg_lv(u.lv))
-        elif u.kind == "promote" and disk is not None:
-            promote(ctx, u.vm, u.disk, disk)
-        elif u.kind == "retag":
-            retag_base(ctx, u.lv)
-        elif u.kind == "remove-dest":
+            done.add(i)
+    removes = [i for i, u in enumerate(steps) if u.kind == "remove"]
+    ctx.remove_lvs([steps[i].lv for i in removes])
+    done.update(removes)
+    promotes = [i for i, u in enumerate(steps) if u.kind == "promote" and u.vm]
+    merge_into(ctx, [(steps[i].vm, steps[i].disk, ctx.vm(steps[i].vm).disks[steps[i].disk])
+                     for i in promotes])
+    done.update(promotes)
+    retags = [i for i, u in enumerate(steps) if u.kind == "retag"]
+    retag_bases(ctx, [steps[i].lv for i in retags])
+    done.update(retags)
+    notes = []
+    for i, u in enumerate(steps):
+        if u.kind == "remove-dest":
             shutil.rmtree(u.lv, ignore_errors=True)
             if Path(u.lv).exists():  # say so, never claim it removed
                 notes.append(f"could not remove partial backup {u.lv}")
                 continue
+        elif u.kind != "keep-dest" and i not in done:
+            continue
         notes.append(u.note)
     for _, _, disk in ctx.disks():
         for a in ("S_A", "S_B", "A", "C"):

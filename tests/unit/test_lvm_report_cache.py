@@ -1,0 +1,95 @@
+"""A run's one `lvs` report, reused until a command may change it, and the check after an lvm
+batch (which exits 0 whatever its commands did). Pure logic: the commands are recorded, not
+run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hvlab.flow import context
+from hvlab.flow.context import BatchFailed, Ctx
+from hvlab.lab.paths import Names
+from hvlab.lab.record import Run
+from hvlab.sys import lvm as lvm_mod
+from hvlab.sys.lvm import LvRow
+from hvlab.sys.run import Result
+
+
+def _row(name: str, active: bool = True) -> LvRow:
+    return LvRow(name, "Vwi-a-tz--", "", "pool", frozenset(), 253 if active else None,
+                 1 if active else None, 1)
+
+
+class FakeLab:
+    """What a Ctx asks of a lab: names, an Lvm, `lvs()` (counted)."""
+
+    def __init__(self, rows: dict[str, LvRow]) -> None:
+        self.names = Names("t")
+        self.lvm = lvm_mod.Lvm(Path("/nonexistent"))
+        self.rows = rows
+        self.reports = 0
+
+    def lvs(self) -> dict[str, LvRow]:
+        self.reports += 1
+        return dict(self.rows)
+
+
+@pytest.fixture
+def ran(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], str | None]]:
+    calls: list[tuple[list[str], str | None]] = []
+
+    def fake_run(argv: list[str], **kw: Any) -> Result:
+        calls.append((list(argv), kw.get("input")))
+        return Result(list(argv), 0, "", "  Volume group \"x\" has insufficient free space\n")
+
+    monkeypatch.setattr(lvm_mod, "run", fake_run)
+    return calls
+
+
+def _ctx(lab: FakeLab) -> Ctx:
+    run = Run(id="r1", lab="t", vms=[], dest="/b", created=0.0, vm={})
+    return Ctx(lab, run)  # type: ignore[arg-type]
+
+
+def test_one_report_until_a_command_changes_lvm(ran: list[Any]) -> None:
+    lab = FakeLab({"b": _row("b"), "s": _row("s")})
+    ctx = _ctx(lab)
+    assert ctx.exists("b") and ctx.exists("s") and not ctx.exists("x")
+    assert lab.reports == 1
+    assert ctx.remove_lvs(["s", "x", "s"]) == ["s"]  # only what exists, once, one lvremove
+    assert [a for a, _ in ran] == [["lvm", "lvremove", "-q", "-y", "hvlab_t/s"]]
+    assert not ctx.exists("s") and lab.reports == 1  # lvremove exits 0 only when all went
+    assert ctx.remove_lvs(["s"]) == [] and len(ran) == 1
+    ctx.lvm("lvrename", "-q", "hvlab_t", "b", "c")  # anything else: read again when asked
+    lab.rows = {"c": _row("c")}
+    assert ctx.exists("c") and lab.reports == 2
+
+
+def test_a_batch_is_checked_by_one_report_naming_what_is_missing(ran: list[Any]) -> None:
+    lab = FakeLab({"b": _row("b")})
+    ctx = _ctx(lab)
+    cmds = [["lvcreate", "-n", "s1", "hvlab_t/b"], ["lvcreate", "-n", "s2", "hvlab_t/b"]]
+    lab.rows["s1"] = _row("s1")
+    lab.rows["s2"] = _row("s2", active=False)
+    with pytest.raises(BatchFailed) as err:
+        ctx.batch(cmds, present=["s1", "s2", "s3"], absent=["b"])
+    msg = str(err.value)
+    assert "s2 inactive" in msg and "s3 missing" in msg and "b still present" in msg
+    assert "s1 " not in msg and "insufficient free space" in msg
+    (argv, text), = ran  # one lvm process, fed both commands
+    assert argv == ["lvm"] and text == "".join(" ".join(c) + "\n" for c in cmds)
+    lab.rows["s2"] = _row("s2")
+    assert set(ctx.batch(cmds, present=["s1", "s2"])) == {"b", "s1", "s2"}
+
+
+def test_reports_do_not_invalidate(ran: list[Any]) -> None:
+    seen: list[int] = []
+    tracked = context.TrackedLvm(Path("/nonexistent"), lambda: seen.append(1))
+    tracked("lvs", "--reportformat", "json")
+    assert seen == []
+    tracked("lvchange", "-ay", "x")
+    tracked.batch([["lvremove", "x"]])
+    assert seen == [1, 1]
