@@ -186,7 +186,11 @@ def _numbers(x: Any) -> list[float]:
 
 
 def _err(e: str | None) -> str:
-    return "" if not e else "FAILED: " + e[:70]
+    """The reason, not the run's preamble: "run R failed and was unwound: WHY" -> WHY."""
+    if not e:
+        return ""
+    why = e.rpartition("was unwound: ")[2]
+    return "FAILED: " + (why if len(why) <= 90 else why[:87] + "...")
 
 
 def tables(res: dict[str, Any]) -> list[Table]:
@@ -304,11 +308,18 @@ def plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.legend()
         made.append(out_dir / "window.png")
         _save(fig, made[-1])
-    jp = [p for p in (res.get("jobs") or {}).get("points", []) if p.get("wall_s")]
-    if jp:
+    all_jp = [p for p in (res.get("jobs") or {}).get("points", []) if p.get("wall_s")]
+    jp = [p for p in all_jp if not p.get("error")]
+    failed = [p for p in all_jp if p.get("error")]
+    if all_jp:
         fig, ax = _axes("job wall time vs VMs in one job", "VMs (one disk each)", "seconds")
-        xs = [p["vms"] for p in jp]
-        ax.plot(xs, [p["wall_s"] for p in jp], "o-", label="job wall time")
+        xs = [p["vms"] for p in all_jp]
+        if jp:
+            ax.plot([p["vms"] for p in jp], [p["wall_s"] for p in jp], "o-",
+                    label="job wall time")
+        if failed:  # where it stopped, not a job time
+            ax.plot([p["vms"] for p in failed], [p["wall_s"] for p in failed], "rx",
+                    markersize=12, label="failed (time until it failed)")
         one = next((p["wall_s"] for p in jp if p["vms"] == 1), None)
         if one:
             ax.plot(xs, [one * x for x in xs], ":", color="grey", label="N x one VM")

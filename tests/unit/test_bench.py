@@ -92,6 +92,11 @@ def test_table_text() -> None:
                  "issue 10's goals", "MISSED", "not measured",
                  "FAILED part jobs: FlowFailed: boom"):
         assert want in text, want
+    res = _results()
+    res["jobs"]["points"][2]["error"] = ("FlowFailed: run r1 failed and was unwound: "
+                                         "HvlabError: vm01: freeze window 13.64 s exceeds 10 s")
+    assert "FAILED: HvlabError: vm01: freeze window 13.64 s exceeds 10 s" in \
+        bench_report.render_text(res)
     # an empty run (every part failed before measuring) still renders
     empty = {"meta": {}, "errors": {"floor": "OSError: x"}}
     assert "FAILED part floor" in bench_report.render_text(empty)
