@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from hvlab.errors import HvlabError
-from hvlab.flow import faults, holdguard, windowguard
+from hvlab.flow import checkpoint, faults, holdguard, windowguard
 from hvlab.flow import steps as S
 from hvlab.flow.context import Ctx, ar_ctl, lv_name
 from hvlab.guest.client import GuestError, GuestTimeout, GuestUnavailable
 from hvlab.lab import live
 from hvlab.lab.record import Artifact, Disk, Window
 from hvlab.sys import dm
+from hvlab.sys import dmioctl as D
 from hvlab.sys.uevents import wait_node
 
 FLUSH_AND_HOLD_S = 10.0
@@ -86,8 +88,10 @@ def guest_requestor(ctx: Ctx, vm: str) -> dict[str, Any]:
 @action(4)
 def quiesce(ctx: Ctx, vm: str) -> dict[str, Any]:
     v = ctx.vm(vm)
+    allocated = allocate_checkpoints(ctx, vm)  # before the window: LVM is slow, the pool not
     if not v.answers:
-        return {"skipped": "no integration services: no freeze (crash-consistent)"}
+        return {"skipped": "no integration services: no freeze (crash-consistent)",
+                "allocated": allocated}
     v.window = Window(freeze_start=time.time())
     v.frozen = True  # before the request: a failure from here on must thaw
     ctx.save()
@@ -108,82 +112,126 @@ def quiesce(ctx: Ctx, vm: str) -> dict[str, Any]:
         v.frozen, v.window, v.cls = False, None, S.CRASH
         v.fallback = f"the guest could not quiesce: {exc}"
         ctx.save()
-        return {"skipped": f"quiesce failed, crash-consistent: {exc}", "class": v.cls}
+        return {"skipped": f"quiesce failed, crash-consistent: {exc}", "class": v.cls,
+                "allocated": allocated}
     v.window.frozen_at = rep.get("frozen_at")
     v.window.open_txid = rep.get("open_txid")
     v.freeze_reply = {k: rep.get(k) for k in ("frozen", "timeout_s", "open_txid",
                                               "ledger_last_txid", "t0")}
-    return {"frozen": rep.get("frozen"), "open_txid": rep.get("open_txid")}
+    return {"frozen": rep.get("frozen"), "open_txid": rep.get("open_txid"),
+            "allocated": allocated}
+
+
+def allocate_checkpoints(ctx: Ctx, vm: str) -> list[dict[str, Any]]:
+    """C and A of every disk as LVM LVs (names, tags, thin ids), in one lvm process. They
+    hold B as it is now; steps 5 and 6 make them B at T0, inside the window."""
+    wants = []
+    for v, d, disk in ctx.disks(vm):
+        disk.C = disk.C or lv_name(v, d, "C", ctx.run.id)
+        disk.A = disk.A or lv_name(v, d, "A", ctx.run.id)
+        wants += [checkpoint.Want(v, d, "C", disk.C, disk.B),
+                  checkpoint.Want(v, d, "A", disk.A, disk.B)]
+    ctx.save()  # names first: an unwind finds them (and by tags) whatever happens next
+    got = checkpoint.allocate(ctx, wants)
+    for _, _, disk in ctx.disks(vm):
+        disk.slots = {a: asdict(got[lv]) for a, lv in (("C", disk.C), ("A", disk.A)) if lv}
+    ctx.save()
+    return [{**art(w.vm, w.disk, w.art, w.lv), "thin_id": got[w.lv].thin_id} for w in wants]
+
+
+def _slot(disk: Disk, a: str) -> checkpoint.Slot:
+    if a not in disk.slots:
+        raise HvlabError(f"{disk.ctl}: no {a} allocated (step 4 did not run for this disk)")
+    return checkpoint.Slot(**disk.slots[a])
+
+
+def _left(ctx: Ctx, vm: str) -> float:
+    """What is left of the VM's flush-and-hold window (at least 1 s: a crash-consistent
+    backup has no window, and its holds still need a bound)."""
+    w = ctx.vm(vm).window
+    return max(FLUSH_AND_HOLD_S - (time.time() - w.freeze_start if w else 0.0), 1.0)
 
 
 @action(5)
 def backup_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
-    """C per disk, every controller of the VM held across snapshot and redirect: no write can
-    reach B after C was taken, even without a guest freeze."""
+    """C of every disk at one instant: the VM's controllers, then their origins, suspended
+    together; the pool snapshots each origin into its C; C goes live under every controller
+    before any is resumed. No write can reach B after its C was taken, even unfrozen."""
     todo: list[tuple[str, str, Disk]] = []
-    for v, d, disk in ctx.disks(vm):  # resumed after a kill: keep a C already in use
-        if disk.C and ctx.exists(disk.C):
-            if ctx.maps(disk, disk.C):
-                disk.c_created_at = disk.c_created_at or time.time()
-                continue
-            ctx.remove_lv(disk.C)  # made, never mapped: take it again under suspension
+    for v, d, disk in ctx.disks(vm):
+        if disk.C and ctx.maps(disk, disk.C):  # resumed after a kill: C is in use already
+            disk.C_exists = True
+            disk.c_created_at = disk.c_created_at or time.time()
+            continue
+        if disk.C:
+            checkpoint.deactivate(ctx, disk.C)  # activated by a killed attempt, never mapped
         todo.append((v, d, disk))
-    made = []
-    names = [(v, d, disk, lv_name(v, d, "C", ctx.run.id)) for v, d, disk in todo]
     ctls = [disk.ctl for _, _, disk in todo]
-    window = ctx.vm(vm).window
-    left = FLUSH_AND_HOLD_S - (time.time() - window.freeze_start if window else 0.0)
+    origins = [ctx.names.dm_lv_name(disk.B) for _, _, disk in todo]
+    made, taken = [], {}
     try:
-        # Should this process die or hang with the controllers held, the guard resumes them.
-        # A suspend waits for the guest's I/O in flight: one that never completes (a device
-        # below that will not flush) fails the step at the window's end, not hangs it.
-        with holdguard.guard(ctls, max(left, 1.0), lambda: ctx.sync_live(vm)), \
-                dm.suspended(*ctls, timeout=max(left, 1.0)):
-            for _, _, disk, c in names:
-                disk.C = c
-            ctx.save()  # names first: an unwind finds them (and by tags) whatever happens next
-            for v, d, disk, c in names:
-                ctx.snapshot(disk.B, c, "C", v, d)
-                disk.C_exists = True
-                disk.c_created_at = time.time()
-                made.append(art(v, d, "C", c))
-                faults.point("s05-one")
-            faults.point("s05-snapshots")
-            for _, _, disk, c in names:
-                dm.reload_linear(disk.ctl, ctx.lv_dev(c))
+        # Should this process die or hang with them held, the guard resumes origins, then
+        # controllers. A suspend waits for the guest's I/O in flight: one that never
+        # completes (a device below that will not flush) fails the step at the window's end.
+        with holdguard.guard(origins + ctls, _left(ctx, vm), lambda: ctx.sync_live(vm)), \
+                D.suspended(*ctls, timeout=_left(ctx, vm)):
+            bases = {d: checkpoint.thin_target(ctx, disk.B) for _, d, disk in todo}
+            with D.suspended(*origins, timeout=_left(ctx, vm)):
+                if todo:
+                    checkpoint.require_room(ctx)
+                for v, d, disk in todo:
+                    checkpoint.snap_into(ctx, _slot(disk, "C"), int(bases[d].params.split()[1]))
+                    taken[d] = time.time()
+                    disk.C_exists, disk.c_created_at = True, taken[d]
+                    made.append(art(v, d, "C", disk.C))
+                    faults.point("s05-one")
+                faults.point("s05-snapshots")
+            for _, d, disk in todo:
+                dev = checkpoint.activate(ctx, _slot(disk, "C"), bases[d])
+                D.load(disk.ctl, [D.Target(0, bases[d].length, "linear",
+                                           f"{dev.major}:{dev.minor} 0")])
+            ctx.forget()  # C went active without LVM: its cached report is stale
             faults.point("s05-reloaded")
             # Durable before the resume: from it on the guest writes to C, and a restart of
             # the lab (even a power loss) must map C again, never B.
-            for v, d, _, c in names:
-                live.record(ctx.names, v, d, c)
+            for v, d, disk in todo:
+                live.record(ctx.names, v, d, disk.C or "")
     except BaseException:
         ctx.sync_live(vm)  # resumed by now: record whatever went live
         raise
-    for _, _, disk in ctx.disks(vm):
+    first = min(taken.values(), default=0.0)
+    for _, d, disk in ctx.disks(vm):
+        if d in taken:
+            disk.skew_s = round(taken[d] - first, 6)
         disk.redirected = ctx.mapped_lv(disk) == disk.C
         if not disk.redirected:
             ctx.sync_live(vm)  # whatever is live is what a restart must map
             raise HvlabError(f"controller {disk.ctl} does not map C after the redirect")
     ctx.save()
-    return {"made": made}
+    return {"made": made, "skew_s": {d: disk.skew_s for _, d, disk in ctx.disks(vm)}}
 
 
 @action(6)
 def auto_recovery_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
+    """A of every disk: a second snapshot of B, a sibling of C. Nothing writes B since step 5;
+    its origins are held anyway, as the pool asks of a snapshot's origin."""
+    todo = [(v, d, disk) for v, d, disk in ctx.disks(vm)
+            if not (disk.A and D.exists(ctx.names.dm_lv_name(disk.A)))]  # active: done
+    bases = {d: checkpoint.thin_target(ctx, disk.B) for _, d, disk in todo}
     made = []
-    # Only a resumed run (name already recorded) pays for an lvs scan: this is in the freeze.
-    known = {d for _, d, disk in ctx.disks(vm) if disk.A}
+    with D.suspended(*[ctx.names.dm_lv_name(disk.B) for _, _, disk in todo],
+                     timeout=_left(ctx, vm)):
+        if todo:
+            checkpoint.require_room(ctx)
+        for _, d, disk in todo:
+            checkpoint.snap_into(ctx, _slot(disk, "A"), int(bases[d].params.split()[1]))
+            faults.point("s06-one")
     for v, d, disk in ctx.disks(vm):
-        disk.A = lv_name(v, d, "A", ctx.run.id)
-    ctx.save()
-    for v, d, disk in ctx.disks(vm):
-        a = disk.A
-        assert a is not None
-        if d not in known or not ctx.exists(a):
-            ctx.snapshot(disk.B, a, "A", v, d)
+        if d in bases:
+            checkpoint.activate(ctx, _slot(disk, "A"), bases[d])
         disk.A_exists = True
-        made.append(art(v, d, "A", a))
-        faults.point("s06-one")
+        made.append(art(v, d, "A", disk.A))
+    ctx.forget()
     ctx.save()
     return {"made": made}
 

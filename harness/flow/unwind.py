@@ -94,9 +94,11 @@ def facts(ctx: Ctx) -> Facts:
 
 
 def resume_controllers(ctx: Ctx) -> None:
-    """Resume every controller of the run: one left suspended by a killed step 5 holds the
-    guest's writes. A table loaded before the kill (C) becomes live, which is what step 5
-    had decided; what is live now is recorded for a restart."""
+    """Resume every controller of the run, and B under it: one left suspended by a killed
+    step 5 holds the guest's writes. A table loaded before the kill (C) becomes live, which
+    is what step 5 had decided; what is live now is recorded for a restart."""
+    for _, _, disk in ctx.disks():  # origins first: step 5 holds them under the controllers
+        dm.run_resume(ctx.names.dm_lv_name(disk.B))
     for _, _, disk in ctx.disks():
         dm.run_resume(disk.ctl)
     ctx.sync_live()

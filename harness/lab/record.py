@@ -44,6 +44,9 @@ class Disk:
     S_B_exists: bool = False
     S_A: str | None = None
     S_A_exists: bool = False
+    # Allocated before the window: artifact -> {lv, thin_id, uuid} (flow/checkpoint.py).
+    slots: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skew_s: float | None = None  # C taken this long after the VM's first C (same suspension)
 
     def lv(self, art: Artifact) -> str | None:
         value: str | None = getattr(self, art)

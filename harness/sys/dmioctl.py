@@ -23,6 +23,7 @@ ioctl fails with EINTR, the kernel has undone the suspend and the device keeps r
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import fcntl
 import os
@@ -39,6 +40,7 @@ from types import FrameType
 
 from hvlab.errors import HvlabError
 from hvlab.sys import dm
+from hvlab.sys import run as runner
 
 CONTROL = "/dev/mapper/control"
 MAPPER = Path("/dev/mapper")
@@ -54,6 +56,7 @@ VERSION = (4, 0, 0)  # the oldest 4.x we speak; the kernel answers with its own
 # Commands (the enum in dm-ioctl.h).
 VERSION_CMD, LIST_DEVICES, DEV_CREATE, DEV_REMOVE = 0, 2, 3, 4
 DEV_SUSPEND, DEV_STATUS, TABLE_LOAD, TABLE_CLEAR, TABLE_STATUS, TARGET_MSG = 6, 7, 9, 10, 12, 14
+QUERIES = frozenset({VERSION_CMD, LIST_DEVICES, DEV_STATUS, TABLE_STATUS})
 
 # Flags.
 READONLY = 1 << 0
@@ -327,19 +330,29 @@ def _call(cmd: int, op: str, name: str = "", *, flags: int = 0, payload: bytes =
     """One ioctl; commands that answer with data are retried with a bigger buffer while the
     kernel says it was too small."""
     out_size = OUT_BUFFER if answers else 0
+    start = time.monotonic()
     while True:
         buf = pack_request(name, uuid, flags=flags, payload=payload,
                            target_count=target_count, out_size=out_size)
         try:
             fcntl.ioctl(_control(), request_code(cmd), buf, True)
         except OSError as exc:
+            _note(cmd, op, name or uuid, exc.errno or errno.EIO, start)
             raise DmError(op, name or uuid, exc.errno or errno.EIO) from None
+        _note(cmd, op, name or uuid, 0, start)
         h = unpack_header(buf)
         if not (answers and h.flags & BUFFER_FULL):
             return h, buf
         if out_size >= MAX_BUFFER:
             raise DmError(op, name, errno.EOVERFLOW)
         out_size *= 2
+
+
+def _note(cmd: int, op: str, name: str, err: int, start: float) -> None:
+    """Changes go in the program log (a step's event says what it did to which device);
+    queries do not: they change nothing and would crowd it."""
+    if cmd not in QUERIES:
+        runner.note(["dm-ioctl", op, name], err, time.monotonic() - start)
 
 
 # ------------------------------------------------------------------------ operations
@@ -602,7 +615,9 @@ def _bounded(work: Callable[[], None], timeout: float, current: Callable[[], str
         except BaseException as exc:
             failed.append(exc)
 
-    t = threading.Thread(target=run, name="dm-suspend", daemon=True)
+    # In this context: the thread's ioctls go to the caller's program log.
+    t = threading.Thread(target=contextvars.copy_context().run, args=(run,), name="dm-suspend",
+                         daemon=True)
     t.start()
     t.join(timeout)
     give_up = time.monotonic() + GIVE_UP_AFTER

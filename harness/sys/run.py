@@ -48,6 +48,13 @@ class Result:
     stderr: str
 
 
+def note(argv: Sequence[str], returncode: int, seconds: float) -> None:
+    """Put a command run some other way (a line fed to a shell) in the program log."""
+    commands = _LOG.get()
+    if commands is not None:
+        commands.append(Command([str(a) for a in argv], returncode, round(seconds, 4)))
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -81,9 +88,7 @@ def run(
     except subprocess.TimeoutExpired as exc:
         raise CommandError(args, -1, f"timed out after {timeout}s") from exc
     res = Result(args, proc.returncode, proc.stdout, proc.stderr)
-    commands = _LOG.get()
-    if commands is not None:
-        commands.append(Command(args, proc.returncode, round(time.monotonic() - start, 4)))
+    note(args, proc.returncode, time.monotonic() - start)
     if check and proc.returncode != 0:
         raise CommandError(args, proc.returncode, proc.stderr, proc.stdout)
     return res

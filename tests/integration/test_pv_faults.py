@@ -46,20 +46,43 @@ def _after_the_fault(h: LabHandle, pre: set[str], client: GuestClient, before: i
     assert client.status()["committed_txid"] > before
 
 
-def test_a_suspend_that_does_not_return_is_bounded(lab_factory: Callable[..., LabHandle]
-                                                   ) -> None:
+def test_a_suspend_that_does_not_return_is_bounded(lab_factory: Callable[..., LabHandle],
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
     """A device below that does not complete writes (dm-delay, 60 s per write): step 5's
     suspend of the controller waits on the guest's writes in flight. It is given up at the
     end of the 10 s window (the kernel abandons an interrupted suspend and leaves the device
-    running), the step fails and the run unwinds instead of hanging."""
+    running), the step fails and the run unwinds instead of hanging. The delay goes in when
+    step 5 begins (step 4's LVM work writes the same PV) and out once the unwind starts (it
+    removes the LVs step 4 allocated)."""
     h = lab_factory(ONE_VM, start_guests=True)
     client = GuestClient(guests.socket_path(h.names, "vm01"))
     client.workload(ops_per_s=200)
     pre, before = h.lv_names(), client.status()["committed_txid"]
-    # Crash-consistent: the guest is not frozen, so its writes are in flight at step 5.
-    with pvfault.delayed(h.names, 0, write_ms=60_000), \
-            pytest.raises(engine.FlowFailed, match="did not return within"):
-        engine.start(h.defn.name, ["vm01"], fingerprints=False, app_aware="off")
+    go = tmp_path / "go"
+    monkeypatch.setenv(faults.ENV, "step-05:wait")
+    monkeypatch.setenv(faults.GO_ENV, str(go))
+    monkeypatch.setattr(faults, "_fired", set())
+
+    def slow_while_step_5() -> None:
+        waiting = Path(f"{go}.waiting")
+        while not waiting.exists():
+            time.sleep(0.05)
+        with pvfault.delayed(h.names, 0, write_ms=60_000):
+            go.touch()
+            while all(r.state == "running" for r in runs.all_runs(h.names)):
+                time.sleep(0.05)
+
+    slow = threading.Thread(target=slow_while_step_5)
+    slow.start()
+    try:
+        # Crash-consistent: the guest is not frozen, so its writes are in flight at step 5.
+        with pytest.raises(engine.FlowFailed, match="did not return within"):
+            engine.start(h.defn.name, ["vm01"], fingerprints=False, app_aware="off")
+    finally:
+        go.touch()
+        slow.join()
+    monkeypatch.delenv(faults.ENV)
     _after_the_fault(h, pre, client, before)
 
 
@@ -121,7 +144,7 @@ def test_the_second_disks_checkpoint_fails(lab_factory: Callable[..., LabHandle]
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """C of disk0 made, C of disk1 fails (step 5, controllers held, guest frozen): the
     first is rolled back, the controllers run on B again, the guest thaws and goes on. The
-    failure is raised by the flow between the two `lvcreate`s (fault point s05-one): a fault
+    failure is raised by the flow between the two `create_snap`s (fault point s05-one): a fault
     in the kernel there would also fail the unwind's own LVM writes."""
     h = lab_factory(TWO_DISKS, start_guests=True)
     client = GuestClient(guests.socket_path(h.names, "vm01"))
@@ -144,8 +167,9 @@ def test_the_pool_fills_inside_the_freeze_window(lab_factory: Callable[..., LabH
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  tmp_path: Path) -> None:
     """fstests generic/459's case: another writer of the same pool fills its data space while
-    the guest is frozen. LVM refuses the checkpoint ("free space in thin pool ... reached
-    threshold"), the job fails inside the window, unwinds and thaws the guest (its thaw
+    the guest is frozen. The checkpoint is refused by LVM's rule ("free space in thin pool ...
+    reached threshold"), which step 5 applies itself since the pool takes it, the job fails
+    inside the window, unwinds and thaws the guest (its thaw
     writes B in place: no new chunk needed); once the pool is extended the next backup works.
     The guest's workload is paused: with the pool in error-when-full mode a write that needs
     a new chunk would fail with EIO, which is the pool's failure, not the backup's."""
@@ -187,7 +211,9 @@ def test_the_pool_fills_inside_the_freeze_window(lab_factory: Callable[..., LabH
         go.touch()
         filler_thread.join()
     monkeypatch.delenv(faults.ENV)
-    assert _pool_free_bytes(h) == 0
+    # Still full: the filler took the room. (Not 0: freeing the LVs step 4 allocated gave
+    # back the chunks the guest's freeze had copied away from them.)
+    assert _pool_free_bytes(h) < room
     (failed,) = runs.all_runs(h.names)
     assert failed.state == "failed" and h.lv_names() == pre
     assert h.controller_maps_base("vm01", "disk0") and not client.status()["frozen"]
