@@ -99,6 +99,8 @@ def quiesce(ctx: Ctx, vm: str) -> dict[str, Any]:
     # FLUSH_AND_HOLD_S; should it die meanwhile, the guard thaws what it froze.
     wait = (v.writer_timeout_s or WRITER_TIMEOUT_S) + FREEZE_SLACK_S
     windowguard.open_window(vm, ctx.names.guest_dir(vm), wait + FLUSH_AND_HOLD_S)
+    v.window.freeze_start = time.time()  # the window opens with the request, not its guards
+    ctx.in_window = True
     try:
         rep = ctx.client(vm).freeze(timeout_s=FLUSH_AND_HOLD_S, wait_s=wait)
     except GuestError as exc:
@@ -109,6 +111,7 @@ def quiesce(ctx: Ctx, vm: str) -> dict[str, Any]:
         # that does not answer may still have frozen), then go on crash-consistent (C is
         # still taken with every controller held), labelled.
         windowguard.thaw(ctx, vm)
+        ctx.in_window = False
         v.frozen, v.window, v.cls = False, None, S.CRASH
         v.fallback = f"the guest could not quiesce: {exc}"
         ctx.save()
@@ -261,6 +264,7 @@ def thaw(ctx: Ctx, vm: str) -> dict[str, Any]:
         return _lost_in_window(ctx, vm, exc)
     windowguard.close(vm)
     end = time.time()
+    ctx.in_window = False
     v.frozen = False
     w.thawed_at = rep.get("thawed_at") or end
     w.seconds = end - w.freeze_start
@@ -282,6 +286,7 @@ def _lost_in_window(ctx: Ctx, vm: str, exc: GuestError) -> dict[str, Any]:
     v, w = ctx.vm(vm), ctx.vm(vm).window
     notes = windowguard.thaw(ctx, vm)
     end = time.time()
+    ctx.in_window = False
     if w is not None:
         w.thawed_at, w.seconds = end, end - w.freeze_start
     why = (f"the guest stopped answering inside its freeze window ({exc}); the host thawed "

@@ -69,7 +69,7 @@ def run_step(ctx: Ctx, n: int, vm: str | None) -> dict[str, Any]:
                 ev["fingerprints_note"] = FINGERPRINT_AFTER[n]
         ctx.last_dump = None
         ev["observed_s"] = round(time.time() - ev["end"], 4)
-        runs.append_event(ctx.names, ctx.run.id, ev)
+        runs.append_event(ctx.names, ctx.run.id, ev, durable=not ctx.in_window)
     return ev
 
 

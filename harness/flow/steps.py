@@ -40,21 +40,24 @@ STEPS: tuple[Step, ...] = (
     Step(4, "quiesce",
          "VSS Writers for Microsoft VSS-aware applications on the VM are instructed to quiesce "
          "application data.",
-         "guest `freeze`: writers hold, FIFREEZE on every disk of the VM (window opens)", True,
+         "LVM allocates C and A of every disk (one lvm process, before the window); guest "
+         "`freeze`: writers hold, FIFREEZE on every disk of the VM (window opens)", True,
          True),
     Step(5, "backup checkpoint",
          "After the applications are quiesced, Microsoft Hyper-V VSS takes a backup checkpoint "
          "of the VM. Every virtual disk of a VM receives a temporary file named GUID.avhdx. All "
          "new writes that occur to the VM until the volume snapshot is taken are redirected to "
          "this file",
-         "C = thin snapshot of B per disk; controller redirected to C (suspend --nolockfs, "
-         "reload, resume): live writes go to C", True, True),
+         "C = B now, per disk: controllers and origins suspended together, the pool "
+         "snapshots each B into its C (create_snap, by ioctl), every controller loaded onto "
+         "C, resumed: live writes go to C", True, True),
     Step(6, "auto-recovery checkpoint",
          "Right after taking the backup checkpoint, Microsoft Hyper-V VSS takes another "
          "auxiliary checkpoint - auto-recovery checkpoint. Every virtual disk of a VM receives "
          "a temporary file named GUID-Autorecovery.avhdx. [...] it is taken independently in a "
          "new checkpoint chain.",
-         "A = writable thin snapshot of B per disk (sibling of C)", True, True),
+         "A = writable thin snapshot of B per disk (sibling of C), the pool's, into the LV "
+         "step 4 allocated", True, True),
     Step(7, "internal snapshot",
          "The framework inside the VM takes an internal snapshot using a Microsoft Hyper-V "
          "Integration Services Shadow Copy provider in the VM guest OS.",

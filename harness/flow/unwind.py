@@ -155,6 +155,7 @@ def unwind(ctx: Ctx, final: str, *, record: bool = True,
     is recorded in the same save as the final state: a reader never sees one without the
     other."""
     run = ctx.run
+    ctx.in_window = False  # from here on every save is durable
     was_done = run.state == "done"
     run.state = "aborting"
     runs.mark_self(run)

@@ -46,12 +46,12 @@ def run_dir(names: Names, run_id: str) -> Path:
     return names.runs_dir / run_id
 
 
-def save(names: Names, run: Run) -> None:
+def save(names: Names, run: Run, *, durable: bool = True) -> None:
     d = run_dir(names, run.id)
     refuse_links(d, "run folder")  # the runs folder is the lab's: a planted link is refused
     private.make_dirs(d)
     run.updated = time.time()
-    write_json_atomic(d / "run.json", run.to_dict())
+    write_json_atomic(d / "run.json", run.to_dict(), durable=durable)
 
 
 def _read(path: Path) -> Run:
@@ -104,14 +104,16 @@ def active_runs(names: Names) -> list[Run]:
     return [r for r in all_runs(names) if r.state in ACTIVE]
 
 
-def append_event(names: Names, run_id: str, event: dict[str, Any]) -> None:
+def append_event(names: Names, run_id: str, event: dict[str, Any], *,
+                 durable: bool = True) -> None:
     path = run_dir(names, run_id) / "events.jsonl"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     with os.fdopen(fd, "a") as f:
         f.write(json.dumps(event, sort_keys=True) + "\n")
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
 
 
 def events(names: Names, run_id: str) -> list[dict[str, Any]]:
