@@ -46,6 +46,20 @@ def _after_the_fault(h: LabHandle, pre: set[str], client: GuestClient, before: i
     assert client.status()["committed_txid"] > before
 
 
+def _wait_at_step_5(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The next backup waits at the start of step 5 until the returned file exists."""
+    go = tmp_path / "go"
+    monkeypatch.setenv(faults.ENV, "step-05:wait")
+    monkeypatch.setenv(faults.GO_ENV, str(go))
+    monkeypatch.setattr(faults, "_fired", set())
+    return go
+
+
+def _until_waiting(go: Path) -> None:
+    while not Path(f"{go}.waiting").exists():
+        time.sleep(0.05)
+
+
 def test_a_suspend_that_does_not_return_is_bounded(lab_factory: Callable[..., LabHandle],
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    tmp_path: Path) -> None:
@@ -59,15 +73,10 @@ def test_a_suspend_that_does_not_return_is_bounded(lab_factory: Callable[..., La
     client = GuestClient(guests.socket_path(h.names, "vm01"))
     client.workload(ops_per_s=200)
     pre, before = h.lv_names(), client.status()["committed_txid"]
-    go = tmp_path / "go"
-    monkeypatch.setenv(faults.ENV, "step-05:wait")
-    monkeypatch.setenv(faults.GO_ENV, str(go))
-    monkeypatch.setattr(faults, "_fired", set())
+    go = _wait_at_step_5(monkeypatch, tmp_path)
 
     def slow_while_step_5() -> None:
-        waiting = Path(f"{go}.waiting")
-        while not waiting.exists():
-            time.sleep(0.05)
+        _until_waiting(go)
         with pvfault.delayed(h.names, 0, write_ms=60_000):
             go.touch()
             while all(r.state == "running" for r in runs.all_runs(h.names)):
@@ -188,15 +197,10 @@ def test_the_pool_fills_inside_the_freeze_window(lab_factory: Callable[..., LabH
          "status=none"])
     pre, before = h.lv_names(), client.status()["committed_txid"]
 
-    go = tmp_path / "go"
-    monkeypatch.setenv(faults.ENV, "step-05:wait")
-    monkeypatch.setenv(faults.GO_ENV, str(go))
-    monkeypatch.setattr(faults, "_fired", set())
+    go = _wait_at_step_5(monkeypatch, tmp_path)
 
     def fill_when_frozen() -> None:
-        waiting = Path(f"{go}.waiting")
-        while not waiting.exists():
-            time.sleep(0.05)
+        _until_waiting(go)
         assert client.status()["frozen"], "step 5 comes inside the freeze window"
         run(["dd", "if=/dev/urandom", f"of={dev}", "bs=1M", f"seek={mib}", "count=16",
              "oflag=direct", "status=none"], check=False)  # ENOSPC: the pool is full
