@@ -71,7 +71,10 @@ class Window:
     frozen_at: float | None = None
     open_txid: int | None = None
     thawed_at: float | None = None
-    seconds: float | None = None
+    seconds: float | None = None  # the freeze request to the thaw's answer, as the host saw it
+    # The filesystems frozen to the thaw's answer: what the 10 s flush-and-hold limit bounds
+    # (the writers' quiesce before it has its own bound, as VSS gives writers).
+    held_s: float | None = None
     guest_frozen_for_s: float | None = None
 
 
