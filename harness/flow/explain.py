@@ -208,7 +208,11 @@ def command_lines(run: Run, events: list[dict[str, Any]]) -> list[str]:
             continue
         out.append(f"{head}: {len(cmds)} command(s)" + (" FAILED" if ev.get("error") else ""))
         for c in cmds:
-            out.append(f"{join(c['argv'])}  # rc {c['rc']}, {c['seconds']:.3f} s")
+            argv, cost = c["argv"], f"rc {c['rc']}, {c['seconds']:.3f} s"
+            if argv[:1] == ["dm-ioctl"]:  # no command to copy: the backup's own ioctl
+                out.append(f"# ioctl: {' '.join(argv[1:])}  ({cost})")
+            else:
+                out.append(f"{join(argv)}  # {cost}")
     return out
 
 

@@ -75,7 +75,9 @@ def test_backup_restore_verify_bad_input(lab: LabHandle, tmp_path: Path) -> None
     out = hvlab("explain", "-n", n, done.id, "--commands")
     assert out.returncode == 0, out.stderr
     assert "# [5] vm02 backup checkpoint" in out.stdout
-    assert "lvm lvcreate -q -s -kn" in out.stdout and "dmsetup reload" in out.stdout
+    # C and A allocated by LVM in step 4; in step 5 the pool snapshots into C, by ioctl.
+    assert "lvm lvcreate -q -s -kn -an" in out.stdout and "create_snap" in out.stdout
+    assert "# ioctl: table load" in out.stdout
     assert "thin_dump --metadata-snap" in out.stdout and "lvm lvrename" in out.stdout
 
 
