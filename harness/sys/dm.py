@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import os
 import stat
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,30 +100,9 @@ def suspend(name: str, *, timeout: float = 120.0) -> None:
                              f"I/O below it does not complete; left running") from None
 
 
-@contextmanager
-def suspended(*names: str, timeout: float = 120.0) -> Iterator[list[str]]:
-    """Hold every named device suspended; all are resumed, in reverse, however the block
-    ends. `timeout` bounds all the suspends together. Yields the devices suspended so far."""
-    held: list[str] = []
-    end = time.monotonic() + timeout
-    try:
-        for n in names:
-            suspend(n, timeout=max(end - time.monotonic(), 0.1))
-            held.append(n)
-        yield held
-    finally:
-        for n in reversed(held):
-            run_resume(n)
-
-
 def reload(name: str, table: str) -> None:
     """Load a table; it becomes live at the next resume."""
     run(["dmsetup", "reload", name, "--table", table])
-
-
-def reload_linear(name: str, target_dev: str) -> None:
-    """Load a linear table onto target_dev; it becomes live at the next resume."""
-    reload(name, linear_table(target_dev))
 
 
 def message(name: str, *words: str) -> str:
