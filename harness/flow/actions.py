@@ -25,6 +25,7 @@ from hvlab.sys.uevents import wait_node
 
 FLUSH_AND_HOLD_S = 10.0
 WRITER_TIMEOUT_S = 60.0  # VSS's bound for writers to quiesce, unless the guest says otherwise
+ALLOCATE_S = 300.0  # LVM's allocation before the freeze (Lvm.batch's own bound)
 FREEZE_SLACK_S = 5.0  # the freeze itself, once the writers are quiet, and the round trip
 Action = Callable[[Ctx, Any], dict[str, Any]]
 ACTIONS: dict[int, Action] = {}
@@ -88,18 +89,24 @@ def guest_requestor(ctx: Ctx, vm: str) -> dict[str, Any]:
 @action(4)
 def quiesce(ctx: Ctx, vm: str) -> dict[str, Any]:
     v = ctx.vm(vm)
+    # The guards first: a forked child's start-up (copy-on-write faults) costs 50-100 ms of
+    # the lab VM's one CPU, spent here while LVM allocates, not inside the window.
+    holdguard.standby(vm, lambda: ctx.sync_live(vm))
+    # The guest waits for its writers (its own bound), then holds the freeze at most
+    # FLUSH_AND_HOLD_S; should it die meanwhile, the guard thaws what it froze.
+    wait = (v.writer_timeout_s or WRITER_TIMEOUT_S) + FREEZE_SLACK_S
+    if v.answers:
+        windowguard.open_window(vm, ctx.names.guest_dir(vm),
+                                ALLOCATE_S + wait + FLUSH_AND_HOLD_S)
     allocated = allocate_checkpoints(ctx, vm)  # before the window: LVM is slow, the pool not
+    ctx.uevents.drain()  # LVM's, read now: the step's event is written inside the window
     if not v.answers:
         return {"skipped": "no integration services: no freeze (crash-consistent)",
                 "allocated": allocated}
     v.window = Window(freeze_start=time.time())
     v.frozen = True  # before the request: a failure from here on must thaw
     ctx.save()
-    # The guest waits for its writers (its own bound), then holds the freeze at most
-    # FLUSH_AND_HOLD_S; should it die meanwhile, the guard thaws what it froze.
-    wait = (v.writer_timeout_s or WRITER_TIMEOUT_S) + FREEZE_SLACK_S
-    windowguard.open_window(vm, ctx.names.guest_dir(vm), wait + FLUSH_AND_HOLD_S)
-    v.window.freeze_start = time.time()  # the window opens with the request, not its guards
+    v.window.freeze_start = time.time()  # the window opens with the request, not the save
     ctx.in_window = True
     try:
         rep = ctx.client(vm).freeze(timeout_s=FLUSH_AND_HOLD_S, wait_s=wait)
@@ -176,7 +183,7 @@ def backup_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
         # Should this process die or hang with them held, the guard resumes origins, then
         # controllers. A suspend waits for the guest's I/O in flight: one that never
         # completes (a device below that will not flush) fails the step at the window's end.
-        with holdguard.guard(origins + ctls, _left(ctx, vm), lambda: ctx.sync_live(vm)), \
+        with holdguard.guard(vm, origins + ctls, _left(ctx, vm), lambda: ctx.sync_live(vm)), \
                 D.suspended(*ctls, timeout=_left(ctx, vm)):
             bases = {d: checkpoint.thin_target(ctx, disk.B) for _, d, disk in todo}
             with D.suspended(*origins, timeout=_left(ctx, vm)):
@@ -221,9 +228,10 @@ def auto_recovery_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
     todo = [(v, d, disk) for v, d, disk in ctx.disks(vm)
             if not (disk.A and D.exists(ctx.names.dm_lv_name(disk.A)))]  # active: done
     bases = {d: checkpoint.thin_target(ctx, disk.B) for _, d, disk in todo}
+    origins = [ctx.names.dm_lv_name(disk.B) for _, _, disk in todo]
     made = []
-    with D.suspended(*[ctx.names.dm_lv_name(disk.B) for _, _, disk in todo],
-                     timeout=_left(ctx, vm)):
+    with holdguard.guard(vm, origins, _left(ctx, vm), lambda: ctx.sync_live(vm)), \
+            D.suspended(*origins, timeout=_left(ctx, vm)):
         if todo:
             checkpoint.require_room(ctx)
         for _, d, disk in todo:
@@ -264,6 +272,7 @@ def thaw(ctx: Ctx, vm: str) -> dict[str, Any]:
         return _lost_in_window(ctx, vm, exc)
     windowguard.close(vm)
     end = time.time()
+    holdguard.close(vm)  # nothing is held past the window
     ctx.in_window = False
     v.frozen = False
     w.thawed_at = rep.get("thawed_at") or end

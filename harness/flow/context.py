@@ -20,7 +20,7 @@ from hvlab.lab.record import Artifact, Disk, Run, Vm
 from hvlab.sys import dm, fs
 from hvlab.sys.lvm import Lvm, LvRow
 from hvlab.sys.run import Result
-from hvlab.sys.uevents import wait_node
+from hvlab.sys.uevents import Recorder, wait_node
 
 Say = Callable[[str], None]
 ROLE_OF: dict[Artifact, str] = {"B": "role_base", "C": "role_checkpoint",
@@ -85,6 +85,7 @@ class Ctx:
         # nothing by it, and after a power loss the guest is gone and recovery goes by what
         # exists (LVs, the live record, which is fsync'd). The thaw's save makes all durable.
         self.in_window = False
+        self.uevents = Recorder()  # the running step's (observe.run_step sets it)
         self.say = say
         self.fingerprints = fingerprints
         self.progress: Any = None  # a rich Progress for step 13, when on a terminal
@@ -222,8 +223,8 @@ class Ctx:
 
 
 def thin_ids(ctx: Ctx, lvs: list[str]) -> dict[str, int]:
-    """Thin device ids of lvs from the kernel's tables (`0 N thin <pool> <id>`): one dmsetup
-    call for all of them."""
+    """Thin device ids of lvs from the kernel's tables (`0 N thin <pool> <id>`), read by
+    ioctl (no command run)."""
     want = {ctx.names.dm_lv_name(lv): lv for lv in lvs if lv not in ctx.thin_ids}
     if want:
         for name, fields in thinmeta.thin_tables().items():

@@ -18,7 +18,7 @@ from typing import Any
 from hvlab.backup import thinmeta
 from hvlab.errors import BadInput, HvlabError
 from hvlab.flow import dest as backup_dir
-from hvlab.flow import faults, observe, preflight, unwind
+from hvlab.flow import faults, holdguard, observe, preflight, unwind, windowguard
 from hvlab.flow import steps as S
 from hvlab.flow.context import ROLE_OF, Ctx, Say, quiet
 from hvlab.lab import runs
@@ -60,6 +60,14 @@ def _say_event(ctx: Ctx, ev: dict[str, Any]) -> None:
 
 def execute(ctx: Ctx) -> Run:
     """Run from run.pos to the pause point or the end. Any failure thaws and unwinds."""
+    try:
+        return _execute(ctx)
+    finally:
+        holdguard.close()  # guards end with the run's steps (an early failure leaves some)
+        windowguard.close()
+
+
+def _execute(ctx: Ctx) -> Run:
     run = ctx.run
     plan = S.plan(run.vms)
     try:

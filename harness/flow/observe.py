@@ -40,6 +40,7 @@ def run_step(ctx: Ctx, n: int, vm: str | None) -> dict[str, Any]:
     ok = False
     try:
         with watch(settle=0.0) as rec, program_log() as commands:
+            ctx.uevents = rec
             try:
                 ev["detail"] = ACTIONS[n](ctx, vm)
                 ok = True

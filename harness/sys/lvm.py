@@ -21,6 +21,13 @@ from hvlab.sys.run import Result, run
 
 SHELL_WORD = re.compile(r"[A-Za-z0-9_.+/:=@-]+")
 
+# Before each suspend LVM mallocs 2 MB, touches every page of it (so that no page fault can
+# hit a suspended device) and frees it again. glibc gives it back to the kernel, and the next
+# command in the same process faults it all in anew: 0.3 s per LV changed in the lab VM, where
+# a page fault is a round trip to the host. Kept, the pages are faulted once per process: a
+# batch of 4 lvcreates 2.7 -> 1.7 s, an lvremove of 4 LVs 2.5 -> 1.3 s. Natively it is noise.
+MALLOC_KEEP = {"MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+
 
 def udev_running() -> bool:
     return Path("/run/udev/control").exists()
@@ -119,7 +126,8 @@ class Lvm:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"LVM_SYSTEM_DIR": str(self.conf_dir), "LVM_SUPPRESS_FD_WARNINGS": "1"}
+        return {"LVM_SYSTEM_DIR": str(self.conf_dir), "LVM_SUPPRESS_FD_WARNINGS": "1",
+                **MALLOC_KEEP}
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 120.0) -> Result:
         return run(["lvm", *args], env=self.env, check=check, timeout=timeout)
