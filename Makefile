@@ -63,9 +63,9 @@ test-host: venv
 
 test-integration: deps
 	@if $(VENV)/bin/python -c 'import sys; from hvlab.vm import runner; sys.exit(runner.choose() != "native")'; then \
-	  $(PYTEST) -q tests/integration; \
+	  $(PYTEST) -q --durations=15 tests/integration; \
 	else \
-	  $(IN_LAB) $(abspath $(PYTEST)) -q -p no:cacheprovider --color=no tests/integration; \
+	  $(IN_LAB) $(abspath $(PYTEST)) -q -p no:cacheprovider --color=no --durations=15 tests/integration; \
 	fi
 
 bench: deps

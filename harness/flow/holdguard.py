@@ -43,8 +43,8 @@ def _fork(after: Callable[[], None]) -> _Guard:
     if pid == 0:  # the guard: never returns into the caller's code
         code = 0
         try:
-            for fd in [w, *(g.fd for g in _standby.values())]:  # only the backup holds them
-                os.close(fd)
+            os.close(w)
+            _close_inherited(keep=r)
             os.setsid()  # a signal to the caller's process group does not end the guard
             _serve(r, parent, after)
         except BaseException:
@@ -56,6 +56,24 @@ def _fork(after: Callable[[], None]) -> _Guard:
             os._exit(code)
     os.close(r)
     return _Guard(pid, w)
+
+
+def _close_inherited(keep: int) -> None:
+    """Hold nothing of the backup's but stdio, the pipe and device-mapper's control node (its
+    ioctls' open fd): not its VM locks (a guard outliving a killed backup by a moment would
+    keep the VM locked for the next command), not other guards' pipes (their EOF is how they
+    learn that the backup died)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd == keep:
+            continue
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "/dev/mapper/control":
+                continue
+        except OSError:
+            continue  # listdir's own fd, closed by now
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _end(g: _Guard) -> None:

@@ -23,37 +23,27 @@ import contextlib
 import inspect
 import json
 import logging
-import math
 import os
-import signal
-import stat
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
-from hvlab.errors import BadInput, CommandError, HvlabError
-from hvlab.guest import ledger, protocol, quiesce
-from hvlab.guest.protocol import Limits, ProtocolError, Server, one_line
+from hvlab.errors import HvlabError
+from hvlab.guest import autorecovery, protocol, quiesce, service
+from hvlab.guest.config import GuestConfig
+from hvlab.guest.protocol import ProtocolError, Server, one_line
 from hvlab.guest.writers import (
     AppendWriter,
     LedgerWriter,
     ScratchWriter,
-    Workload,
     Writer,
     WriterError,
 )
-from hvlab.sys import fs
-from hvlab.sys.run import run
-
-AR_PREFIX = "ar-"  # auto-recovery mounts: <run_dir>/ar-XXXX/<disk>
 
 log = logging.getLogger("hvlab.guest")
 
-PROFILES = ("windows", "linux", "none")
 FLUSH_WRITES_TIMEOUT = "VSS_E_FLUSH_WRITES_TIMEOUT"
 # Ops that change the guest's VSS state: one at a time, in the order they arrive.
 STATE_OPS = frozenset({"prepare", "freeze", "thaw", "post_snapshot", "abort"})
@@ -64,78 +54,6 @@ MUTED_FOR_S = 600.0  # a muted request is dropped after this (its client gave up
 # A thawed VSS session outlives the guest process: the host may resume a backup at its
 # post_snapshot (auto-recovery) after the guest restarted. Removed by prepare, freeze, abort.
 SESSION = "vss-session.json"
-
-
-@dataclass
-class GuestConfig:
-    vm: str
-    profile: str
-    run_dir: Path
-    disks: list[tuple[str, Path]]
-    socket: Path | None = None
-    workload: Workload = field(default_factory=Workload)
-    freeze_timeout_s: float = 10.0  # flush-and-hold, as VSS
-    writer_timeout_s: float = 60.0  # writer freeze-to-thaw
-    status_every_s: float = 1.0
-    limits: Limits = field(default_factory=Limits)  # per connection of the channel
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> GuestConfig:
-        try:
-            profile = str(d.get("profile", "windows"))
-            if profile not in PROFILES:
-                raise BadInput(f"unknown guest profile {profile!r} (one of {', '.join(PROFILES)})")
-            disks = [(str(x["name"]), Path(x["mountpoint"])) for x in d["disks"]]
-            if not disks:
-                raise BadInput("a guest needs at least one disk")
-            wl = dict(d.get("workload", {}))
-            if "seed" in d:
-                wl.setdefault("seed", int(d["seed"]))
-            sock = d.get("socket")
-            ch = dict(d.get("channel", {}))
-            unknown = set(ch) - set(Limits.__dataclass_fields__)
-            if unknown:
-                raise BadInput(f"unknown channel limits: {sorted(unknown)}")
-            limits = Limits(
-                max_line=int(ch.get("max_line", Limits.max_line)),
-                max_clients=int(ch.get("max_clients", Limits.max_clients)),
-                idle_timeout_s=float(ch.get("idle_timeout_s", Limits.idle_timeout_s)),
-                send_timeout_s=float(ch.get("send_timeout_s", Limits.send_timeout_s)),
-            )
-            if min(limits.max_line, limits.max_clients) < 1 or not (
-                0 < min(limits.idle_timeout_s, limits.send_timeout_s) < math.inf
-            ):
-                raise BadInput(f"channel limits must be positive: {limits}")
-            if sock is None and profile != "none":
-                raise BadInput(f"profile {profile} needs a socket path")
-            cfg = GuestConfig(
-                vm=str(d["vm"]),
-                profile=profile,
-                run_dir=Path(d["run_dir"]),
-                disks=disks,
-                socket=Path(sock) if sock else None,
-                workload=Workload.from_dict(wl),
-                freeze_timeout_s=float(d.get("freeze_timeout_s", 10.0)),
-                writer_timeout_s=float(d.get("writer_timeout_s", 60.0)),
-                status_every_s=float(d.get("status_every_s", 1.0)),
-                limits=limits,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadInput(f"bad guest config: {one_line(exc)}") from exc
-        return cfg
-
-    @staticmethod
-    def load(path: Path) -> GuestConfig:
-        try:
-            return GuestConfig.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError) as exc:
-            raise BadInput(f"cannot read guest config {path}: {one_line(exc)}") from exc
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 class Guest:
@@ -195,12 +113,8 @@ class Guest:
         for w in self.writers:
             w.pause(wl.paused)
             w.start()
-        log.info(
-            "guest %s (%s) started with %d writers",
-            self.cfg.vm,
-            self.cfg.profile,
-            len(self.writers),
-        )
+        log.info("guest %s (%s) started with %d writers", self.cfg.vm, self.cfg.profile,
+                 len(self.writers))
 
     def shutdown(self) -> None:
         self._stopping = True  # no new state op from here on
@@ -233,12 +147,12 @@ class Guest:
         if isinstance(saved, dict) and saved.get("state") == "thawed":
             self.state = "thawed"
             at = saved.get("thawed_at")
-            self.thawed_at = float(at) if _number(at) else None
+            self.thawed_at = float(at) if protocol.is_number(at) else None
             log.info("a thawed VSS session from before a restart: post_snapshot may follow")
 
     def _save_session(self) -> None:
         try:
-            _atomic_write(
+            service.atomic_write(
                 self.cfg.run_dir / SESSION,
                 json.dumps({"state": self.state, "thawed_at": self.thawed_at}),
             )
@@ -330,7 +244,7 @@ class Guest:
 
     def _freeze_timeout(self, timeout_s: object) -> float:
         t = self.cfg.freeze_timeout_s if timeout_s is None else timeout_s
-        if not _number(t) or not 0 < t <= 60:
+        if not protocol.is_number(t) or not 0 < t <= 60:
             raise ProtocolError("bad_args", "timeout_s must be a number in (0, 60]")
         return min(float(t), self.cfg.writer_timeout_s)
 
@@ -500,7 +414,8 @@ class Guest:
             raise ProtocolError("bad_args", "pause must be true or false")
         if writer is not None and not isinstance(writer, str):
             raise ProtocolError("bad_args", "writer must be a writer's name")
-        if ops_per_s is not None and (not _number(ops_per_s) or not 0 < ops_per_s <= MAX_OPS_PER_S):
+        rate_ok = protocol.is_number(ops_per_s) and 0 < ops_per_s <= MAX_OPS_PER_S
+        if ops_per_s is not None and not rate_ok:
             raise ProtocolError("bad_args", f"ops_per_s must be a number in (0, {MAX_OPS_PER_S:g}]")
         targets = [w for w in self.writers if writer is None or w.wname == writer]
         if not targets:
@@ -522,7 +437,7 @@ class Guest:
             raise ProtocolError(
                 "bad_state", f"post_snapshot before freeze and thaw (state {state})"
             )
-        self._check_devices(devices)
+        autorecovery.check_devices(self.cfg, devices, auto_recovery=self.auto_recovery)
         assert isinstance(devices, dict)
         if not self.auto_recovery:
             return {
@@ -530,89 +445,7 @@ class Guest:
                 "repaired": None,
                 "note": f"profile {self.cfg.profile} has no auto-recovery",
             }
-        return {"auto_recovery": True, **self._auto_recover(devices)}
-
-    def _check_devices(self, devices: object) -> None:
-        """{disk: /dev/path}: each a known disk, each a distinct block device; where the guest
-        mounts and repairs them (auto-recovery), none mounted already (the live disks are)."""
-        if not isinstance(devices, dict) or not devices:
-            raise ProtocolError("bad_args", "devices must be a non-empty {disk: /dev/path} map")
-        mounted = _mounted_devices() if self.auto_recovery else set()
-        seen: dict[int, str] = {}
-        for disk, dev in devices.items():
-            if disk not in self.roots:
-                shown = disk if len(disk) <= 40 else disk[:40] + "..."
-                raise ProtocolError("bad_args", f"unknown disk {shown!r}")
-            if not isinstance(dev, str) or not dev.startswith("/") or "\0" in dev \
-                    or len(dev) > 4096:
-                raise ProtocolError("bad_args", f"device of {disk} must be an absolute path")
-            try:
-                st = os.stat(dev)
-            except OSError as exc:
-                raise ProtocolError("bad_args", f"no such device {dev}: {exc.strerror}") from exc
-            if not stat.S_ISBLK(st.st_mode):
-                raise ProtocolError("bad_args", f"{dev} is not a block device")
-            if st.st_rdev in seen:
-                raise ProtocolError("bad_args", f"{dev} given for {seen[st.st_rdev]} and {disk}")
-            seen[st.st_rdev] = disk
-            if st.st_rdev in mounted:
-                raise ProtocolError("bad_args", f"{dev} is mounted: not an auto-recovery image")
-
-    def _auto_recover(self, devices: dict[str, str]) -> dict[str, Any]:
-        """Mount the auto-recovery image's disks privately, run the writers' repair, unmount."""
-        order = [n for n, _ in self.cfg.disks if n in devices]
-        mounted: list[Path] = []
-        roots: dict[str, Path] = {}
-        # Under the run dir (inside the lab dir), so a mount left by a killed guest is found
-        # and removed by the next guest start or by `hvlab down`.
-        base = Path(tempfile.mkdtemp(prefix=AR_PREFIX, dir=self.cfg.run_dir))
-        try:
-            for name in order:
-                dev = devices[name]
-                fstype = run(["blkid", "-o", "value", "-s", "TYPE", dev], check=False).stdout
-                mnt = base / name
-                mnt.mkdir()
-                argv = ["mount"]
-                if fstype.strip() == "xfs":
-                    argv += ["-o", "nouuid"]  # the live disk with the same UUID is mounted
-                run([*argv, dev, str(mnt)])
-                mounted.append(mnt)
-                roots[name] = mnt
-            first, last = self.cfg.disks[0][0], self.cfg.disks[-1][0]
-            if first in roots and last in roots:
-                rep = ledger.recover(roots)
-                result = ledger.check(roots)
-                repaired: dict[str, Any] = rep.to_dict()
-            else:
-                repaired = {
-                    "removed": ledger.remove_excluded(roots),
-                    "note": "ledger disks not all given: ledger not repaired",
-                }
-                result = None
-            os.sync()
-        except CommandError as exc:
-            raise ProtocolError("failed", f"auto-recovery mount failed: {exc}") from exc
-        except (ValueError, KeyError) as exc:  # a damaged image (TornPage is a ValueError)
-            raise ProtocolError(
-                "failed", f"auto-recovery failed, the image is damaged: {one_line(exc)}"
-            ) from exc
-        finally:
-            errors = []
-            for mnt in reversed(mounted):
-                try:
-                    run(["umount", str(mnt)])
-                except CommandError as exc:
-                    errors.append(str(exc))
-            for d in [*(base / n for n in order), base]:
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-            if errors:
-                log.error("auto-recovery unmount failed: %s", errors)
-        return {
-            "repaired": repaired,
-            "check": result.to_dict() if result else None,
-            "devices": dict(devices),
-        }
+        return {"auto_recovery": True, **autorecovery.recover(self.cfg, devices)}
 
     # --- status
     def status(self) -> dict[str, Any]:
@@ -648,88 +481,16 @@ class Guest:
             st["state"] = "stopped"
         try:
             with self._status_file:  # one writer at a time: they share the temporary file
-                _atomic_write(self.cfg.run_dir / "status.json", json.dumps(st, indent=1))
+                service.atomic_write(self.cfg.run_dir / "status.json", json.dumps(st, indent=1))
         except OSError as exc:
             log.error("cannot write status.json: %s", one_line(exc))
-
-
-def _number(v: object) -> TypeGuard[int | float]:
-    """A JSON number (not a boolean); NaN and infinities never get past the parser."""
-    return isinstance(v, int | float) and not isinstance(v, bool) and not (
-        isinstance(v, float) and not math.isfinite(v)
-    )
-
-
-def _mounted_devices() -> set[int]:
-    """st_rdev of every block device with a filesystem mounted in this mount namespace."""
-    found: set[int] = set()
-    try:
-        text = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        return found
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) > 2 and ":" in parts[2]:
-            major, _, minor = parts[2].partition(":")
-            with contextlib.suppress(ValueError):
-                found.add(os.makedev(int(major), int(minor)))
-    return found
-
-
-def clean_stale_ar_mounts(run_dir: Path) -> list[str]:
-    """Unmount and remove auto-recovery mount dirs a killed guest left in run_dir."""
-    done = []
-    for m in sorted(fs.mounts_under(run_dir), key=lambda m: -len(m.target)):
-        if Path(m.target).parent.name.startswith(AR_PREFIX):
-            fs.umount(Path(m.target))
-            done.append(m.target)
-    for d in run_dir.glob(f"{AR_PREFIX}*"):
-        for sub in d.iterdir():
-            with contextlib.suppress(OSError):
-                sub.rmdir()
-        with contextlib.suppress(OSError):
-            d.rmdir()
-    return done
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hvlab.guest.emulator")
     ap.add_argument("--config", required=True, type=Path)
     ns = ap.parse_args(argv)
-    cfg = GuestConfig.load(ns.config)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        filename=cfg.run_dir / "guest.log",
-        level=logging.INFO,
-        format="%(asctime)s %(process)d %(threadName)s %(levelname)s %(name)s: %(message)s",
-    )
-    for left in clean_stale_ar_mounts(cfg.run_dir):
-        log.warning("unmounted an auto-recovery mount a killed guest left: %s", left)
-    guest = Guest(cfg)
-    signal.signal(signal.SIGTERM, lambda *_: guest.stop_event.set())
-    signal.signal(signal.SIGINT, lambda *_: guest.stop_event.set())
-    pid_file = cfg.run_dir / "guest.pid"
-    _atomic_write(pid_file, f"{os.getpid()}\n")
-    server: Server | None = None
-    try:
-        guest.start()
-        if cfg.socket is not None and cfg.profile != "none":
-            server = guest.server = Server(cfg.socket, guest.handle, cfg.limits)
-        guest.write_status()
-        if server is not None:
-            server.serve(guest.stop_event.is_set, guest.write_status, cfg.status_every_s)
-        else:
-            while not guest.stop_event.wait(cfg.status_every_s):
-                guest.write_status()
-        log.info("stopping on request")
-    except Exception:
-        log.exception("guest failed")
-        raise
-    finally:
-        if server is not None:
-            server.close()
-        guest.shutdown()
-        pid_file.unlink(missing_ok=True)
+    service.run(Guest(GuestConfig.load(ns.config)))
     return 0
 
 

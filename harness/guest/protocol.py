@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import struct
@@ -29,9 +30,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 log = logging.getLogger("hvlab.guest.protocol")
+
+
+def is_number(v: object) -> TypeGuard[int | float]:
+    """A JSON number (not a boolean); NaN and infinities never get past the parser."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and not (
+        isinstance(v, float) and not math.isfinite(v))
+
 
 OPS = ("identify", "prepare", "freeze", "thaw", "post_snapshot", "abort", "status", "workload",
        "fault")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,15 @@ def test_flush_and_hold_timeout_fails_and_unwinds(lab_factory: Callable[..., Lab
     (VSS_E_FLUSH_WRITES_TIMEOUT) fails the run, which unwinds to the LV set it found."""
     h = lab_factory(ONE_VM, start_guests=True)
     pre = h.lv_names()
-    # The host asks for a 0.2 s hold: steps 5-7 take longer, so the guest's watchdog thaws.
+    # The host asks for a 0.2 s hold and step 7 takes longer, so the guest's watchdog thaws.
     monkeypatch.setattr(actions, "FLUSH_AND_HOLD_S", 0.2)
+    step_7 = actions.ACTIONS[7]
+
+    def slow_step_7(ctx: Any, vm: str) -> Any:
+        time.sleep(1.0)
+        return step_7(ctx, vm)
+
+    monkeypatch.setitem(actions.ACTIONS, 7, slow_step_7)
     with pytest.raises(engine.FlowFailed, match="VSS_E_FLUSH_WRITES_TIMEOUT"):
         engine.start(h.defn.name, ["vm01"], fingerprints=False)
     (run_,) = runs.all_runs(h.names)
