@@ -5,14 +5,26 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from hvlab.guest import autorecovery
+from hvlab.guest.config import GuestConfig
 from hvlab.guest.protocol import Server
 
-if TYPE_CHECKING:
-    from hvlab.guest.emulator import Guest
+
+class Guest(Protocol):
+    """What of the emulator's Guest this module runs (emulator.py imports this module)."""
+
+    cfg: GuestConfig
+    stop_event: threading.Event
+    server: Server | None
+
+    def start(self) -> None: ...
+    def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]: ...
+    def write_status(self, final: bool = False) -> None: ...
+    def shutdown(self) -> None: ...
 
 log = logging.getLogger("hvlab.guest")
 
