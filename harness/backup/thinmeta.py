@@ -12,18 +12,25 @@ import mmap
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Generator, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from hvlab.errors import HvlabError
 from hvlab.lab.paths import Names
+from hvlab.sys import dmioctl
+from hvlab.sys.dmioctl import DmError
 from hvlab.sys.run import run
 
 SECTOR = 512
 
 
+def tpool_name(names: Names) -> str:
+    """The dm name of the pool's -tpool device (where its messages go)."""
+    return f"{names.dm_lv_name(names.pool)}-tpool"
+
+
 def tpool_dev(names: Names) -> str:
-    return f"/dev/mapper/{names.dm_lv_name(names.pool)}-tpool"
+    return f"/dev/mapper/{tpool_name(names)}"
 
 
 def tmeta_dev(names: Names) -> str:
@@ -120,22 +127,28 @@ def metadata_snap(names: Names) -> Iterator[MetadataSnap]:
     """The pool's one metadata snapshot, shared by every process of the lab through a flock.
     Holding the flock means no live holder exists, so a reservation left by a killed process
     is released and taken again."""
-    tpool = tpool_dev(names)
+    tpool = tpool_name(names)
     names.dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(names.dir / "metadata-snap.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # short waits: other holders only read metadata
-        reserve = ["dmsetup", "message", tpool, "0", "reserve_metadata_snap"]
-        release = ["dmsetup", "message", tpool, "0", "release_metadata_snap"]
-        if run(reserve, check=False).returncode != 0:
-            run(release, check=False)  # stale, from a killed process
-            run(reserve)
+        try:
+            dmioctl.message(tpool, "reserve_metadata_snap")
+        except DmError:
+            _release(tpool)  # stale, from a killed process
+            dmioctl.message(tpool, "reserve_metadata_snap")
         try:
             yield MetadataSnap(names)
         finally:
-            run(release, check=False)
+            _release(tpool)
     finally:
         os.close(fd)
+
+
+def _release(tpool: str) -> None:
+    """Release the pool's metadata snapshot; none held (or no pool) is not an error here."""
+    with suppress(DmError):
+        dmioctl.message(tpool, "release_metadata_snap")
 
 
 def check(names: Names) -> str:
@@ -148,23 +161,42 @@ def check(names: Names) -> str:
 
 
 def thin_tables() -> dict[str, list[str]]:
-    """Every dm device's table, by name, from one `dmsetup table` call (single-line tables;
-    the lab's thin devices and controllers all are)."""
+    """Every dm device's table, by name, as `dmsetup table` prints it, split into words
+    (single-line tables: the lab's thin devices and controllers all are; of a longer one the
+    last line). Ioctls only; a device that goes away meanwhile is left out."""
     out: dict[str, list[str]] = {}
-    res = run(["dmsetup", "table"], check=False)
-    for line in res.stdout.splitlines():
-        name, sep, table = line.partition(": ")
-        if sep:
-            out[name] = table.split()
+    if not dmioctl.available():
+        return out
+    try:
+        entries = dmioctl.list_names()
+    except DmError:
+        return out
+    for entry in entries:
+        try:
+            targets = dmioctl.table(entry.name)
+        except DmError:
+            continue
+        out[entry.name] = targets[-1].line.split() if targets else []
     return out
+
+
+def pool_status(names: Names, *, check: bool = True) -> list[str]:
+    """The words of the pool's status line (`dmsetup status --noflush` of its -tpool device);
+    [] when it cannot be had and not check."""
+    # noflush: a status must not commit the pool's metadata (a commit waits on the disk,
+    # and a disk that does not complete writes would hang the question, not just the answer)
+    try:
+        targets = dmioctl.status(tpool_name(names), noflush=True)
+    except DmError:
+        if check:
+            raise
+        return []
+    return targets[0].line.split() if targets else []
 
 
 def pool_transaction_id(names: Names) -> int | None:
     """The transaction id the kernel's pool reports (LVM keeps its own: they must agree)."""
-    # --noflush: a status must not commit the pool's metadata (a commit waits on the disk,
-    # and a disk that does not complete writes would hang the question, not just the answer)
-    fields = run(["dmsetup", "status", "--noflush", tpool_dev(names)],
-                 check=False).stdout.split()
+    fields = pool_status(names, check=False)
     try:
         return int(fields[3])
     except (IndexError, ValueError):
@@ -173,7 +205,7 @@ def pool_transaction_id(names: Names) -> int | None:
 
 def pool_usage(names: Names) -> tuple[int, int]:
     """(used data blocks, total data blocks) from the pool's status line."""
-    fields = run(["dmsetup", "status", "--noflush", tpool_dev(names)]).stdout.split()
+    fields = pool_status(names)
     try:
         used, total = fields[5].split("/")
         return int(used), int(total)

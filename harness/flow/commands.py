@@ -209,8 +209,8 @@ out_file = click.Path(dir_okay=False, path_type=Path)
 @click.option("--table-svg", type=out_file, default=None,
               help="Save the terminal tables as an SVG screenshot.")
 @click.option("--commands", "show_commands", is_flag=True,
-              help="The exact commands each step ran (lvcreate, dmsetup, thin tools), "
-                   "ready to copy.")
+              help="The exact commands each step ran (lvcreate, thin tools), ready to "
+                   "copy; its device-mapper ioctls as comments.")
 def explain(run_id: str, lab_name: str | None, as_json: bool, show_commands: bool,
             png: Path | None,
             svg: Path | None, table_svg: Path | None) -> None:

@@ -20,7 +20,6 @@ from hvlab.lab.handle import Lab
 from hvlab.lab.record import Artifact, Disk, Run, Vm
 from hvlab.sys import dm
 from hvlab.sys.lvm import LvRow
-from hvlab.sys.run import run
 
 HYPERV = {"C": "lingering backup checkpoint (GUID.avhdx): merged if the guest wrote to it",
           "A": "leftover auto-recovery checkpoint (GUID-AutoRecovery.avhdx, KB3175561)",
@@ -112,8 +111,7 @@ def _artifact(row: LvRow, arts: list[Artifact], vm: str, disk: str, run_id: str)
 
 def _held(lab: Lab, rep: Report) -> None:
     """A pool metadata snapshot a killed process still holds (the pool has only one)."""
-    fields = run(["dmsetup", "status", "--noflush", thinmeta.tpool_dev(lab.names)],
-                 check=False).stdout.split()
+    fields = thinmeta.pool_status(lab.names, check=False)
     if len(fields) > 6 and fields[6] != "-":
         with thinmeta.metadata_snap(lab.names):
             pass  # taking it under the flock releases a stale one; leaving releases ours

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hvlab.errors import CommandError, HvlabError
-from hvlab.sys import dm, fs, loop
+from hvlab.sys import dm, dmioctl, fs, loop
 from hvlab.sys.run import run
 
 SCRATCH_SIZE = 32 << 20  # sparse; ext4's minimum is 16 MiB
@@ -208,8 +208,10 @@ def dm_usable() -> bool:
     dmsetup run on a kernel without device-mapper leaves the node behind.)"""
     if not dm.available():
         return False
-    res = run(["dmsetup", "targets"], check=False)
-    return res.returncode == 0 and "linear" in res.stdout
+    try:
+        return "linear" in dmioctl.targets()
+    except dmioctl.DmError:
+        return False
 
 
 def run_here() -> list[ProbeResult]:

@@ -6,6 +6,9 @@ target and back. The pool and the LVs above see only what a failing disk would s
         ...
     with pvfault.bad_blocks(names, 0, [1234]):          # reads of those 4 KiB blocks fail
         ...
+
+The swap suspends the PV with a bound (dm.suspend): from a thread other than the main one,
+call dmioctl.prepare_interrupts() in the main thread first.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from hvlab.errors import HvlabError
 from hvlab.lab.paths import Names
 from hvlab.lab.substrate import pv_devices
-from hvlab.sys import dm
+from hvlab.sys import dm, dmioctl
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
 
@@ -26,9 +29,9 @@ DUST_BLOCK = 4096
 
 def _require_target(kind: str) -> None:
     """The lab VM loads the fault targets at boot; natively they may still be modules."""
-    if kind not in run(["dmsetup", "targets"]).stdout.split():
+    if kind not in dmioctl.targets():
         run(["modprobe", f"dm-{kind}"], check=False)
-        if kind not in run(["dmsetup", "targets"]).stdout.split():
+        if kind not in dmioctl.targets():
             raise HvlabError(f"the kernel has no dm {kind} target (modprobe dm-{kind} failed)")
 
 
@@ -49,7 +52,7 @@ def fault(names: Names, i: int, kind: str, args: str) -> Iterator[str]:
     if not any(d.name == pv and d.uuid == names.pv_uuid(i) for d in dm.list_devices()):
         raise HvlabError(f"lab {names.lab!r} has no PV {pv} (is it up?)")
     _require_target(kind)
-    linear = run(["dmsetup", "table", pv]).stdout.strip()
+    linear = dm.table(pv).strip()
     size = linear.split()[1]
     _swap(pv, f"0 {size} {kind} {args}")
     try:

@@ -39,7 +39,6 @@ from pathlib import Path
 from types import FrameType
 
 from hvlab.errors import HvlabError
-from hvlab.sys import dm
 from hvlab.sys import run as runner
 
 CONTROL = "/dev/mapper/control"
@@ -55,8 +54,9 @@ VERSION = (4, 0, 0)  # the oldest 4.x we speak; the kernel answers with its own
 
 # Commands (the enum in dm-ioctl.h).
 VERSION_CMD, LIST_DEVICES, DEV_CREATE, DEV_REMOVE = 0, 2, 3, 4
-DEV_SUSPEND, DEV_STATUS, TABLE_LOAD, TABLE_CLEAR, TABLE_STATUS, TARGET_MSG = 6, 7, 9, 10, 12, 14
-QUERIES = frozenset({VERSION_CMD, LIST_DEVICES, DEV_STATUS, TABLE_STATUS})
+DEV_SUSPEND, DEV_STATUS, TABLE_LOAD, TABLE_CLEAR, TABLE_STATUS = 6, 7, 9, 10, 12
+LIST_VERSIONS, TARGET_MSG = 13, 14
+QUERIES = frozenset({VERSION_CMD, LIST_DEVICES, DEV_STATUS, TABLE_STATUS, LIST_VERSIONS})
 
 # Flags.
 READONLY = 1 << 0
@@ -108,8 +108,9 @@ class DmError(HvlabError):
                                     f"{os.strerror(err)} ({code}){': ' + hint if hint else ''}"))
 
 
-class SuspendTimeout(DmError, dm.SuspendTimeout):
-    """A suspend did not complete in time: the I/O in flight below the device does not."""
+class SuspendTimeout(DmError):
+    """A suspend did not complete in time: the I/O in flight below the device does not.
+    (dm.SuspendTimeout is this class.)"""
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,21 @@ def unpack_names(buf: bytes | bytearray, data_start: int, data_size: int) -> lis
         at += nxt
 
 
+def unpack_versions(buf: bytes | bytearray, data_start: int,
+                    data_size: int) -> dict[str, tuple[int, int, int]]:
+    """The answer of DM_LIST_VERSIONS: struct dm_target_versions records (next, version[3],
+    name), `next` counting from the start of this record to the next one; 0 ends the list."""
+    out: dict[str, tuple[int, int, int]] = {}
+    at = data_start
+    while data_size >= at + 16:
+        nxt, v0, v1, v2 = struct.unpack_from("=4I", buf, at)
+        out[_cstr_at(buf, at + 16)] = (v0, v1, v2)
+        if nxt == 0:
+            break
+        at += nxt
+    return out
+
+
 def pack_message(text: str, sector: int = 0) -> bytes:
     """struct dm_target_msg: the sector that picks the target, then the NUL-terminated text."""
     raw = text.encode()
@@ -306,6 +322,16 @@ def info_of(h: Header) -> Info:
 # ------------------------------------------------------------------------ the control device
 _fd_lock = threading.Lock()
 _fd: int | None = None
+
+
+def _after_fork() -> None:
+    """A forked child (flow/holdguard.py's guard) keeps the open fd; a lock some other thread
+    of the parent held at the fork would never be released in the child."""
+    global _fd_lock
+    _fd_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _control() -> int:
@@ -359,6 +385,12 @@ def _note(cmd: int, op: str, name: str, err: int, start: float) -> None:
 def version() -> tuple[int, int, int]:
     """The kernel's dm-ioctl interface version."""
     return _call(VERSION_CMD, "version")[0].version
+
+
+def targets() -> dict[str, tuple[int, int, int]]:
+    """The target types the kernel has loaded, with their versions (dmsetup targets)."""
+    h, buf = _call(LIST_VERSIONS, "targets", answers=True)
+    return unpack_versions(buf, h.data_start, h.data_size)
 
 
 def list_names() -> list[NameEntry]:

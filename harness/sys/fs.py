@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from hvlab.sys.run import Result, run
 FILESYSTEMS = ("ext4", "xfs")
 # mkfs.xfs in Debian 12 refuses filesystems below 300 MiB.
 MIN_SIZE = {"ext4": 16 << 20, "xfs": 300 << 20}
+FITHAW = 0xC0045878  # _IOWR('X', 120, int): what `fsfreeze --unfreeze` sends
 
 
 @dataclass(frozen=True)
@@ -82,5 +85,17 @@ def freeze(target: Path) -> None:
 
 
 def thaw(target: Path) -> bool:
-    """Thaw; False when it was not frozen (EINVAL), which is fine for recovery paths."""
-    return run(["fsfreeze", "--unfreeze", str(target)], check=False).returncode == 0
+    """Thaw; False when it was not frozen (EINVAL), which is fine for recovery paths, or could
+    not be asked (not a directory, gone): where `fsfreeze --unfreeze` failed too. The ioctl
+    itself, as fsfreeze sends it on the mountpoint, without the ~0.05 s exec."""
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.ioctl(fd, FITHAW, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True

@@ -20,6 +20,7 @@ from hvlab.fixtures.plugin import LabHandle
 from hvlab.flow import engine, faults
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, pvfault, runs
+from hvlab.sys import dmioctl
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
 
@@ -82,6 +83,7 @@ def test_a_suspend_that_does_not_return_is_bounded(lab_factory: Callable[..., La
             while all(r.state == "running" for r in runs.all_runs(h.names)):
                 time.sleep(0.05)
 
+    dmioctl.prepare_interrupts()  # pvfault's bounded suspend runs in the thread below
     slow = threading.Thread(target=slow_while_step_5)
     slow.start()
     try:
