@@ -119,7 +119,8 @@ def plan_fingerprints(ctx: Ctx, vm: str | None) -> Planned:
                 if lv in ids}
     else:
         with thinmeta.metadata_snap(ctx.names) as snap:
-            maps = {lv: snap.mapping(ids[lv]) for _, _, lv, _ in present if lv in ids}
+            by_id = snap.mappings(ids[lv] for _, _, lv, _ in present if lv in ids)
+            maps = {lv: by_id[ids[lv]] for _, _, lv, _ in present if lv in ids}
     out: dict[str, dict[str, Any]] = {}
     todo: dict[tuple[tuple[int, int], ...], tuple[str, thinmeta.Mapping]] = {}
     where: list[tuple[str, str, tuple[tuple[int, int], ...] | None]] = []
