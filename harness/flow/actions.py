@@ -244,6 +244,7 @@ def auto_recovery_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
         made.append(art(v, d, "A", disk.A))
     ctx.forget()
     ctx.save()
+    holdguard.close(vm)  # nothing of the VM is held after step 6
     return {"made": made}
 
 

@@ -64,7 +64,9 @@ def execute(ctx: Ctx) -> Run:
         return _execute(ctx)
     finally:
         holdguard.close()  # guards end with the run's steps (an early failure leaves some)
-        windowguard.close()
+        for vm in ctx.run.vms:  # a still-frozen guest keeps its guard: it thaws if the guest dies
+            if not ctx.vm(vm).frozen:
+                windowguard.close(vm)
 
 
 def _execute(ctx: Ctx) -> Run:

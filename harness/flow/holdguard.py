@@ -7,30 +7,41 @@ its 10 s watchdog. So a guard process resumes them at once when the backup dies,
 deadline when it hangs, and records what went live (C, if its table was loaded), so a restart
 maps it.
 
-The guard is forked before the freeze request (`standby`) and armed through a pipe: a fork of
-the backup costs 50-100 ms in the lab VM, a line on a pipe microseconds. The pipe also tells
-the guard that the backup died: its end reads EOF. Disarmed, the guard then just exits.
+The guard is forked before the freeze request (`standby`) and armed through a socket pair: a
+fork of the backup costs 50-100 ms in the lab VM, a line on a socket microseconds. The socket
+also tells the guard that the backup died (EOF; disarmed, it then just exits), and tells the
+backup whether the guard fired: a disarm is answered, and a hold the guard already resumed
+fails its step (the guest may have written past the checkpoint's instant).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import select
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from hvlab.errors import HvlabError
 from hvlab.sys import dm
 
 POLL_S = 0.05
+REPLY_S = 5.0  # for the guard's answer to a disarm (it only has to be scheduled)
+
+
+class GuardFired(HvlabError):
+    """The guard resumed the held devices (the step overran its deadline, or the guard could
+    not be told to stand down): what the step made may not be of one instant."""
 
 
 @dataclass
 class _Guard:
     pid: int
-    fd: int  # our end of the pipe; the guard reads the other
+    sock: socket.socket  # our end; the guard holds the other
 
 
 _standby: dict[str, _Guard] = {}  # VM -> its guard, forked before the window
@@ -38,15 +49,16 @@ _standby: dict[str, _Guard] = {}  # VM -> its guard, forked before the window
 
 def _fork(after: Callable[[], None]) -> _Guard:
     parent = os.getpid()
-    r, w = os.pipe()
+    ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:  # the guard: never returns into the caller's code
         code = 0
         try:
-            os.close(w)
-            _close_inherited(keep=r)
+            gc.disable()  # a finaliser of an inherited object would close a reused fd number
+            ours.close()
+            _close_inherited(keep=theirs.fileno())
             os.setsid()  # a signal to the caller's process group does not end the guard
-            _serve(r, parent, after)
+            _serve(theirs, parent, after)
         except BaseException:
             import traceback
 
@@ -54,15 +66,15 @@ def _fork(after: Callable[[], None]) -> _Guard:
             code = 1
         finally:
             os._exit(code)
-    os.close(r)
-    return _Guard(pid, w)
+    theirs.close()
+    return _Guard(pid, ours)
 
 
 def _close_inherited(keep: int) -> None:
-    """Hold nothing of the backup's but stdio, the pipe and device-mapper's control node (its
-    ioctls' open fd): not its VM locks (a guard outliving a killed backup by a moment would
-    keep the VM locked for the next command), not other guards' pipes (their EOF is how they
-    learn that the backup died)."""
+    """Hold nothing of the backup's but stdio, the socket and device-mapper's control node
+    (its ioctls' open fd): not its VM locks (a guard outliving a killed backup by a moment
+    would keep the VM locked for the next command), not other guards' sockets (their EOF is
+    how they learn that the backup died)."""
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd <= 2 or fd == keep:
@@ -77,12 +89,12 @@ def _close_inherited(keep: int) -> None:
 
 
 def _end(g: _Guard) -> None:
-    with contextlib.suppress(OSError):
-        os.close(g.fd)
+    """Kill first: closing our end first would tell an armed guard that the backup died."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(g.pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(g.pid, 0)
+    g.sock.close()
 
 
 def standby(vm: str, after: Callable[[], None]) -> None:
@@ -101,10 +113,22 @@ def close(vm: str | None = None) -> None:
 
 def _send(g: _Guard, line: str) -> bool:
     try:
-        os.write(g.fd, line.encode() + b"\n")
+        g.sock.sendall(line.encode() + b"\n")
     except OSError:
         return False  # the guard is gone (it fired at a deadline, or was killed)
     return True
+
+
+def _stand_down(g: _Guard) -> bool:
+    """Disarm; True when the guard confirms it had not fired."""
+    if not _send(g, "disarm"):
+        return False
+    if not select.select([g.sock], [], [], REPLY_S)[0]:
+        return False
+    try:
+        return g.sock.recv(64).startswith(b"disarmed")
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -113,56 +137,69 @@ def guard(vm: str, devices: list[str], deadline_s: float,
     """Run the block with a guard that resumes `devices` (in the order given) if this process
     dies or the block takes longer than deadline_s; `after` runs in the guard once it resumed
     them. Uses VM's standing guard if it has one (which runs the `after` it was forked with),
-    else forks one for the block."""
+    else forks one for the block. GuardFired when the guard resumed them before the block
+    ended."""
+    arm = "arm " + " ".join([f"{deadline_s:.3f}", *devices])
     g = _standby.get(vm)
-    own = g is None or not _send(g, "arm " + " ".join([f"{deadline_s:.3f}", *devices]))
+    own = g is None or not _send(g, arm)
     if own:
-        _standby.pop(vm, None)
+        close(vm)
         g = _fork(after)
-        _send(g, "arm " + " ".join([f"{deadline_s:.3f}", *devices]))
+        _send(g, arm)
     assert g is not None
+    ok = False
     try:
         yield
+        ok = True
     finally:
-        if own:
+        stood_down = _stand_down(g)
+        if own or not stood_down:
             _end(g)
-        elif not _send(g, "disarm"):
-            close(vm)
+            _standby.pop(vm, None)
+    if ok and not stood_down:
+        raise GuardFired(f"the guard of {vm}'s held devices resumed them before the step "
+                         f"ended (deadline {deadline_s:.2f} s): not a checkpoint of one instant")
 
 
-def _serve(fd: int, parent: int, after: Callable[[], None]) -> None:
-    """Wait for lines: `arm SECONDS DEV...`, `disarm`. EOF (the backup is gone) or the
-    deadline while armed: resume what is held, run `after`, exit."""
+def _serve(sock: socket.socket, parent: int, after: Callable[[], None]) -> None:
+    """Wait for lines: `arm SECONDS DEV...`, `disarm` (answered). EOF (the backup is gone) or
+    the deadline while armed: say so, resume what is held, run `after`, exit. Lines already
+    sent are read before the deadline is looked at: a disarm in time is never missed."""
     armed: list[str] = []
     deadline = 0.0
     buf = b""
     while True:
-        wait = max(deadline - time.monotonic(), 0.0) if armed else None
-        ready = select.select([fd], [], [], min(wait, POLL_S) if wait is not None else POLL_S)[0]
-        if armed and (time.monotonic() >= deadline):
-            break
-        if not ready:
-            if os.getppid() != parent:
-                break  # reparented: the backup died and its pipe end was inherited elsewhere
+        wait = max(deadline - time.monotonic(), 0.0) if armed else POLL_S
+        if select.select([sock], [], [], min(wait, POLL_S))[0]:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break  # the backup closed its end or died
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                words = line.decode().split()
+                if words[:1] == ["arm"]:
+                    deadline, armed = time.monotonic() + float(words[1]), words[2:]
+                elif words[:1] == ["disarm"]:
+                    armed = []
+                    sock.sendall(b"disarmed\n")
             continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break  # the backup closed its end or died
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            words = line.decode().split()
-            if words[:1] == ["arm"]:
-                deadline, armed = time.monotonic() + float(words[1]), words[2:]
-            elif words[:1] == ["disarm"]:
-                armed = []
+        if armed and time.monotonic() >= deadline:
+            break
+        if os.getppid() != parent:
+            break  # reparented: the backup died and its socket end was inherited elsewhere
     if armed:
+        with contextlib.suppress(OSError):
+            sock.sendall(b"fired\n")
         _release(armed)
         after()
 
 
 def _release(devices: list[str]) -> None:
-    held = {d.name for d in dm.list_devices() if d.suspended}
+    try:
+        held = {d.name for d in dm.list_devices() if d.suspended}
+    except HvlabError:
+        held = set(devices)  # cannot tell: resume each (a running device ignores it)
     for name in devices:
         if name in held:
             dm.run_resume(name)

@@ -64,6 +64,29 @@ def _dm_name(devname: str) -> str:
         return ""
 
 
+_shared: Any = None  # this process's socket for watch(): opening one costs up to 40 ms
+
+
+def _shared_socket() -> Any:
+    """Kept open for the process: a step's watch in the freeze window must cost little. Only
+    the main thread watches (a pyroute2 socket must not be read from two threads)."""
+    global _shared
+    if _shared is None or os.getpid() != _shared_pid[0]:
+        _shared, _shared_pid[0] = _own_socket(), os.getpid()
+    return _shared
+
+
+def _own_socket() -> Any:
+    sock = UeventSocket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind()
+    return sock
+
+
+_shared_pid = [0]
+_active = [0]  # watch blocks running in this process
+
+
 @contextmanager
 def watch(settle: float = 0.25) -> Iterator[Recorder]:
     """Record block uevents for the duration of the block. Degrades to nothing if unavailable.
@@ -73,17 +96,19 @@ def watch(settle: float = 0.25) -> Iterator[Recorder]:
     without one. dm and loop emit their uevents inside the ioctl, so settle=0 (drain what is
     queued) loses nothing from them; it is what the freeze window uses."""
     rec = Recorder()
-    before = _block_devices()
+    nested = _active[0] > 0  # an outer watch reads the shared socket: this one gets its own
     try:
-        sock = UeventSocket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock.bind()
+        sock = _own_socket() if nested else _shared_socket()
     except OSError:
+        before = _block_devices()
         try:
             yield rec
         finally:
             _reconcile(rec, before)
         return
+    while select.select([sock], [], [], 0)[0]:  # from before the block: not its own
+        sock.get()
+    before = _block_devices()
 
     def drain(wait: float = 0.0) -> None:
         while select.select([sock], [], [], wait)[0]:
@@ -98,14 +123,17 @@ def watch(settle: float = 0.25) -> Iterator[Recorder]:
                 rec.events.append(ev)
 
     rec.drain = drain
+    _active[0] += 1
     try:
         yield rec
     finally:
+        _active[0] -= 1
         try:
             drain(settle)
         finally:
             rec.drain = lambda: None
-            sock.close()
+            if nested:
+                sock.close()
             _reconcile(rec, before)
 
 
