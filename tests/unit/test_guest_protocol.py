@@ -14,7 +14,8 @@ import pytest
 
 from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient, GuestError, GuestUnavailable
-from hvlab.guest.emulator import Guest, GuestConfig
+from hvlab.guest.config import GuestConfig
+from hvlab.guest.emulator import Guest
 from hvlab.guest.protocol import ProtocolError, Server
 from hvlab.guest.quiesce import FreezeError
 
