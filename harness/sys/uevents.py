@@ -1,7 +1,8 @@
-"""Kernel block uevents (NETLINK_KOBJECT_UEVENT via pyroute2): wait for nodes, record changes."""
+"""Kernel block uevents (NETLINK_KOBJECT_UEVENT): wait for nodes, record changes."""
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -10,9 +11,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from pyroute2 import UeventSocket
 
 from hvlab.sys import dmioctl
 
@@ -42,18 +40,49 @@ class Recorder:
             e.name or e.devname for e in self.events if e.action == "remove"))
 
 
-def _decode(msg: Any) -> Uevent | None:
-    # pyroute2 puts the uevent properties at the top level of the message.
-    def prop(key: str) -> str:
-        try:
-            value = msg.get(key)
-        except Exception:
-            return ""
-        return value if isinstance(value, str) else ""
+NETLINK_KOBJECT_UEVENT = 15  # linux/netlink.h; the socket module names neither
+SO_RCVBUFFORCE = 33
 
-    if prop("SUBSYSTEM") != "block":
+
+def _open() -> socket.socket:
+    """The kernel's uevent multicast group, read with a plain netlink socket. pyroute2 0.9's
+    UeventSocket ran an asyncio loop: up to 40 ms to open (too dear for the freeze window), and
+    its transport died for good on the ENOBUFS a full buffer reports."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                         | socket.SOCK_CLOEXEC, NETLINK_KOBJECT_UEVENT)
+    try:
+        # root may pass rmem_max: a step that makes a VM's devices sends hundreds of events
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    try:
+        sock.bind((0, 1))  # group 1: the kernel's own events (udev re-sends on group 2)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _read(sock: socket.socket) -> Iterator[dict[str, str]]:
+    """What is queued, each as its KEY=VALUE properties ("add@/devices/..." line skipped)."""
+    while True:
+        try:
+            data = sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno == errno.ENOBUFS:
+                continue  # the kernel dropped some; watch() reconciles with sysfs
+            raise
+        yield dict(f.split("=", 1) for f in data.decode(errors="replace").split("\0")
+                   if "=" in f)
+
+
+def _decode(props: dict[str, str]) -> Uevent | None:
+    if props.get("SUBSYSTEM") != "block":
         return None
-    return Uevent(prop("ACTION"), prop("DEVNAME"), prop("DM_NAME"), time.time())
+    return Uevent(props.get("ACTION", ""), props.get("DEVNAME", ""), props.get("DM_NAME", ""),
+                  time.time())
 
 
 def _dm_name(devname: str) -> str:
@@ -64,56 +93,24 @@ def _dm_name(devname: str) -> str:
         return ""
 
 
-_shared: Any = None  # this process's socket for watch(): opening one costs up to 40 ms
-
-
-def _shared_socket() -> Any:
-    """Kept open for the process: a step's watch in the freeze window must cost little. Only
-    the main thread watches (a pyroute2 socket must not be read from two threads)."""
-    global _shared
-    if _shared is None or os.getpid() != _shared_pid[0]:
-        _shared, _shared_pid[0] = _own_socket(), os.getpid()
-    return _shared
-
-
-def _own_socket() -> Any:
-    sock = UeventSocket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    sock.bind()
-    return sock
-
-
-_shared_pid = [0]
-_active = [0]  # watch blocks running in this process
-
-
 @contextmanager
 def watch(settle: float = 0.25) -> Iterator[Recorder]:
-    """Record block uevents for the duration of the block. Degrades to nothing if unavailable.
+    """Record block uevents for the duration of the block. Degrades to sysfs if unavailable.
 
-    The kernel queues the events on our socket; we drain it in this thread when the block ends
-    (pyroute2's sockets must not be read from another thread), until `settle` seconds pass
-    without one. dm and loop emit their uevents inside the ioctl, so settle=0 (drain what is
-    queued) loses nothing from them; it is what the freeze window uses."""
+    The kernel queues the events on our socket; we read it when the block ends, until `settle`
+    seconds pass without one. dm and loop emit their uevents inside the ioctl, so settle=0
+    (read what is queued) loses nothing from them; it is what the freeze window uses."""
     rec = Recorder()
-    nested = _active[0] > 0  # an outer watch reads the shared socket: this one gets its own
     try:
-        sock = _own_socket() if nested else _shared_socket()
+        sock = _open()
     except OSError:
-        before = _block_devices()
-        try:
-            yield rec
-        finally:
-            _reconcile(rec, before)
-        return
-    while select.select([sock], [], [], 0)[0]:  # from before the block: not its own
-        sock.get()
+        sock = None
     before = _block_devices()
 
     def drain(wait: float = 0.0) -> None:
-        while select.select([sock], [], [], wait)[0]:
-            for msg in sock.get():
-                ev = _decode(msg)
+        while sock is not None and select.select([sock], [], [], wait)[0]:
+            for props in _read(sock):
+                ev = _decode(props)
                 if ev is None:
                     continue
                 if ev.devname.startswith("dm-") and not ev.name:
@@ -123,16 +120,14 @@ def watch(settle: float = 0.25) -> Iterator[Recorder]:
                 rec.events.append(ev)
 
     rec.drain = drain
-    _active[0] += 1
     try:
         yield rec
     finally:
-        _active[0] -= 1
         try:
             drain(settle)
         finally:
             rec.drain = lambda: None
-            if nested:
+            if sock is not None:
                 sock.close()
             _reconcile(rec, before)
 
@@ -172,16 +167,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
         return
     deadline = time.monotonic() + timeout
     try:
-        sock = UeventSocket()
-        sock.bind()
+        sock: socket.socket | None = _open()
     except OSError:
         sock = None
     try:
         while time.monotonic() < deadline:
             if sock is not None:
-                r, _, _ = select.select([sock], [], [], 0.2)
-                if r:
-                    sock.get()
+                if select.select([sock], [], [], 0.2)[0]:
+                    for _ in _read(sock):
+                        pass
             else:
                 time.sleep(0.05)
             if predicate():

@@ -18,7 +18,7 @@ import pytest
 
 from hvlab.backup import thinmeta
 from hvlab.fixtures.plugin import LabHandle, requires
-from hvlab.sys import dmioctl, loop
+from hvlab.sys import dmioctl, loop, uevents
 from hvlab.sys.dmioctl import DmError, Target
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
@@ -272,3 +272,23 @@ def test_pool_snapshots_by_message_with_metadata_clean_and_lvm_intact(
         lvm("lvremove", "-q", "-y", f"{n.vg}/dmtest_c")
     assert "dmtest_c" not in lvm.rows(n.vg) and thinmeta.check(n) == ""
     assert not [d for d in dmioctl.list_names() if "dmtest" in d.name]
+
+
+def test_the_kept_uevent_socket_survives_an_overflow(loop_dev: str) -> None:
+    """The steps' uevent socket stays open between backups and fills up meanwhile; the kernel
+    then answers ENOBUFS once. That failed every later backup of the process (CI, 6627a11)."""
+    def churn(n: int) -> None:  # three uevents a round: add, change (resume), remove
+        for _ in range(n):
+            dmioctl.create(f"{PREFIX}churn", [Target(0, 8, "linear", f"{loop_dev} 0")])
+            dmioctl.remove(f"{PREFIX}churn")
+
+    with uevents.watch(settle=0):
+        pass  # opens the kept socket
+    churn(400)  # far past the socket's buffer (rmem_max)
+    with uevents.watch(settle=0) as rec:
+        dmioctl.create(f"{PREFIX}one", [Target(0, 8, "linear", f"{loop_dev} 0")])
+    assert rec.created() == [f"{PREFIX}one"] and not rec.removed()
+    with uevents.watch(settle=0) as rec:  # and inside a watch: what was lost is reconciled
+        churn(400)
+        dmioctl.remove(f"{PREFIX}one")
+    assert f"{PREFIX}one" in rec.removed() and f"{PREFIX}one" not in rec.created()
