@@ -61,12 +61,21 @@ test: deps lint
 test-host: venv
 	$(PYTEST) -q tests/unit tests/vm
 
+# In lab VMs the storage tests are split round robin over LAB_SHARDS VMs run side by side (a lab
+# VM has one CPU); each shard has its own pytest temp directory (and so its own HVLAB_HOME).
+LAB_SHARDS ?= 2
 test-integration: deps
 	@if $(VENV)/bin/python -c 'import sys; from hvlab.vm import runner; sys.exit(runner.choose() != "native")'; then \
 	  $(PYTEST) -q --durations=15 tests/integration; \
 	else \
-	  $(IN_LAB) $(abspath $(PYTEST)) -q -p no:cacheprovider --color=no --durations=15 tests/integration; \
+	  env -u MAKEFLAGS -u MFLAGS $(MAKE) --no-print-directory -j$(LAB_SHARDS) --output-sync=target \
+	    $(foreach i,$(shell seq $(LAB_SHARDS)),lab-shard-$(i)); \
 	fi
+
+lab-shard-%:
+	@echo "== integration shard $*/$(LAB_SHARDS) (lab VM) =="
+	@$(IN_LAB) $(abspath $(PYTEST)) -q -p no:cacheprovider --color=no --durations=10 \
+	  --basetemp=/tmp/hvlab-it-shard$*of$(LAB_SHARDS) --shard $*/$(LAB_SHARDS) tests/integration
 
 bench: deps
 	$(IN_LAB) $(abspath $(VENV)/bin/python) -m hvlab.bench
