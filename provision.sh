@@ -18,6 +18,7 @@ PACKAGES=(
     lvm2 thin-provisioning-tools kmod  # thin pools, thin_delta/thin_dump, modprobe dm-thin-pool
     e2fsprogs xfsprogs util-linux mount  # mkfs, fsfreeze, blockdev; losetup is in `mount`
     iproute2 psmisc procps
+    nbdkit python3-libnbd              # off-host mode: the NBD server, and libnbd for the proxy
 )
 # The lab VM, for kernels without device-mapper (as on the build machines). A kernel with
 # dm-thin (a Vagrant VM) does not need it, so a distribution without it is not an error.
@@ -70,9 +71,31 @@ packages() {
     done
 }
 
+# libnbd's Python binding is Debian's (python3-libnbd; PyPI has none): the venv sees only its
+# two files, through a folder of links and a .pth, and only when it was built for the venv's
+# Python (the same EXT_SUFFIX).
+libnbd() {
+    local site suffix so dir="$VENV/libnbd"
+    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    suffix=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+    so=/usr/lib/python3/dist-packages/libnbdmod$suffix
+    if [ ! -e "$so" ]; then
+        say "note: no libnbd binding for the venv's Python ($so): off-host mode unavailable"
+        return 0
+    fi
+    if [ -e "$dir/nbd.py" ] && [ -e "$site/hvlab-libnbd.pth" ]; then
+        return 0
+    fi
+    mkdir -p "$dir"
+    ln -sf /usr/lib/python3/dist-packages/nbd.py "$so" "$dir/"
+    readlink -f "$dir" > "$site/hvlab-libnbd.pth"
+    say "linked libnbd's Python binding into $VENV"
+}
+
 venv() {
     local stamp="$VENV/.installed"
     if [ -e "$stamp" ] && ! [ pyproject.toml -nt "$stamp" ]; then
+        libnbd
         return 0
     fi
     # The venv belongs to whoever owns the checkout (the vagrant user in a Vagrant VM), so a
@@ -87,6 +110,7 @@ venv() {
     test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q -e '.[test]'
+    libnbd
     touch "$stamp"
 }
 

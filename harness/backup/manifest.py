@@ -40,6 +40,7 @@ def build(names: Names, run: Run) -> dict[str, Any]:
                     "auto_recovery": v.auto_recovery_result, "disks": disks})
     return {"version": 1, "lab": run.lab, "run": run.id, "mode": run.mode,
             "created": run.created, "vms": vms, "snapshot_set": run.snapshot_set,
+            "link": run.link,
             "pre": run.pre, "post": run.post, "events": runs.events(names, run.id)}
 
 

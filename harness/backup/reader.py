@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +43,18 @@ def _nonzero_runs(data: bytes, bs: int) -> Iterator[tuple[int, int]]:
 
 def read_image(dev: str, m: Mapping, size: int, dest: Path,
                progress: Progress = _noop) -> dict[str, object]:
-    """Copy the mapped blocks of `dev` into a sparse file of `size` bytes; all-zero blocks stay
-    holes. The sha256 of the whole logical image (holes as zeros, as `sha256sum` sees it) is
-    computed while copying, so the image is never read back. On any failure (ENOSPC at the
-    destination, EIO from the device) the partial image is removed before the error goes up."""
+    """Copy the mapped blocks of `dev` into a sparse file of `size` bytes (see write_chunks)."""
+    return write_chunks(read_ranges(dev, m.ranges, m.block_bytes), m, size, dest, progress)
+
+
+def write_chunks(chunks: Iterable[tuple[int, bytes]], m: Mapping, size: int, dest: Path,
+                 progress: Progress = _noop) -> dict[str, object]:
+    """Write (offset, data) chunks of the mapped blocks, in order, into a sparse file of `size`
+    bytes; all-zero blocks stay holes. The sha256 of the whole logical image (holes as zeros,
+    as `sha256sum` sees it) is computed while copying, so the image is never read back. On any
+    failure (ENOSPC at the destination, EIO from the device or the link) the partial image is
+    removed before the error goes up. The chunks come from the device (on-host) or over NBD
+    (the off-host proxy)."""
     read = written = 0
     h = hashlib.sha256()
     hashed = 0  # the logical image is hashed up to here
@@ -54,7 +62,7 @@ def read_image(dev: str, m: Mapping, size: int, dest: Path,
     try:
         try:
             os.ftruncate(fd, size)
-            for off, data in read_ranges(dev, m.ranges, m.block_bytes):
+            for off, data in chunks:
                 if off >= size:  # the caller passes the device's size: nothing maps past it
                     break
                 data = data[:size - off]

@@ -39,7 +39,11 @@ def _unwind_on_signals() -> None:
     """SIGTERM (the lab VM's agent passing on a Ctrl-C, or its client being gone) and SIGHUP
     (a closed terminal) end a backup the way Ctrl-C does: the run unwinds, then exit 130.
     Later signals are ignored so they cannot cut the unwind short."""
+    owner = os.getpid()
+
     def interrupt(signum: int, _frame: object) -> None:
+        if os.getpid() != owner:  # a forked helper (pyroute2's, a guard) told to stop: stop
+            os._exit(128 + signum)
         for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(s, signal.SIG_IGN)
         raise KeyboardInterrupt(f"signal {signum}")
@@ -68,12 +72,15 @@ def _unwind_on_signals() -> None:
                    "this full or more (default 80), or when this backup's worst case would "
                    "take it past 100%; a pool whose data is full or that LVM reports out of "
                    "data, read-only or failed is always refused.")
+@click.option("--mode", type=click.Choice(["on-host", "off-host"]), default=None,
+              help="Step 13's backup mode: read S here (on-host, the default) or export it "
+                   "over NBD to a proxy in its own network namespace (off-host).")
 @click.option("--inject", default=None, hidden=True,
               help="POINT:ACTION[,...]: kill, raise or hang at a named fault point.")
 def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
            pause_after: int | None, resume_id: str | None, abort_id: str | None,
            no_fingerprints: bool, app_aware: str, metadata_limit: int | None,
-           inject: str | None) -> None:
+           mode: str | None, inject: str | None) -> None:
     """Back up VMs through Hyper-V 2012 R2's 14 steps on real thin snapshots."""
     from rich.progress import Progress
 
@@ -91,6 +98,8 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
         raise BadInput("--abort takes no other option (--dest, --pause-after, --no-fingerprints)")
     if resume_id and dest:
         raise BadInput("--dest is fixed when a run starts; --resume cannot change it")
+    if (resume_id or abort_id) and mode is not None:
+        raise BadInput("--mode is fixed when a run starts; not with --resume or --abort")
     if (resume_id or abort_id) and metadata_limit is not None:
         raise BadInput("--metadata-limit is checked when a run starts; not with --resume or "
                        "--abort")
@@ -106,7 +115,7 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
         else:
             run = engine.start(lab, list(vms), dest=dest, pause_after=pause_after,
                                say=prog.console.print, fingerprints=not no_fingerprints,
-                               progress=prog, app_aware=app_aware,
+                               progress=prog, app_aware=app_aware, mode=mode or "on-host",
                                metadata_limit=(preflight.DEFAULT_METADATA_LIMIT
                                                if metadata_limit is None else metadata_limit))
     if run.state == "paused":

@@ -11,11 +11,13 @@ A `<vm>_<disk>_a_<run>`, S_B / S_A `<vm>_<disk>_sb_<run>` / `_sa_<run>`.
 
 from __future__ import annotations
 
+import os
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
-from hvlab.backup import thinmeta
+from hvlab.backup import offhost, thinmeta
 from hvlab.errors import BadInput, HvlabError
 from hvlab.flow import dest as backup_dir
 from hvlab.flow import faults, holdguard, observe, preflight, unwind, windowguard
@@ -96,6 +98,8 @@ def _execute(ctx: Ctx) -> Run:
         observe.flush(ctx)  # never unwind under a hash still reading B
         err = f"{type(exc).__name__}: {exc}"
         run.error = err
+        if os.environ.get("HVLAB_VERBOSE"):  # where, for a bug report
+            ctx.say("".join(traceback.format_exception(exc)).rstrip())
         ctx.say(f"step failed: {err}; unwinding")
         try:
             unwind.unwind(ctx, final="failed", post=lambda: snapshot_state(ctx))
@@ -145,15 +149,20 @@ def leftovers(lab: Lab, vms: list[str], live_runs: set[str],
 
 
 APP_AWARE = ("require", "try", "off")
+MODES = ("on-host", "off-host")  # Veeam's two backup modes of step 13
 
 
 def start(lab_name: str, vms: list[str], *, dest: Path | None = None,
           pause_after: int | None = None, say: Say = quiet, fingerprints: bool = True,
           progress: Any = None, app_aware: str = "try",
-          metadata_limit: int = preflight.DEFAULT_METADATA_LIMIT) -> Run:
+          metadata_limit: int = preflight.DEFAULT_METADATA_LIMIT, mode: str = "on-host") -> Run:
     """`hvlab backup VM [VM ...]`: validate everything, register the run, execute."""
     if app_aware not in APP_AWARE:
         raise BadInput(f"invalid --app-aware {app_aware!r}: one of {', '.join(APP_AWARE)}")
+    if mode not in MODES:
+        raise BadInput(f"invalid --mode {mode!r}: one of {', '.join(MODES)}")
+    if mode == "off-host" and (lacking := offhost.missing()):
+        raise HvlabError(f"off-host mode needs {'; '.join(lacking)} (`make deps` installs them)")
     preflight.check_limit(metadata_limit)
     lab = Lab.open(lab_name)
     if not vms:
@@ -170,6 +179,7 @@ def start(lab_name: str, vms: list[str], *, dest: Path | None = None,
             ctx = _register(lab, run_id, vmdefs, where, pause_at, pause_after, say,
                             fingerprints, metadata_limit)
             ctx.run.app_aware = app_aware
+            ctx.run.mode = mode
             ctx.save()
         ctx.progress = progress
         ctx.say(f"run {run_id}: backup of {', '.join(vms)} -> {where}")

@@ -10,12 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hvlab.backup import reader, thinmeta
+from hvlab.backup import offhost, reader, thinmeta
 from hvlab.errors import HvlabError
 from hvlab.flow import dest, faults
 from hvlab.flow.actions import action, art
 from hvlab.flow.context import Ctx, lv_name, thin_ids
-from hvlab.lab import live
+from hvlab.lab import links, live
 from hvlab.lab.record import Artifact, Disk
 from hvlab.sys.uevents import wait_node
 
@@ -109,7 +109,8 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
         deltas = {f"{v}/{d}": snap.delta(ids[sb], ids[sa]) for v, d, _, sb, sa in members}
     total = sum(maps[sa].mapped_blocks * maps[sa].block_bytes for *_, sa in members)
     prog = ctx.progress
-    task = prog.add_task("step 13: reading S", total=total) if prog is not None else None
+    task = prog.add_task(f"step 13: reading S ({ctx.run.mode})", total=total) \
+        if prog is not None else None
 
     copied = [0]
 
@@ -119,37 +120,74 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
         if prog is not None:
             prog.update(task, advance=n)
 
+    for v, d, *_others in members:
+        (where / f"{v}_{d}.img").unlink(missing_ok=True)  # a resumed step 13 starts over
+    if ctx.run.mode == "off-host":
+        results = _read_off_host(ctx, members, maps, where, advance)
+    else:
+        results = {f"{v}/{d}": _read_on_host(ctx, where, v, d, sa, maps[sa], copied, advance)
+                   for v, d, _, _, sa in members}
     images: dict[str, dict[str, Any]] = {}
     for v, d, disk, sb, sa in members:
-        m = maps[sa]
-        file = where / f"{v}_{d}.img"
-        file.unlink(missing_ok=True)  # a resumed step 13 starts its images over
-        dev = ctx.lv_dev(sa)
-        # The LV's own size (rounded up to whole extents; the filesystem spans all of it).
-        first, mapped = copied[0], m.mapped_blocks * m.block_bytes
-
-        def so_far(first: int = first, mapped: int = mapped) -> str:
-            return (f" after reading {(copied[0] - first) / 2**20:.1f} of its "
-                    f"{mapped / 2**20:.1f} MiB mapped; partial image removed")
-
-        with writing_to(where, file.name, so_far):
-            res = reader.read_image(dev, m, _dev_size(dev), file, advance)
-        bs = m.block_bytes
+        bs = maps[sa].block_bytes
         images[f"{v}/{d}"] = {
-            "file": file.name, **res, "vm": v, "disk": d, "fs": disk.fs, "source": sa,
-            "base_at_t0": {"lv": sb, "mapped_blocks": maps[sb].mapped_blocks},
+            "file": f"{v}_{d}.img", **results[f"{v}/{d}"], "vm": v, "disk": d, "fs": disk.fs,
+            "source": sa, "base_at_t0": {"lv": sb, "mapped_blocks": maps[sb].mapped_blocks},
             "auto_recovery_ranges": [
                 {"kind": k, "offset": b * bs, "length": n * bs}
                 for k in ("different", "right_only", "left_only")
                 for b, n in deltas[f"{v}/{d}"][k]],
         }
-        faults.point("s13-image")
     ctx.run.images = images
     ctx.save()
-    return {"images": {k: {"sha256": i["sha256"], "bytes_read": i["bytes_read"],
+    return {"mode": ctx.run.mode, **({"link": ctx.run.link} if ctx.run.link else {}),
+            "images": {k: {"sha256": i["sha256"], "bytes_read": i["bytes_read"],
                            "auto_recovery_bytes": sum(r["length"] for r in
                                                       i["auto_recovery_ranges"])}
                        for k, i in images.items()}}
+
+
+def _read_on_host(ctx: Ctx, where: Path, v: str, d: str, sa: str, m: thinmeta.Mapping,
+                  copied: list[int], advance: Callable[[int], None]) -> dict[str, Any]:
+    file = where / f"{v}_{d}.img"
+    dev = ctx.lv_dev(sa)
+    first, mapped = copied[0], m.mapped_blocks * m.block_bytes
+
+    def so_far() -> str:
+        return (f" after reading {(copied[0] - first) / 2**20:.1f} of its "
+                f"{mapped / 2**20:.1f} MiB mapped; partial image removed")
+
+    with writing_to(where, file.name, so_far):
+        # The LV's own size (rounded up to whole extents; the filesystem spans all of it).
+        res = reader.read_image(dev, m, _dev_size(dev), file, advance)
+    faults.point("s13-image")
+    return res
+
+
+def _read_off_host(ctx: Ctx, members: list[tuple[str, str, Disk, str, str]],
+                   maps: dict[str, thinmeta.Mapping], where: Path,
+                   advance: Callable[[int], None]) -> dict[str, dict[str, Any]]:
+    """The snapshot set over NBD to the proxy, which is handed each disk's allocation map
+    (as Veeam's proxy is handed change-tracking data) and reads only those ranges."""
+    link = ctx.run.link = offhost.describe(links.plan(ctx.names, ctx.run.id))
+    ctx.save()  # said before it exists: explain and a reader of the record see the link
+    exports = {f"{v}_{d}": ctx.lv_dev(sa) for v, d, _, _, sa in members}
+    disks: list[dict[str, Any]] = [{"export": f"{v}_{d}", "dev_id": maps[sa].dev_id,
+              "block_bytes": maps[sa].block_bytes, "ranges": maps[sa].ranges,
+              "size": _dev_size(ctx.lv_dev(sa)), "dest": str(where / f"{v}_{d}.img")}
+             for v, d, _, _, sa in members]
+    with offhost.link(ctx.names, ctx.run.id, exports) as proxy:
+        with writing_to(where, "the images"):
+            got, nbd_bytes = proxy.read(disks, advance)
+        link_bytes = proxy.link_bytes()
+    by_export = {img.pop("export"): img for img in got}
+    extents = sum(len(x["ranges"]) for x in disks)
+    link.update({"nbd_bytes": nbd_bytes, "link_bytes": link_bytes,
+                         "mapped_bytes": sum(maps[sa].mapped_blocks * maps[sa].block_bytes
+                                             for *_, sa in members),
+                         "extents": extents})
+    return {f"{v}/{d}": {**by_export[f"{v}_{d}"], "read_by": "proxy"}
+            for v, d, *_others in members}
 
 
 @action(14)

@@ -15,7 +15,7 @@ from hvlab.backup import thinmeta
 from hvlab.flow import engine, unwind
 from hvlab.flow.context import ROLE_OF, Ctx, Say, ar_ctl, lv_name, quiet
 from hvlab.guest.quiesce import recover_after_crash
-from hvlab.lab import runs
+from hvlab.lab import links, runs
 from hvlab.lab.handle import Lab
 from hvlab.lab.record import Artifact, Disk, Run, Vm
 from hvlab.sys import dm
@@ -58,6 +58,7 @@ def recover(lab_name: str, *, say: Say = quiet) -> Report:
             rep.done.append(f"run {r.id} died after step {r.last_step or 0}: aborted it "
                             f"({'; '.join(notes) or 'nothing left to undo'})")
     _orphans(lab, pending, rep, say)
+    _links(lab, pending, rep)
     _held(lab, rep)
     for vm in lab.state.definition.vms:
         thawed = recover_after_crash(lab.names.guest_dir(vm.name)).get("thawed")
@@ -107,6 +108,13 @@ def _orphans(lab: Lab, pending: set[str], rep: Report, say: Say) -> None:
 def _artifact(row: LvRow, arts: list[Artifact], vm: str, disk: str, run_id: str) -> Artifact:
     """Which artifact of its role an LV is (S_B and S_A share role_external)."""
     return next((a for a in arts if row.name == lv_name(vm, disk, a, run_id)), arts[0])
+
+
+def _links(lab: Lab, pending: set[str], rep: Report) -> None:
+    """Off-host links (namespaces, veths, nbdkit) of runs that are over or gone."""
+    for run_id in sorted(links.runs_with_links(lab.names) - pending):
+        rep.done += [f"off-host link of run {run_id}: removed {x}"
+                     for x in links.clean(lab.names, run_id)]
 
 
 def _held(lab: Lab, rep: Report) -> None:

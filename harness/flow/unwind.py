@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from hvlab.flow import dest, windowguard
 from hvlab.flow.context import Ctx, ar_ctl
-from hvlab.lab import live, runs
+from hvlab.lab import links, live, runs
 from hvlab.lab.record import Artifact, Run
 from hvlab.sys import dm
 from hvlab.sys.run import program_log
@@ -166,6 +166,7 @@ def unwind(ctx: Ctx, final: str, *, record: bool = True,
         # suspended (a kill inside step 5) that write, and the thaw with it, would never end.
         resume_controllers(ctx)
         notes = thaw_all(ctx)
+        notes += [f"removed off-host link {x}" for x in links.clean(ctx.names, run.id)]
         notes += carry_out(ctx, plan(run, facts(ctx), was_done=was_done))
     run.unwound = notes
     if post is not None:

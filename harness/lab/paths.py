@@ -183,6 +183,11 @@ class Names:
         return f"HVLAB-{self.lab}-pv-{i}"
 
     @property
+    def netns_prefix(self) -> str:
+        """Network namespaces (and veth aliases) of the off-host link: <prefix><run>_<side>."""
+        return f"{self.vg}_net_"
+
+    @property
     def uuid_prefix(self) -> str:
         return f"HVLAB-{self.lab}-"
 

@@ -135,6 +135,7 @@ class Run:
     pre: dict[str, Any] | None = None  # LV set and pool usage before (invariant 8)
     post: dict[str, Any] | None = None
     snapshot_set: dict[str, Any] | None = None
+    link: dict[str, Any] | None = None  # off-host: the proxy, the server, the bytes moved
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
     pauses: list[list[float]] = field(default_factory=list)  # [paused at, resumed at]
     unwound: list[str] | None = None

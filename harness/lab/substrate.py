@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from hvlab.errors import BadInput, CommandError, HvlabError, LeakError
-from hvlab.lab import guests, live
+from hvlab.lab import guests, links, live
 from hvlab.lab.definition import LabDef
 from hvlab.lab.paths import Names, refuse_links, refuse_links_in_lab
 from hvlab.lab.state import State, locked
@@ -45,14 +45,15 @@ class Inventory:
     dm_devices: list[dm.DmDevice] = field(default_factory=list)
     mounts: list[fs.Mount] = field(default_factory=list)
     guests: list[int] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)  # off-host: namespaces, stray veths
 
     def empty(self) -> bool:
-        return not (self.loops or self.dm_devices or self.mounts or self.guests)
+        return not (self.loops or self.dm_devices or self.mounts or self.guests or self.links)
 
     def describe(self) -> str:
         parts = [lo.name for lo in self.loops] + [d.name for d in self.dm_devices]
         parts += [m.target for m in self.mounts] + [f"guest pid {p}" for p in self.guests]
-        return ", ".join(parts)
+        return ", ".join(parts + self.links)
 
 
 def owned_dm(names: Names, loops: list[loop.Loop] | None = None) -> list[dm.DmDevice]:
@@ -83,6 +84,7 @@ def inventory(lab: str) -> Inventory:
         dm_devices=owned_dm(names, loops),
         mounts=fs.mounts_under(names.dir),
         guests=guests.running_pids(names),
+        links=links.owned(names),
     )
 
 
@@ -342,6 +344,8 @@ def teardown(lab: str, *, keep_data: bool, progress: Progress = _quiet) -> None:
         if d.suspended:
             dm.run_resume(d.name)
             progress(f"resumed suspended {d.name}")
+    for x in links.clean(names):  # nbdkit holds the snapshot devices open
+        progress(f"remove off-host link {x}")
     guests.stop_all(names)
     # A frozen filesystem cannot be unmounted cleanly and blocks writers: thaw first.
     for m in sorted(fs.mounts_under(names.dir), key=lambda m: -len(m.target)):
