@@ -5,7 +5,9 @@ A lab `benchr` without guests: one 1 GiB ext4 disk with 96 MiB of files, a thin 
 it (the lab's tag: `down` removes it), its mapping from a metadata snapshot. Ours is
 `read_image` as step 13 calls it (it also hashes the holes as zeros and writes the sparse
 image); dd runs once per extent (`iflag=direct,skip_bytes,count_bytes`, 4 MiB reads) into one
-`sha256sum`. They take turns; caches are dropped before each.
+`sha256sum`. Off-host (issue 11): the same extents read by the proxy over NBD on the veth
+link (nbdkit in the lab's namespace, libnbd in the proxy's), writing the same image; the
+link is set up once, its setup timed apart. They take turns; caches are dropped before each.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from hvlab.backup import offhost
 from hvlab.backup.reader import read_image
 from hvlab.backup.thinmeta import metadata_snap
 from hvlab.bench_flow import lab_up, say
-from hvlab.bench_report import reader_summary
+from hvlab.bench_report import offhost_summary, reader_summary
 from hvlab.lab import definition
 from hvlab.sys.lvm import Lvm
 
@@ -73,21 +76,35 @@ def measure(repeat: int, work: Path) -> dict[str, Any]:
         img = work / "bench-reader.img"
         ours: list[float] = []
         dd: list[float] = []
+        off: list[float] = []
+        nbd_bytes: list[int] = []
+        job = [{"export": "disk0", "dev_id": m.dev_id, "block_bytes": m.block_bytes,
+                "ranges": m.ranges, "size": size, "dest": str(img)}]
+        t = time.perf_counter()
         try:
-            for _ in range(repeat):
-                img.unlink(missing_ok=True)
-                drop_caches()
-                t = time.perf_counter()
-                info = read_image(snap, m, size, img)
-                ours.append(time.perf_counter() - t)
-                img.unlink()
-                if int(str(info["bytes_read"])) != mapped:
-                    raise RuntimeError(f"read_image read {info['bytes_read']} bytes, the "
-                                       f"mapping has {mapped}")
-                drop_caches()
-                t = time.perf_counter()
-                dd_extents(snap, extents)
-                dd.append(time.perf_counter() - t)
+            with offhost.link(names, "bench", {"disk0": snap}) as proxy:
+                setup = time.perf_counter() - t
+                for _ in range(repeat):
+                    img.unlink(missing_ok=True)
+                    drop_caches()
+                    t = time.perf_counter()
+                    info = read_image(snap, m, size, img)
+                    ours.append(time.perf_counter() - t)
+                    img.unlink()
+                    if int(str(info["bytes_read"])) != mapped:
+                        raise RuntimeError(f"read_image read {info['bytes_read']} bytes, the "
+                                           f"mapping has {mapped}")
+                    drop_caches()
+                    t = time.perf_counter()
+                    dd_extents(snap, extents)
+                    dd.append(time.perf_counter() - t)
+                    drop_caches()
+                    t = time.perf_counter()
+                    _, moved = proxy.read(job, lambda _n: None)
+                    off.append(time.perf_counter() - t)
+                    img.unlink()
+                    nbd_bytes.append(moved)
+                link_bytes = proxy.link_bytes()
         finally:
             img.unlink(missing_ok=True)
             with suppress(OSError):
@@ -96,4 +113,6 @@ def measure(repeat: int, work: Path) -> dict[str, Any]:
     return {"virtual_bytes": size, "mapped_bytes": mapped, "extents": len(extents),
             "block_bytes": m.block_bytes, "repeat": repeat, "ours_s": ours, "dd_s": dd,
             **reader_summary(mapped, ours, dd),
-            "note": "ours also hashes the holes as zeros and writes the sparse image"}
+            "note": "ours also hashes the holes as zeros and writes the sparse image",
+            "off_host": {"s": off, "setup_s": setup, "nbd_bytes": nbd_bytes,
+                         "link_bytes": link_bytes, **offhost_summary(mapped, ours, off)}}

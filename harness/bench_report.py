@@ -12,7 +12,7 @@ Pure functions of the results dict (no devices), so tests/unit/test_bench.py che
     steps:   {lab, vm, wall_s, steps_s, run, state, error, steps: [{step, name, vm, seconds}]}
     reader:  {virtual_bytes, mapped_bytes, extents, repeat, ours_s, dd_s, ours_median_s,
              dd_median_s, ours_MiB_s, dd_MiB_s, ratio, goal}
-    goals:   [{what, goal, measured, ok}]: issue 10's goals against this run
+    goals:   [{what, goal, measured, ok}]: the issues' goals against this run
     errors:  {part: "what failed"}
 """
 
@@ -33,6 +33,7 @@ from rich.table import Table
 
 WINDOW_LIMIT_S = 10.0  # the guest's flush-and-hold limit (VSS_E_FLUSH_WRITES_TIMEOUT)
 READER_GOAL = 0.9  # issue 10: the reader at least 0.9x dd's throughput on the same extents
+OFFHOST_GOAL = 0.8  # issue 11: off-host at least 0.8x on-host reading of the same extents
 KEYS = ("meta", "floor", "window", "jobs", "steps", "reader", "goals", "errors")
 PLOTS = ("window.png", "jobs.png", "steps.png", "reader.png")
 
@@ -94,6 +95,13 @@ def reader_summary(mapped: int, ours: list[float], dd: list[float]) -> dict[str,
             "ratio": ratio(o, d), "goal": READER_GOAL}
 
 
+def offhost_summary(mapped: int, ours: list[float], off: list[float]) -> dict[str, Any]:
+    """Off-host (NBD over the veth) against on-host reading of the same extents."""
+    om, fm = median(ours), median(off)
+    o, f = mib_s(mapped, om), mib_s(mapped, fm)
+    return {"median_s": fm, "MiB_s": f, "ratio": ratio(f, o), "goal": OFFHOST_GOAL}
+
+
 def job_ratios(points: list[dict[str, Any]]) -> None:
     """Each job point's wall time over the one-VM job's (in place)."""
     one = next((p["wall_s"] for p in points if p["vms"] == 1 and not p.get("error")), None)
@@ -143,6 +151,10 @@ def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
     if r:
         add("reader vs dd, same extents + sha256", f">= {READER_GOAL:g}x", r.get("ratio"),
             READER_GOAL, "x", at_least=True)
+        o = r.get("off_host") or {}
+        if o:
+            add("off-host (NBD over veth) vs on-host, same extents", f">= {OFFHOST_GOAL:g}x",
+                o.get("ratio"), OFFHOST_GOAL, "x", at_least=True)
     return out
 
 
@@ -240,6 +252,11 @@ def tables(res: dict[str, Any]) -> list[Table]:
                   _s(r["ours_median_s"]), f"{r['ours_MiB_s']:.0f}", _x(r.get("ratio")))
         t.add_row("dd iflag=direct per extent | sha256sum", _s(r["dd_median_s"]),
                   f"{r['dd_MiB_s']:.0f}", "")
+        o = r.get("off_host") or {}
+        if o.get("median_s") is not None:
+            t.add_row(f"off-host: nbdkit -> veth -> libnbd proxy, same image (vs read_image "
+                      f"{_x(o.get('ratio'))}, goal >= {OFFHOST_GOAL:g}x; link setup "
+                      f"{_s(o.get('setup_s'))})", _s(o["median_s"]), f"{o['MiB_s']:.0f}", "")
     out.append(t)
     return out
 
@@ -255,7 +272,7 @@ def render_text(res: dict[str, Any]) -> str:
     console = Console(record=True, width=130, file=io.StringIO(), color_system=None)
     for t in tables(res):
         console.print(t)
-    g = Table(title="issue 10's goals")
+    g = Table(title="goals (issues 10 and 11)")
     for col in ("what", "goal", "measured", ""):
         g.add_column(col)
     for row in goals(res):
@@ -341,8 +358,12 @@ def plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
     r = res.get("reader") or {}
     if r.get("ours_MiB_s") and r.get("dd_MiB_s"):
         fig, ax = _axes("reading the same mapped extents + sha256", "", "MiB/s")
-        ax.bar(["hvlab read_image", "dd | sha256sum"], [r["ours_MiB_s"], r["dd_MiB_s"]],
-               color=["#1565c0", "0.6"])
+        o = r.get("off_host") or {}
+        names = ["hvlab read_image", "dd | sha256sum"] + (["off-host over NBD"]
+                                                          if o.get("MiB_s") else [])
+        ax.bar(names, [r["ours_MiB_s"], r["dd_MiB_s"]] + ([o["MiB_s"]] if o.get("MiB_s")
+                                                           else []),
+               color=["#1565c0", "0.6", "#2e7d32"][:len(names)])
         ax.axhline(r["dd_MiB_s"] * READER_GOAL, color="red", linestyle="--",
                    label=f"goal {READER_GOAL:g}x dd")
         ax.legend()

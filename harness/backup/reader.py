@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ def write_chunks(chunks: Iterable[tuple[int, bytes]], m: Mapping, size: int, des
     read = written = 0
     h = hashlib.sha256()
     hashed = 0  # the logical image is hashed up to here
+    start = time.monotonic()
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the VM's data: root's
     try:
         try:
@@ -83,7 +85,8 @@ def write_chunks(chunks: Iterable[tuple[int, bytes]], m: Mapping, size: int, des
         dest.unlink(missing_ok=True)  # we made it (O_EXCL): never leave half an image
         raise
     return {"sha256": h.hexdigest(), "bytes_read": read, "bytes_written": written,
-            "size": size, "mapped_blocks": m.mapped_blocks, "block_bytes": m.block_bytes}
+            "size": size, "mapped_blocks": m.mapped_blocks, "block_bytes": m.block_bytes,
+            "seconds": round(time.monotonic() - start, 3)}
 
 
 def sha256_file(path: Path) -> str:

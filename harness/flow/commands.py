@@ -122,8 +122,29 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
         _paused(run, lab)
         return
     classes = {vm: run.vm[vm].cls for vm in run.vms}
+    _summary(run)
     click.echo(f"run {run.id} done: {run.dest}  "
                + ", ".join(f"{k}: {v}" for k, v in classes.items()))
+
+
+def _summary(run: Run) -> None:
+    """Per disk: how it was read and what it cost (rich: a table on a terminal, plain text in
+    a pipe or a file)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    mib = 2 ** 20
+    t = Table("disk", "mode", "kind", "mapped MiB", "read MiB", "over the link MiB", "seconds",
+              title=f"run {run.id}", title_justify="left")
+    for key, img in run.images.items():
+        mapped = img["mapped_blocks"] * img["block_bytes"] / mib
+        link = f"{img['bytes_read'] / mib:.1f}" if img.get("read_by") == "proxy" else "-"
+        t.add_row(key, run.mode, "full", f"{mapped:.1f}", f"{img['bytes_read'] / mib:.1f}",
+                  link, f"{img.get('seconds', 0):.2f}")
+    if run.link and "link_bytes" in run.link:
+        t.caption = (f"off-host: {run.link['nbd_bytes'] / mib:.1f} MiB over NBD, "
+                     f"{run.link['link_bytes'] / mib:.1f} MiB on the veth (with TCP/IP)")
+    Console().print(t)
 
 
 @click.command()

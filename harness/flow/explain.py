@@ -184,6 +184,8 @@ def render_explain(run: Run, events: list[dict[str, Any]],
         "S_B/S_A = external snapshot set. Steps 4-7 are one instant seen from two sides: C and "
         "A are made while the guest holds its writes, so B at step 5 *is* the internal "
         "snapshot's state; auto-recovery fixes A up, the live VM never sees it (it writes C).")
+    if run.link:
+        con.print(link_line(run.link))
     for vm in run.vms:
         for disk, img in ((k, i) for k, i in run.images.items()
                           if k.startswith(f"{vm}/")):
@@ -191,6 +193,18 @@ def render_explain(run: Run, events: list[dict[str, Any]],
             con.print(f"{disk}: image {img['file']} sha256 {img['sha256'][:16]}; "
                       f"auto-recovery changed {n} bytes in "
                       f"{len(img['auto_recovery_ranges'])} ranges (thin_delta S_B..S_A)")
+
+
+def link_line(link: dict[str, Any]) -> str:
+    """Step 13 off-host: who read what over which link."""
+    srv, prx = link["server"], link["proxy"]
+    mib = 2 ** 20
+    moved = (f": {link['nbd_bytes'] / mib:.1f} MiB over NBD for {link['mapped_bytes'] / mib:.1f}"
+             f" MiB mapped in {link['extents']} extents, {link['link_bytes'] / mib:.1f} MiB "
+             f"on the link" if "nbd_bytes" in link else " (the read did not finish)")
+    return (f"step 13 off-host: the proxy ({prx['namespace']}, {prx['address']}) read S over "
+            f"NBD from nbdkit at {srv['address']}:{srv['port']} ({srv['namespace']}, "
+            f"read-only, one export per disk){moved}")
 
 
 def command_lines(run: Run, events: list[dict[str, Any]]) -> list[str]:

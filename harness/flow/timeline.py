@@ -228,7 +228,10 @@ def build(record: RunRecord, events: list[dict[str, Any]], state: str | None = N
                                   f"(the guest did not answer)")
         elif v.get("class") == S.CRASH:
             tl.guest_notes[vm] = "no freeze: crash-consistent"
+    proxy = ((run.get("link") or {}).get("proxy") or {}).get("address")
     for key, img in (run.get("images") or {}).items():
+        if proxy:
+            tl.notes[f"{key} S_A"] = f"read off-host over NBD by the proxy at {proxy}"
         ranges = img.get("auto_recovery_ranges") or []
         n = sum(int(r.get("length", 0)) for r in ranges)
         tl.notes[f"{key} A"] = (f"auto-recovery changed {n / 1024:,.0f} KiB in {len(ranges)} "

@@ -89,7 +89,7 @@ def test_table_text() -> None:
     for want in ("1. freeze window", "0.25 s", "1.0 ms", "250x", "FAILED: FlowFailed",
                  "2a. job wall time", "3.00x", "0.21-0.24 s", "2b. steps", "quiesce",
                  "3. full-backup reader vs dd", "67", "100", "0.67x",
-                 "issue 10's goals", "MISSED", "not measured",
+                 "goals (issues 10 and 11)", "MISSED", "not measured",
                  "FAILED part jobs: FlowFailed: boom"):
         assert want in text, want
     res = _results()
