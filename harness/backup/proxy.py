@@ -35,7 +35,7 @@ def _chunks(h: Any, export: str, m: Mapping, counted: list[int]) -> Iterator[tup
             try:
                 data = h.pread(count, off)
             except nbd.Error as exc:  # say where, as the on-host reader does
-                raise OSError(exc.errno or errno.EIO, f"{exc.string} reading export {export} "
+                raise OSError(exc.errnum or errno.EIO, f"{exc.string} reading export {export} "
                               f"at byte {off} over NBD") from None
             counted[0] += len(data)
             yield off, data
@@ -65,7 +65,7 @@ def main() -> int:
         _say("error", {"errno": exc.errno or errno.EIO, "message": str(exc.strerror or exc)})
         return 1
     except nbd.Error as exc:
-        _say("error", {"errno": exc.errno or errno.EIO,
+        _say("error", {"errno": exc.errnum or errno.EIO,
                        "message": f"{exc.string} (NBD server {job['address']}:{job['port']})"})
         return 1
     _say("done", {"nbd_bytes": counted[0]})
