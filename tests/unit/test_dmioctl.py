@@ -15,61 +15,61 @@ from collections.abc import Iterator
 import pytest
 
 from hvlab.errors import HvlabError
-from hvlab.sys import dm, dmioctl
+from hvlab.sys import dm, dmioctl, dmwire
 from hvlab.sys.dmioctl import DmError, Target
 
 
 def test_struct_sizes_and_request_codes() -> None:
     # sizeof(struct dm_ioctl) 312, sizeof(struct dm_target_spec) 40 (x86-64 and every 64-bit
     # ABI); the codes as strace prints them (DM_VERSION, DM_TARGET_MSG).
-    assert dmioctl.HEADER.size == 312
-    assert dmioctl.SPEC.size == 40
-    assert dmioctl.request_code(dmioctl.VERSION_CMD) == 0xC138FD00
-    assert dmioctl.request_code(dmioctl.DEV_SUSPEND) == 0xC138FD06
-    assert dmioctl.request_code(dmioctl.TARGET_MSG) == 0xC138FD0E
+    assert dmwire.HEADER.size == 312
+    assert dmwire.SPEC.size == 40
+    assert dmwire.request_code(dmwire.VERSION_CMD) == 0xC138FD00
+    assert dmwire.request_code(dmwire.DEV_SUSPEND) == 0xC138FD06
+    assert dmwire.request_code(dmwire.TARGET_MSG) == 0xC138FD0E
 
 
 def test_request_header_fields() -> None:
-    buf = dmioctl.pack_request("vg-lv", "LVM-abc", flags=dmioctl.SUSPEND | dmioctl.NOFLUSH,
+    buf = dmwire.pack_request("vg-lv", "LVM-abc", flags=dmwire.SUSPEND | dmwire.NOFLUSH,
                                out_size=4096)
     assert len(buf) == 312 + 4096
     # offsets of the C struct: version 0, data_size 12, data_start 16, flags 28, name 48,
     # uuid 176
     assert struct.unpack_from("=3I", buf, 0) == (4, 0, 0)
     assert struct.unpack_from("=II", buf, 12) == (312 + 4096, 312)
-    assert struct.unpack_from("=I", buf, 28) == (dmioctl.SUSPEND | dmioctl.NOFLUSH,)
+    assert struct.unpack_from("=I", buf, 28) == (dmwire.SUSPEND | dmwire.NOFLUSH,)
     assert buf[48:54] == b"vg-lv\0" and buf[176:184] == b"LVM-abc\0"
-    h = dmioctl.unpack_header(buf)
+    h = dmwire.unpack_header(buf)
     assert (h.name, h.uuid, h.data_start, h.flags) == (
-        "vg-lv", "LVM-abc", 312, dmioctl.SUSPEND | dmioctl.NOFLUSH)
+        "vg-lv", "LVM-abc", 312, dmwire.SUSPEND | dmwire.NOFLUSH)
 
 
 def test_request_payload_sets_data_size() -> None:
-    buf = dmioctl.pack_request("x", payload=b"abc\0")
+    buf = dmwire.pack_request("x", payload=b"abc\0")
     assert len(buf) == 316 and bytes(buf[312:]) == b"abc\0"
-    assert dmioctl.unpack_header(buf).data_size == 316
+    assert dmwire.unpack_header(buf).data_size == 316
 
 
 @pytest.mark.parametrize(("name", "uuid"), [("n" * 128, ""), ("", "u" * 129), ("a\0b", "")])
 def test_names_the_kernel_would_cut_are_refused(name: str, uuid: str) -> None:
     with pytest.raises(DmError) as exc:
-        dmioctl.pack_request(name, uuid)
+        dmwire.pack_request(name, uuid)
     assert exc.value.errno == errno.EINVAL
 
 
 def test_longest_names_fit() -> None:
-    h = dmioctl.unpack_header(dmioctl.pack_request("n" * 127, "u" * 128))
+    h = dmwire.unpack_header(dmwire.pack_request("n" * 127, "u" * 128))
     assert (len(h.name), len(h.uuid)) == (127, 128)
 
 
 def test_targets_for_load_are_aligned_and_chained() -> None:
-    raw = dmioctl.pack_targets([Target(0, 2048, "linear", "7:0 0"),
+    raw = dmwire.pack_targets([Target(0, 2048, "linear", "7:0 0"),
                                 Target(2048, 100, "error"),
                                 Target(2148, 8, "thin-pool", "253:1 253:2 128 0 1 x" * 3)])
     at, seen = 0, []
     for _ in range(3):
         assert at % 8 == 0
-        start, length, status, nxt, ttype = dmioctl.SPEC.unpack_from(raw, at)
+        start, length, status, nxt, ttype = dmwire.SPEC.unpack_from(raw, at)
         params = raw[at + 40:at + nxt]
         assert params.endswith(b"\0") and nxt % 8 == 0 and status == 0
         seen.append((start, length, ttype.rstrip(b"\0").decode(),
@@ -83,7 +83,7 @@ def test_targets_for_load_are_aligned_and_chained() -> None:
 @pytest.mark.parametrize("ttype", ["", "x" * 16, "a\0"])
 def test_bad_target_types_are_refused(ttype: str) -> None:
     with pytest.raises(DmError):
-        dmioctl.pack_targets([Target(0, 8, ttype)])
+        dmwire.pack_targets([Target(0, 8, ttype)])
 
 
 def _kernel_status(targets: list[Target]) -> bytes:
@@ -91,9 +91,9 @@ def _kernel_status(targets: list[Target]) -> bytes:
     out = bytearray()
     for t in targets:
         at = len(out)
-        out += dmioctl.SPEC.pack(t.start, t.length, 0, 0, t.type.encode())
+        out += dmwire.SPEC.pack(t.start, t.length, 0, 0, t.type.encode())
         out += t.params.encode() + b"\0"
-        out += b"\0" * (dmioctl.align8(len(out)) - len(out))
+        out += b"\0" * (dmwire.align8(len(out)) - len(out))
         struct.pack_into("=I", out, at + 20, len(out))
     return bytes(out)
 
@@ -102,7 +102,7 @@ def test_unpack_status_answer() -> None:
     targets = [Target(0, 2048, "thin-pool", "1 10/4096 5/16384 - rw discard_passdown"),
                Target(2048, 8, "linear", "")]
     buf = b"\xff" * 312 + _kernel_status(targets)
-    assert dmioctl.unpack_targets(buf, 312, 2) == targets
+    assert dmwire.unpack_targets(buf, 312, 2) == targets
 
 
 def _kernel_names(rows: list[tuple[str, int, str | None]], *, uuids: bool = True) -> bytes:
@@ -114,12 +114,12 @@ def _kernel_names(rows: list[tuple[str, int, str | None]], *, uuids: bool = True
         if prev is not None:
             struct.pack_into("=I", out, prev + 8, at - prev)
         out += struct.pack("=QI", dev, 0) + name.encode() + b"\0"
-        out += b"\0" * (dmioctl.align8(len(out)) - len(out))
+        out += b"\0" * (dmwire.align8(len(out)) - len(out))
         flags = 0 if not uuids else (1 if uuid else 2)
         out += struct.pack("=II", 7, flags)
         if uuids and uuid:
             out += uuid.encode() + b"\0"
-            out += b"\0" * (dmioctl.align8(len(out)) - len(out))
+            out += b"\0" * (dmwire.align8(len(out)) - len(out))
         prev = at
     return bytes(out)
 
@@ -129,7 +129,7 @@ def test_unpack_device_list_with_uuids() -> None:
         ("hvlab_t-pool-tpool", dmioctl.encode_dev(254, 3), "LVM-" + "x" * 64 + "-tpool"),
         ("a", dmioctl.encode_dev(254, 300), None), ("b" * 127, dmioctl.encode_dev(254, 1), "u")]
     data = _kernel_names(rows)
-    got = dmioctl.unpack_names(b"\0" * 312 + data, 312, 312 + len(data))
+    got = dmwire.unpack_names(b"\0" * 312 + data, 312, 312 + len(data))
     assert [(e.name, e.dev, e.uuid, e.event_nr) for e in got] == [
         (rows[0][0], rows[0][1], rows[0][2], 7), ("a", rows[1][1], "", 7),
         ("b" * 127, rows[2][1], "u", 7)]
@@ -137,11 +137,11 @@ def test_unpack_device_list_with_uuids() -> None:
 
 def test_unpack_device_list_old_kernel_and_empty() -> None:
     data = _kernel_names([("a", 65024, "ignored")], uuids=False)
-    (entry,) = dmioctl.unpack_names(b"\0" * 312 + data, 312, 312 + len(data))
+    (entry,) = dmwire.unpack_names(b"\0" * 312 + data, 312, 312 + len(data))
     assert entry.uuid is None  # the kernel did not say: ask DM_DEV_STATUS
     # No device: the kernel writes dev 0 ("flags no data"), or nothing at all.
-    assert dmioctl.unpack_names(b"\0" * 400, 312, 312 + 16) == []
-    assert dmioctl.unpack_names(b"\0" * 312, 312, 312) == []
+    assert dmwire.unpack_names(b"\0" * 400, 312, 312 + 16) == []
+    assert dmwire.unpack_names(b"\0" * 312, 312, 312) == []
 
 
 @pytest.mark.parametrize(("major", "minor"), [(254, 0), (7, 3), (254, 255), (254, 256),
@@ -153,10 +153,10 @@ def test_dev_numbers_match_the_kernel_and_libc(major: int, minor: int) -> None:
 
 
 def test_message_payload() -> None:
-    raw = dmioctl.pack_message("create_snap 5 3", 0)
+    raw = dmwire.pack_message("create_snap 5 3", 0)
     assert raw == struct.pack("=Q", 0) + b"create_snap 5 3\0"
     with pytest.raises(DmError):
-        dmioctl.pack_message("  ")
+        dmwire.pack_message("  ")
 
 
 def test_target_lines() -> None:

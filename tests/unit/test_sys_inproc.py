@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hvlab.errors import HvlabError
-from hvlab.sys import dm, dmioctl, fs, loop
+from hvlab.sys import dm, dmioctl, dmwire, fs, loop
 from hvlab.sys.dmioctl import Target
 
 
@@ -93,7 +93,7 @@ def _versions(*entries: tuple[str, tuple[int, int, int]]) -> bytes:
     out = bytearray()
     for i, (name, v) in enumerate(entries):
         raw = name.encode() + b"\0"
-        size = dmioctl.align8(16 + len(raw))
+        size = dmwire.align8(16 + len(raw))
         nxt = 0 if i == len(entries) - 1 else size
         out += struct.pack("=4I", nxt, *v) + raw + b"\0" * (size - 16 - len(raw))
     return bytes(out)
@@ -102,10 +102,10 @@ def _versions(*entries: tuple[str, tuple[int, int, int]]) -> bytes:
 def test_target_versions() -> None:
     data = _versions(("linear", (1, 4, 0)), ("thin-pool", (1, 22, 0)), ("dust", (1, 0, 0)))
     buf = bytes(312) + data
-    got = dmioctl.unpack_versions(buf, 312, len(buf))
+    got = dmwire.unpack_versions(buf, 312, len(buf))
     assert got == {"linear": (1, 4, 0), "thin-pool": (1, 22, 0), "dust": (1, 0, 0)}
-    assert dmioctl.unpack_versions(bytes(312), 312, 312) == {}
-    assert dmioctl.request_code(dmioctl.LIST_VERSIONS) == 0xC138FD0D
+    assert dmwire.unpack_versions(bytes(312), 312, 312) == {}
+    assert dmwire.request_code(dmwire.LIST_VERSIONS) == 0xC138FD0D
 
 
 def test_suspend_timeout_is_one_class() -> None:
