@@ -1,5 +1,6 @@
 """`make soak`: random backups of random VMs, killed or failed at random fault points, then
-resumed, aborted or recovered at random, with the guests writing throughout.
+resumed, aborted or recovered at random, with the guests writing throughout; step 13 reads
+on-host or off-host (over NBD, through the proxy's namespace) at random.
 
 Every cycle checks that nothing the guests acknowledged was lost, that nothing is frozen and
 that no artifact is left. At the end: every finished backup verifies, `thin_check` of the
@@ -71,17 +72,18 @@ def cycle(lab: Lab, rng: random.Random, base: set[str]) -> dict[str, Any]:
     vms = sorted(rng.sample(names, rng.randint(1, len(names))))
     point = rng.choice([*faults.POINTS, None])
     action = rng.choice(["kill", "kill", "kill", "raise"])
+    mode = rng.choice(["on-host", "off-host"])  # step 13 either way
     before = acked(lab)
     known = {x.id for x in runs.all_runs(lab.names)}
     argv = [sys.executable, "-m", "hvlab.cli", "backup", *vms, "-n", lab.name,
-            "--no-fingerprints"]
+            "--no-fingerprints", "--mode", mode]
     if point:
         argv += ["--inject", f"{point}:{action}"]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=900,
                          stdin=subprocess.DEVNULL)
     new = [x for x in runs.all_runs(lab.names) if x.id not in known]
-    out: dict[str, Any] = {"vms": vms, "point": point, "action": action if point else None,
-                           "exit": res.returncode}
+    out: dict[str, Any] = {"vms": vms, "mode": mode, "point": point,
+                           "action": action if point else None, "exit": res.returncode}
     if len(new) != 1:
         raise SoakFailure(f"{len(new)} runs recorded: {res.stderr.strip()[-300:]}")
     r = new[0]
@@ -141,7 +143,7 @@ def main() -> int:
         for i in range(args.cycles):
             c = cycle(lab, rng, base)
             result["cycles"].append(c)
-            print(f"[{i + 1}/{args.cycles}] {' '.join(c['vms'])} "
+            print(f"[{i + 1}/{args.cycles}] {' '.join(c['vms'])} ({c['mode']}) "
                   f"{c['point'] or '-'}:{c['action'] or '-'} -> {c['state']}"
                   f"{' -> ' + c['recovered_by'] if 'recovered_by' in c else ''} "
                   f"-> {c['final']}", flush=True)

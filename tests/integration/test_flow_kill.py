@@ -10,8 +10,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -187,6 +189,46 @@ def test_hung_with_controllers_suspended(lab_factory: Callable[..., LabHandle]) 
     (run_,) = runs.all_runs(h.names)
     engine.abort(h.defn.name, run_.id)
     assert h.controller_maps_base("vm01", "disk0")
+
+
+def test_a_step_that_outlives_its_guard_fails(lab_factory: Callable[..., LabHandle],
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """Step 6 holds the origins past its bound (the 10 s flush-and-hold limit): the guard resumes
+    them, and when the step goes on it learns so (GuardFired) instead of carrying on as if
+    its A were of one instant. The run unwinds; the next backup verifies."""
+    h = lab_factory(ONE_VM, start_guests=True)
+    pre = h.lv_names()
+    go = tmp_path / "go"
+    monkeypatch.setenv(faults.ENV, "s06-one:wait")
+    monkeypatch.setenv(faults.GO_ENV, str(go))
+    monkeypatch.setattr(faults, "_fired", set())
+
+    def let_go_after_the_guard() -> None:
+        while not Path(f"{go}.waiting").exists():
+            time.sleep(0.05)
+        _poll(lambda: not _held_origin(h), 30.0)  # the guard resumed B
+        go.touch()
+
+    t = threading.Thread(target=let_go_after_the_guard)
+    t.start()
+    try:
+        with pytest.raises(engine.FlowFailed, match="resumed them before the step ended"):
+            engine.start(h.defn.name, ["vm01"], fingerprints=False, app_aware="off")
+    finally:
+        go.touch()
+        t.join()
+    monkeypatch.delenv(faults.ENV)
+    (failed,) = runs.all_runs(h.names)
+    assert failed.state == "failed" and h.lv_names() == pre
+    assert h.controller_maps_base("vm01", "disk0") and not _held_origin(h)
+    ok = engine.start(h.defn.name, ["vm01"], fingerprints=False)
+    assert ok.state == "done" and rst.verify(h.defn.name, ok.id)["ok"]
+
+
+def _held_origin(h: LabHandle) -> bool:
+    origin = h.names.dm_lv_name("vm01_disk0")
+    return any(d.suspended for d in dm.list_devices() if d.name == origin)
 
 
 def test_resume_finishes_the_retag_of_a_merged_checkpoint(
