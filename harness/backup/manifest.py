@@ -32,7 +32,8 @@ def build(names: Names, run: Run) -> dict[str, Any]:
                           "block_bytes": img.get("block_bytes"),
                           "bytes_read": img.get("bytes_read"),
                           "auto_recovery_ranges": img.get("auto_recovery_ranges", []),
-                          "base_at_t0": img.get("base_at_t0")})
+                          "base_at_t0": img.get("base_at_t0"),
+                          "mapped_bytes": img.get("mapped_bytes"), "chain": img.get("chain")})
         vms.append({"name": vm, "profile": v.profile, "consistency": v.cls,
                     "integration_services": v.answers, "t0": v.t0,
                     "app_aware": run.app_aware, "fallback": v.fallback or v.no_answer,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import stat
 import time
 from pathlib import Path
 from typing import Any
 
-from hvlab.backup import manifest, reader
+from hvlab.backup import chain, manifest, reader
 from hvlab.errors import BadInput, HvlabError
 from hvlab.guest import ledger
 from hvlab.lab.definition import check_name
@@ -61,6 +62,59 @@ def check_images(path: Path, vmrec: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def chain_links(names: Any, path: Path, vm: str,
+                d: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
+    """The backups an incremental image needs, the full first, this one last; a full: itself.
+    A missing or unreadable link is a BadInput naming it."""
+    if (d.get("chain") or {}).get("kind") != "incremental":
+        return [(path, d)]
+    try:
+        return chain.links_of(path, vm, d["name"],
+                              lambda p: manifest.locate(names, str(p))[1])
+    except (BadInput, ValueError) as exc:
+        raise BadInput(f"backup chain of {vm}/{d['name']} ending at {path} is broken: "
+                       f"{exc}") from None
+
+
+def check_chain(names: Any, path: Path, vmrec: dict[str, Any]) -> list[dict[str, Any]]:
+    """check_images of every earlier link of each incremental disk (this backup's own images
+    are check_images' job)."""
+    out = []
+    for d in vmrec["disks"]:
+        try:
+            links = chain_links(names, path, vmrec["name"], d)[:-1]
+        except BadInput as exc:
+            out.append({"disk": d["name"], "image": str(path), "expected": None, "actual": None,
+                        "ok": False, "problem": str(exc)})
+            continue
+        for p, rec in links:
+            out += check_images(p, {"disks": [rec]})
+    return out
+
+
+def apply_increment(image: Path, dev: str, rec: dict[str, Any]) -> int:
+    """An incremental image onto a device holding the previous point: its changed ranges
+    written (zeros included: a hole in this image is a block that changed to zeros), its
+    discarded ranges zeroed. Returns bytes written."""
+    written = 0
+    src = os.open(image, os.O_RDONLY)
+    dst = os.open(dev, os.O_WRONLY)
+    try:
+        for off, length in rec["chain"]["changed_ranges"]:
+            for at in range(off, off + length, 4 << 20):
+                n = min(4 << 20, off + length - at)
+                written += os.pwrite(dst, os.pread(src, n, at).ljust(n, b"\0"), at)
+        for off, length in rec["chain"]["discarded_ranges"]:
+            for at in range(off, off + length, 4 << 20):
+                n = min(4 << 20, off + length - at)
+                written += os.pwrite(dst, bytes(n), at)
+        os.fsync(dst)
+    finally:
+        os.close(src)
+        os.close(dst)
+    return written
+
+
 def image_problems(checks: list[dict[str, Any]]) -> str:
     """One line: which images are bad and why."""
     return "; ".join(f"{c['image']}: {c['problem']}" for c in checks if not c["ok"])
@@ -81,7 +135,10 @@ def restore_disks(lab: Lab, path: Path, vmrec: dict[str, Any], as_name: str,
             made.append(lv)
             dev = f"/dev/mapper/{names.dm_lv_name(lv)}"
             wait_node(dev)
-            reader.write_image(path / str(d["image"]), dev, int(d["block_bytes"]))
+            (first, full), *later = chain_links(names, path, vmrec["name"], d)
+            reader.write_image(first / str(full["image"]), dev, int(full["block_bytes"]))
+            for p, rec in later:  # the incrementals, oldest first
+                apply_increment(p / str(rec["image"]), dev, rec)
     except BaseException:
         for lv in reversed(made):
             lvm("lvremove", "-q", "-y", f"{names.vg}/{lv}", check=False)
@@ -105,7 +162,7 @@ def restore(lab_name: str, backup: str, as_name: str, vm: str | None = None) -> 
                 names.ctl(as_name, d["name"])):
             raise BadInput(f"{as_name!r} already exists in lab {lab.name} "
                            f"({names.lv(as_name, d['name'])})")
-    checks = check_images(path, vmrec)
+    checks = check_images(path, vmrec) + check_chain(names, path, vmrec)
     if not all(c["ok"] for c in checks):
         raise HvlabError(f"backup {path} is damaged, nothing restored: {image_problems(checks)}")
     made = restore_disks(lab, path, vmrec, as_name, man["run"], ("restored",))
@@ -141,7 +198,8 @@ def verify(lab_name: str, backup: str) -> dict[str, Any]:
     for vmrec in man["vms"]:
         cls = vmrec["consistency"]
         r: dict[str, Any] = {"vm": vmrec["name"], "consistency": cls,
-                             "checksums": check_images(path, vmrec), "disks": []}
+                             "checksums": check_images(path, vmrec)
+                             + check_chain(names, path, vmrec), "disks": []}
         report["vms"].append(r)
         if not all(c["ok"] for c in r["checksums"]):
             r["ok"] = report["ok"] = False  # a damaged image is not restored nor mounted

@@ -75,12 +75,16 @@ def _unwind_on_signals() -> None:
 @click.option("--mode", type=click.Choice(["on-host", "off-host"]), default=None,
               help="Step 13's backup mode: read S here (on-host, the default) or export it "
                    "over NBD to a proxy in its own network namespace (off-host).")
+@click.option("--incremental", is_flag=True,
+              help="Read only what changed since each disk's reference point (the last "
+                   "incremental-chain backup), and keep a new one; a disk with no valid "
+                   "reference is backed up in full, and the manifest says why.")
 @click.option("--inject", default=None, hidden=True,
               help="POINT:ACTION[,...]: kill, raise or hang at a named fault point.")
 def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
            pause_after: int | None, resume_id: str | None, abort_id: str | None,
            no_fingerprints: bool, app_aware: str, metadata_limit: int | None,
-           mode: str | None, inject: str | None) -> None:
+           mode: str | None, incremental: bool, inject: str | None) -> None:
     """Back up VMs through Hyper-V 2012 R2's 14 steps on real thin snapshots."""
     from rich.progress import Progress
 
@@ -98,8 +102,9 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
         raise BadInput("--abort takes no other option (--dest, --pause-after, --no-fingerprints)")
     if resume_id and dest:
         raise BadInput("--dest is fixed when a run starts; --resume cannot change it")
-    if (resume_id or abort_id) and mode is not None:
-        raise BadInput("--mode is fixed when a run starts; not with --resume or --abort")
+    if (resume_id or abort_id) and (mode is not None or incremental):
+        raise BadInput("--mode and --incremental are fixed when a run starts; not with "
+                       "--resume or --abort")
     if (resume_id or abort_id) and metadata_limit is not None:
         raise BadInput("--metadata-limit is checked when a run starts; not with --resume or "
                        "--abort")
@@ -116,6 +121,7 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
             run = engine.start(lab, list(vms), dest=dest, pause_after=pause_after,
                                say=prog.console.print, fingerprints=not no_fingerprints,
                                progress=prog, app_aware=app_aware, mode=mode or "on-host",
+                               incremental=incremental,
                                metadata_limit=(preflight.DEFAULT_METADATA_LIMIT
                                                if metadata_limit is None else metadata_limit))
     if run.state == "paused":
@@ -134,13 +140,16 @@ def _summary(run: Run) -> None:
     from rich.table import Table
 
     mib = 2 ** 20
-    t = Table("disk", "mode", "kind", "mapped MiB", "read MiB", "over the link MiB", "seconds",
-              title=f"run {run.id}", title_justify="left")
+    t = Table("disk", "mode", "kind", "mapped MiB", "changed MiB", "read MiB",
+              "over the link MiB", "seconds", title=f"run {run.id}", title_justify="left")
     for key, img in run.images.items():
-        mapped = img["mapped_blocks"] * img["block_bytes"] / mib
+        mapped = img.get("mapped_bytes", img["mapped_blocks"] * img["block_bytes"]) / mib
         link = f"{img['bytes_read'] / mib:.1f}" if img.get("read_by") == "proxy" else "-"
-        t.add_row(key, run.mode, "full", f"{mapped:.1f}", f"{img['bytes_read'] / mib:.1f}",
-                  link, f"{img.get('seconds', 0):.2f}")
+        c = img.get("chain") or {}
+        kind = c.get("kind", "full") + (f" ({c['reason']})" if run.incremental else "")
+        changed = f"{c['changed_bytes'] / mib:.1f}" if "changed_bytes" in c else "-"
+        t.add_row(key, run.mode, kind, f"{mapped:.1f}", changed,
+                  f"{img['bytes_read'] / mib:.1f}", link, f"{img.get('seconds', 0):.2f}")
     if run.link and "link_bytes" in run.link:
         t.caption = (f"off-host: {run.link['nbd_bytes'] / mib:.1f} MiB over NBD, "
                      f"{run.link['link_bytes'] / mib:.1f} MiB on the veth (with TCP/IP)")

@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from hvlab.backup import offhost, thinmeta
+from hvlab.backup import chain, offhost, thinmeta
 from hvlab.errors import BadInput, HvlabError
 from hvlab.flow import dest as backup_dir
 from hvlab.flow import faults, holdguard, observe, preflight, unwind, windowguard
@@ -124,6 +124,16 @@ def finish(ctx: Ctx) -> None:
     with writing_to(Path(ctx.run.dest), manifest.NAME):
         manifest.write(ctx.names, ctx.run)
     faults.point("finish-manifest")
+    if ctx.run.incremental:  # the chains' last links are this run's, from now on
+        chains = chain.load(ctx.names)
+        for key, img in ctx.run.images.items():
+            c = img.get("chain") or {}
+            v, d = key.split("/")
+            if c.get("generation"):
+                chains[key] = {"generation": c["generation"], "run": ctx.run.id,
+                               "dest": ctx.run.dest, "size": ctx.vm(v).disks[d].size,
+                               "reference": chain.reference_lv(v, d, ctx.run.id)}
+        chain.save(ctx.names, chains)
     ctx.run.state = "done"
     ctx.save()
 
@@ -155,7 +165,8 @@ MODES = ("on-host", "off-host")  # Veeam's two backup modes of step 13
 def start(lab_name: str, vms: list[str], *, dest: Path | None = None,
           pause_after: int | None = None, say: Say = quiet, fingerprints: bool = True,
           progress: Any = None, app_aware: str = "try",
-          metadata_limit: int = preflight.DEFAULT_METADATA_LIMIT, mode: str = "on-host") -> Run:
+          metadata_limit: int = preflight.DEFAULT_METADATA_LIMIT, mode: str = "on-host",
+          incremental: bool = False) -> Run:
     """`hvlab backup VM [VM ...]`: validate everything, register the run, execute."""
     if app_aware not in APP_AWARE:
         raise BadInput(f"invalid --app-aware {app_aware!r}: one of {', '.join(APP_AWARE)}")
@@ -180,6 +191,7 @@ def start(lab_name: str, vms: list[str], *, dest: Path | None = None,
                             fingerprints, metadata_limit)
             ctx.run.app_aware = app_aware
             ctx.run.mode = mode
+            ctx.run.incremental = incremental
             ctx.save()
         ctx.progress = progress
         ctx.say(f"run {run_id}: backup of {', '.join(vms)} -> {where}")

@@ -35,6 +35,8 @@ INSIDE: dict[str, str] = {
     "s13-metadata": "step 13: the pool's metadata snapshot reserved",
     "s13-reading": "step 13: the first part of an image read and written (mid-read)",
     "s13-image": "step 13: one disk image written (mid-read of the job)",
+    "s14-references": "step 14: S_A kept as the reference point (incremental runs), C not "
+                      "yet merged",
     "s14-one": "step 14: every S (and each B a C replaces) removed, not yet recorded",
     "s14-base-removed": "step 14: B removed, C not yet renamed to B",
     "s14-renamed": "step 14: C renamed to B, its tags not yet fixed",

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hvlab.backup import offhost, reader, thinmeta
+from hvlab.backup import chain, offhost, reader, thinmeta
 from hvlab.errors import HvlabError
 from hvlab.flow import dest, faults
 from hvlab.flow.actions import action, art
-from hvlab.flow.context import Ctx, lv_name, thin_ids
+from hvlab.flow.context import ROLE_OF, Ctx, lv_name, thin_ids
 from hvlab.lab import links, live
 from hvlab.lab.record import Artifact, Disk
 from hvlab.sys.uevents import wait_node
@@ -101,13 +102,23 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
         raise HvlabError(f"backup directory {where} is missing or no longer this run's "
                          f"(no {dest.MARK} naming {ctx.run.id})")
     members = [(v, d, disk, disk.S_B or "", disk.S_A or "") for v, d, disk in ctx.disks()]
-    ids = thin_ids(ctx, [lv for *_, sb, sa in members for lv in (sb, sa)])
+    plans = _plans(ctx)
+    refs = [p.reference for p in plans.values() if p.reference]
+    ids = thin_ids(ctx, [lv for *_, sb, sa in members for lv in (sb, sa)] + refs)
     with thinmeta.metadata_snap(ctx.names) as snap:
         faults.point("s13-metadata")
         maps = {lv: snap.mapping(ids[lv]) for *_, sb, sa in members for lv in (sb, sa)}
         ctx.last_dump = snap.dump()
         deltas = {f"{v}/{d}": snap.delta(ids[sb], ids[sa]) for v, d, _, sb, sa in members}
-    total = sum(maps[sa].mapped_blocks * maps[sa].block_bytes for *_, sa in members)
+        since = {k: chain.changed(snap.delta(ids[p.reference], ids[sa]))
+                 for k, p, sa in ((f"{v}/{d}", plans[f"{v}/{d}"], sa)
+                                  for v, d, *_, sa in members) if p.reference}
+    # What each disk's read is handed: every mapped block, or (incremental) those changed
+    # since the reference.
+    what = {sa: maps[sa] if k not in since else thinmeta.Mapping(
+                ids[sa], maps[sa].block_bytes, since[k][0], [])
+            for k, sa in ((f"{v}/{d}", sa) for v, d, *_, sa in members)}
+    total = sum(what[sa].mapped_blocks * what[sa].block_bytes for *_, sa in members)
     prog = ctx.progress
     task = prog.add_task(f"step 13: reading S ({ctx.run.mode})", total=total) \
         if prog is not None else None
@@ -123,9 +134,9 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
     for v, d, *_others in members:
         (where / f"{v}_{d}.img").unlink(missing_ok=True)  # a resumed step 13 starts over
     if ctx.run.mode == "off-host":
-        results = _read_off_host(ctx, members, maps, where, advance)
+        results = _read_off_host(ctx, members, what, where, advance)
     else:
-        results = {f"{v}/{d}": _read_on_host(ctx, where, v, d, sa, maps[sa], copied, advance)
+        results = {f"{v}/{d}": _read_on_host(ctx, where, v, d, sa, what[sa], copied, advance)
                    for v, d, _, _, sa in members}
     images: dict[str, dict[str, Any]] = {}
     for v, d, disk, sb, sa in members:
@@ -137,6 +148,8 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
                 {"kind": k, "offset": b * bs, "length": n * bs}
                 for k in ("different", "right_only", "left_only")
                 for b, n in deltas[f"{v}/{d}"][k]],
+            "mapped_bytes": maps[sa].mapped_blocks * bs,
+            "chain": {**plans[f"{v}/{d}"].record(), **_delta_record(since.get(f"{v}/{d}"), bs)},
         }
     ctx.run.images = images
     ctx.save()
@@ -145,6 +158,30 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
                            "auto_recovery_bytes": sum(r["length"] for r in
                                                       i["auto_recovery_ranges"])}
                        for k, i in images.items()}}
+
+
+def _plans(ctx: Ctx) -> dict[str, chain.Plan]:
+    """Per disk: full or incremental, and why (an inactive reference cannot be diffed)."""
+    rows, chains = ctx.lvs(), chain.load(ctx.names)
+    out = {}
+    for v, d, disk in ctx.disks():
+        p = chain.decide(chains.get(f"{v}/{d}"), rows, disk.size, ctx.run.incremental)
+        if p.reference and rows[p.reference].major is None:
+            p = chain.Plan("full", f"the reference snapshot {p.reference} is not active",
+                           generation=secrets.token_hex(6))
+        out[f"{v}/{d}"] = p
+    return out
+
+
+def _delta_record(since: tuple[list[thinmeta.Range], list[thinmeta.Range]] | None,
+                  bs: int) -> dict[str, Any]:
+    if since is None:
+        return {}
+    read, gone = since
+    return {"changed_ranges": [[b * bs, n * bs] for b, n in read],
+            "discarded_ranges": [[b * bs, n * bs] for b, n in gone],
+            "changed_bytes": sum(n for _, n in read) * bs,
+            "discarded_bytes": sum(n for _, n in gone) * bs}
 
 
 def _read_on_host(ctx: Ctx, where: Path, v: str, d: str, sa: str, m: thinmeta.Mapping,
@@ -195,17 +232,47 @@ def merge(ctx: Ctx, _: None) -> dict[str, Any]:
     """Every S removed, then every C merged into its B: one lvremove for the S and the B
     (where C is there to take its place), one lvm batch of renames, one lvchange of tags."""
     removed = []
-    external: tuple[Artifact, ...] = ("S_B", "S_A")
+    # An incremental run keeps each S_A: it becomes the disk's next reference point.
+    external: tuple[Artifact, ...] = ("S_B",) if ctx.run.incremental else ("S_B", "S_A")
     gone = [(v, d, a, lv) for v, d, disk in ctx.disks() for a in external
             if (lv := disk.lv(a)) and disk.exists(a)]
     todo = [(v, d, disk) for v, d, disk in ctx.disks()]
+    kept = keep_references(ctx) if ctx.run.incremental else []
+    faults.point("s14-references")
     merge_into(ctx, todo, also_remove=[lv for *_, lv in gone])
     for v, d, a, lv in gone:
         ctx.vm(v).disks[d].set_exists(a, False)
         removed.append(art(v, d, a, lv))
     ctx.save()
     merged = [{**art(v, d, "C", disk.C), "into": disk.B} for v, d, disk in todo]
-    return {"removed": removed, "merged": merged}
+    return {"removed": removed, "merged": merged, **({"references": kept} if kept else {})}
+
+
+def keep_references(ctx: Ctx) -> list[dict[str, Any]]:
+    """Each disk's S_A becomes its reference point (renamed, retagged); the disk's older
+    references go first, in the same lvm process. Killed half way, the next incremental
+    finds no reference, or one of another run, and makes a full backup saying so."""
+    rows = ctx.lvs()
+    cmds: list[list[str]] = []
+    new_refs, old_refs, out = [], [], []
+    for v, d, disk in ctx.disks():
+        gen = ((ctx.run.images.get(f"{v}/{d}") or {}).get("chain") or {}).get("generation")
+        new = chain.reference_lv(v, d, ctx.run.id)
+        old = [r for r in chain.references(rows, v, d) if r != new]
+        old_refs += old
+        if old:
+            cmds.append(["lvremove", "-q", "-y", *map(ctx.vg_lv, old)])
+        if disk.S_A and disk.S_A in rows and new not in rows and gen:
+            cmds.append(["lvrename", "-q", ctx.names.vg, disk.S_A, new])
+            cmds.append(["lvchange", "-q", "--deltag", ROLE_OF["S_A"], "--addtag", chain.ROLE,
+                         "--addtag", f"gen_{gen}", ctx.vg_lv(new)])
+        if gen:
+            new_refs.append(new)
+            disk.S_A_exists = False  # the reference now, not this run's artifact
+            out.append({"vm": v, "disk": d, "lv": new, "generation": gen, "replaced": old})
+    ctx.batch(cmds, present=new_refs, absent=old_refs)
+    ctx.save()
+    return out
 
 
 def promote(ctx: Ctx, vm: str, d: str, disk: Disk) -> None:

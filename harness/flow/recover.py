@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hvlab.backup import thinmeta
+from hvlab.backup import chain, thinmeta
 from hvlab.flow import engine, unwind
 from hvlab.flow.context import ROLE_OF, Ctx, Say, ar_ctl, lv_name, quiet
 from hvlab.guest.quiesce import recover_after_crash
@@ -59,6 +59,7 @@ def recover(lab_name: str, *, say: Say = quiet) -> Report:
                             f"({'; '.join(notes) or 'nothing left to undo'})")
     _orphans(lab, pending, rep, say)
     _links(lab, pending, rep)
+    _stray_references(lab, pending, rep)
     _held(lab, rep)
     for vm in lab.state.definition.vms:
         thawed = recover_after_crash(lab.names.guest_dir(vm.name)).get("thawed")
@@ -115,6 +116,17 @@ def _links(lab: Lab, pending: set[str], rep: Report) -> None:
     for run_id in sorted(links.runs_with_links(lab.names) - pending):
         rep.done += [f"off-host link of run {run_id}: removed {x}"
                      for x in links.clean(lab.names, run_id)]
+
+
+def _stray_references(lab: Lab, pending: set[str], rep: Report) -> None:
+    """Reference points no chain names (a run killed in step 14, then aborted): of no use,
+    and they pin the blocks they map."""
+    named = {str(c.get("reference")) for c in chain.load(lab.names).values()}
+    stray = [n for n, r in lab.lvs().items() if chain.ROLE in r.tags and n not in named
+             and r.tag_value("run_") not in pending]
+    if stray:
+        lab.lvm("lvremove", "-q", "-y", *[f"{lab.names.vg}/{n}" for n in stray])
+        rep.done += [f"{n}: reference point of no chain (a dead run's): removed" for n in stray]
 
 
 def _held(lab: Lab, rep: Report) -> None:

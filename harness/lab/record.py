@@ -122,6 +122,7 @@ class Run:
     vm: dict[str, Vm]
     state: str = "running"  # running | paused | aborting | done | failed | aborted
     mode: str = "on-host"
+    incremental: bool = False  # asked for: each disk says what it got (images[..]["chain"])
     app_aware: str = "try"  # require | try | off: Veeam's application-aware processing
     pos: int = 0  # index into the plan of the next step
     pause_at: int | None = None
