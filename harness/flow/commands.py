@@ -86,7 +86,7 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
            no_fingerprints: bool, app_aware: str, metadata_limit: int | None,
            mode: str | None, incremental: bool, inject: str | None) -> None:
     """Back up VMs through Hyper-V 2012 R2's 14 steps on real thin snapshots."""
-    from rich.progress import Progress
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
     from hvlab.flow import engine, faults, preflight
 
@@ -112,7 +112,9 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
         run = engine.abort(lab, abort_id, say=click.echo)
         click.echo(f"run {abort_id} aborted; live disks whole")
         return
-    with Progress(transient=True) as prog:
+    # Every read shows bytes, rate and time left on a terminal (rich draws nothing in a pipe).
+    with Progress(*Progress.get_default_columns(), DownloadColumn(binary_units=True),
+                  TransferSpeedColumn(), transient=True) as prog:
         if resume_id:
             run = engine.resume(lab, resume_id, say=prog.console.print,
                                 fingerprints=not no_fingerprints, progress=prog,

@@ -193,6 +193,13 @@ def render_explain(run: Run, events: list[dict[str, Any]],
             con.print(f"{disk}: image {img['file']} sha256 {img['sha256'][:16]}; "
                       f"auto-recovery changed {n} bytes in "
                       f"{len(img['auto_recovery_ranges'])} ranges (thin_delta S_B..S_A)")
+            c = img.get("chain") or {}
+            if c.get("generation"):
+                since = (f"; {c['changed_bytes']} bytes changed since {c['reference']} "
+                         f"(thin_delta), {c['discarded_bytes']} discarded"
+                         if c["kind"] == "incremental" else "")
+                con.print(f"{disk}: {c['kind']} backup, chain {c['generation']}: "
+                          f"{c['reason']}{since}")
 
 
 def link_line(link: dict[str, Any]) -> str:

@@ -120,7 +120,8 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
             for k, sa in ((f"{v}/{d}", sa) for v, d, *_, sa in members)}
     total = sum(what[sa].mapped_blocks * what[sa].block_bytes for *_, sa in members)
     prog = ctx.progress
-    task = prog.add_task(f"step 13: reading S ({ctx.run.mode})", total=total) \
+    kind = ", incremental" if ctx.run.incremental else ""
+    task = prog.add_task(f"step 13: reading S ({ctx.run.mode}{kind})", total=total) \
         if prog is not None else None
 
     copied = [0]

@@ -21,6 +21,7 @@ ROLE_TAGS = {
     "role_checkpoint": "backup checkpoint (C)",
     "role_autorecovery": "auto-recovery checkpoint (A)",
     "role_external": "external snapshot (S)",
+    "role_reference": "reference point of an incremental chain (RCT)",
 }
 
 

@@ -1,0 +1,88 @@
+"""Incremental chains' pure parts: when a disk gets an incremental and why not, what
+thin_delta's answer means for the read, and the links a restore follows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hvlab.backup import chain
+from hvlab.sys.lvm import LvRow
+
+REF = "vm01_disk0_ref_r1"
+
+
+def _row(name: str, *tags: str, active: bool = True) -> LvRow:
+    return LvRow(name=name, attr="", origin="", pool="pool", tags=frozenset(tags),
+                 major=253 if active else None, minor=1 if active else None, thin_id=7)
+
+
+def _rec(tmp_path: Path, **over: Any) -> dict[str, Any]:
+    (tmp_path / "manifest.json").write_text("{}")
+    return {"generation": "g1", "run": "r1", "dest": str(tmp_path), "size": 1 << 26,
+            "reference": REF, **over}
+
+
+def _rows(*tags: str) -> dict[str, LvRow]:
+    return {REF: _row(REF, chain.ROLE, "vm_vm01", "disk_disk0", *tags)}
+
+
+def test_incremental_when_every_link_holds(tmp_path: Path) -> None:
+    p = chain.decide(_rec(tmp_path), _rows("gen_g1"), 1 << 26, True)
+    assert (p.kind, p.generation, p.reference) == ("incremental", "g1", REF)
+    assert p.parent == {"run": "r1", "dest": str(tmp_path)}
+
+
+@pytest.mark.parametrize("case, why", [
+    ("not asked", "not asked"),
+    ("new disk", "no earlier backup of this disk"),
+    ("lost", "is gone"),
+    ("foreign", "belongs to another chain (generation g9, the chain's is g1)"),
+    ("resized", "size changed from 67108864 to 134217728"),
+    ("backup gone", "last backup (r1"),
+])
+def test_full_and_why(tmp_path: Path, case: str, why: str) -> None:
+    rec: dict[str, Any] | None = _rec(tmp_path)
+    rows, size, wanted = _rows("gen_g1"), 1 << 26, True
+    if case == "not asked":
+        wanted = False
+    elif case == "new disk":
+        rec = None
+    elif case == "lost":
+        rows = {}
+    elif case == "foreign":
+        rows = _rows("gen_g9")
+    elif case == "resized":
+        size = 1 << 27
+    else:
+        (tmp_path / "manifest.json").unlink()
+    p = chain.decide(rec, rows, size, wanted)
+    assert p.kind == "full" and why in p.reason
+    # a full in a chain starts a new generation; a plain full starts none
+    assert (p.generation is None) == (case == "not asked") and p.generation != "g1"
+
+
+def test_changed_from_thin_delta() -> None:
+    read, gone = chain.changed({"different": [(4, 2)], "right_only": [(6, 1), (0, 1)],
+                                "left_only": [(9, 3)], "same": [(1, 3)]})
+    assert read == [(0, 1), (4, 3)] and gone == [(9, 3)]
+
+
+def test_links_follow_parents_to_the_full(tmp_path: Path) -> None:
+    def man(kind: str, parent: str | None) -> dict[str, Any]:
+        c = {"kind": kind, "parent": {"run": parent, "dest": str(tmp_path / parent)}
+             if parent else None}
+        return {"vms": [{"name": "vm01", "disks": [{"name": "disk0", "chain": c}]},
+                        {"name": "vm02", "disks": [{"name": "disk0", "chain": None}]}]}
+
+    mans = {"f": man("full", None), "i1": man("incremental", "f"),
+            "i2": man("incremental", "i1")}
+    links = chain.links_of(tmp_path / "i2", "vm01", "disk0", lambda p: mans[p.name])
+    assert [p.name for p, _ in links] == ["f", "i1", "i2"]
+    mans["f"] = man("incremental", "i2")  # a loop is refused, never followed forever
+    with pytest.raises(ValueError, match="loops"):
+        chain.links_of(tmp_path / "i2", "vm01", "disk0", lambda p: mans[p.name])
+    with pytest.raises(ValueError, match="no disk vm03/disk0"):
+        chain.links_of(tmp_path / "i2", "vm03", "disk0", lambda p: mans[p.name])
