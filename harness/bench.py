@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hvlab import bench_floor, bench_flow, bench_read, bench_report
+from hvlab import bench_floor, bench_flow, bench_incr, bench_read, bench_report
 from hvlab.lab import paths
 from hvlab.vm import runner
 
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         "floor": None, "window": {"limit_s": bench_report.WINDOW_LIMIT_S,
                                   "disk_size": bench_flow.DISK_SIZE, "fs": bench_flow.DISK_FS,
                                   "profile": bench_flow.PROFILE, "points": []},
-        "jobs": {"points": []}, "steps": None, "reader": None, "goals": [], "errors": {}}
+        "jobs": {"points": []}, "steps": None, "reader": None, "incremental": None, "goals": [],
+        "errors": {}}
 
     def part(name: str, fn: Callable[[], Any]) -> Any:
         t = time.perf_counter()
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         res["steps"] = part("steps", bench_flow.default_steps)
         res["reader"] = part("reader", lambda: bench_read.measure(
             cfg.read_repeat, paths.home() / "bench-read"))
+        res["incremental"] = part("incremental", lambda: bench_incr.measure(
+            paths.home() / "bench-incr"))
     finally:  # an interrupt still leaves what was measured
         res["goals"] = bench_report.goals(res)
         (out / "bench.json").write_text(json.dumps(res, indent=2) + "\n")

@@ -34,8 +34,9 @@ from rich.table import Table
 WINDOW_LIMIT_S = 10.0  # the guest's flush-and-hold limit (VSS_E_FLUSH_WRITES_TIMEOUT)
 READER_GOAL = 0.9  # issue 10: the reader at least 0.9x dd's throughput on the same extents
 OFFHOST_GOAL = 0.8  # issue 11: off-host at least 0.8x on-host reading of the same extents
+INCR_GOAL = 1.1  # issue 11: an incremental reads at most 1.1x the bytes that changed
 KEYS = ("meta", "floor", "window", "jobs", "steps", "reader", "goals", "errors")
-PLOTS = ("window.png", "jobs.png", "steps.png", "reader.png")
+PLOTS = ("window.png", "jobs.png", "steps.png", "reader.png", "incremental.png")
 
 
 # ----------------------------------------------------------------------------- what it ran on
@@ -155,6 +156,9 @@ def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
         if o:
             add("off-host (NBD over veth) vs on-host, same extents", f">= {OFFHOST_GOAL:g}x",
                 o.get("ratio"), OFFHOST_GOAL, "x", at_least=True)
+    for p in (res.get("incremental") or {}).get("points", []):
+        add(f"incremental, {p['share']:.0%} changed: bytes read / changed",
+            f"<= {INCR_GOAL:g}x", p.get("ratio"), INCR_GOAL, "x")
     return out
 
 
@@ -258,6 +262,19 @@ def tables(res: dict[str, Any]) -> list[Table]:
                       f"{_x(o.get('ratio'))}, goal >= {OFFHOST_GOAL:g}x; link setup "
                       f"{_s(o.get('setup_s'))})", _s(o["median_s"]), f"{o['MiB_s']:.0f}", "")
     out.append(t)
+    inc = res.get("incremental") or {}
+    if inc.get("points"):
+        t = Table(title=f"4. incrementals: bytes read against bytes changed since the reference "
+                        f"({inc['files_bytes'] >> 20} MiB of files on a "
+                        f"{inc['disk_bytes'] >> 20} MiB disk, overwritten in place)")
+        for col in ("changed", "changed MiB", "read MiB", "read / changed (goal <= 1.1)",
+                    "extents", "thin_delta", "read"):
+            t.add_column(col)
+        for p in inc["points"]:
+            t.add_row(f"{p['share']:.0%}", f"{p['changed_bytes'] / 2**20:.1f}",
+                      f"{p['read_bytes'] / 2**20:.1f}", _x(p["ratio"]), str(p["extents"]),
+                      _s(p["thin_delta_s"]), _s(p["read_s"]))
+        out.append(t)
     return out
 
 
@@ -302,7 +319,8 @@ def _axes(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Axes]:
 
 
 def plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
-    """window.png, jobs.png, steps.png, reader.png (a part without data: no plot)."""
+    """window.png, jobs.png, steps.png, reader.png, incremental.png (a part without data:
+    no plot)."""
     made: list[Path] = []
     pts = (res.get("window") or {}).get("points", [])
     if pts:
@@ -368,5 +386,18 @@ def plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
                    label=f"goal {READER_GOAL:g}x dd")
         ax.legend()
         made.append(out_dir / "reader.png")
+        _save(fig, made[-1])
+    pts = (res.get("incremental") or {}).get("points", [])
+    if pts:
+        fig, ax = _axes("incremental: bytes read vs bytes changed since the reference",
+                        "share of the disk changed", "MiB")
+        xs = list(range(len(pts)))
+        ax.bar([x - 0.2 for x in xs], [p["changed_bytes"] / 2**20 for p in pts], 0.4,
+               label="changed (written)", color="0.6")
+        ax.bar([x + 0.2 for x in xs], [p["read_bytes"] / 2**20 for p in pts], 0.4,
+               label="read by the incremental", color="#1565c0")
+        ax.set_xticks(xs, [f"{p['share']:.0%}" for p in pts])
+        ax.legend()
+        made.append(out_dir / "incremental.png")
         _save(fig, made[-1])
     return made

@@ -40,6 +40,13 @@ def _results() -> dict[str, Any]:
         "reader": {"virtual_bytes": 1 << 30, "mapped_bytes": 100 << 20, "extents": 7,
                    "repeat": 3, **bench_report.reader_summary(100 << 20, [1.0, 2.0, 1.5],
                                                               [1.0, 1.0, 1.2])},
+        "incremental": {"disk_bytes": 1 << 30, "files_bytes": 384 << 20, "goal": 1.1,
+                        "points": [{"share": 0.01, "changed_bytes": 10 << 20,
+                                    "read_bytes": 11 << 20, "ratio": 1.1, "extents": 9,
+                                    "thin_delta_s": 0.2, "read_s": 0.1},
+                                   {"share": 0.1, "changed_bytes": 100 << 20,
+                                    "read_bytes": 120 << 20, "ratio": 1.2, "extents": 90,
+                                    "thin_delta_s": 0.3, "read_s": 1.0}]},
         "errors": {"jobs": "FlowFailed: boom"},
         "goals": [],
     }
@@ -114,7 +121,9 @@ def test_goals() -> None:
         "job wall time, one VM of 8 disks": ("-", None),
         "job wall time, default vm01": ("20.00 s", True),
         "job of 8 one-disk VMs vs one VM": ("8.50x", True),
-        "reader vs dd, same extents + sha256": ("0.67x", False)}
+        "reader vs dd, same extents + sha256": ("0.67x", False),
+        "incremental, 1% changed: bytes read / changed": ("1.10x", True),
+        "incremental, 10% changed: bytes read / changed": ("1.20x", False)}
     res["window"]["points"][1].update(window_s=0.6, error=None)
     got = {g["what"]: (g["measured"], g["ok"]) for g in bench_report.goals(res)}
     assert got["freeze window, 8 disks"] == ("0.60 s", True)

@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 LAYER = {"errors": 0, "sys": 0, "guest": 1, "vm": 1, "lab": 2, "backup": 3, "flow": 4,
          "cli": 5, "bench": 5, "bench_floor": 5, "bench_flow": 5, "bench_read": 5,
-         "bench_report": 5, "soak": 5, "fixtures": 5}
+         "bench_report": 5, "bench_incr": 5, "soak": 5, "fixtures": 5}
 
 
 def _modules() -> dict[str, Path]:
