@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from hvlab.backup import manifest
@@ -157,6 +158,24 @@ def test_killed_during_an_off_host_read(lab_factory: Callable[..., LabHandle],
         assert rst.verify(h.defn.name, run_id)["ok"]
     assert links.owned(h.names) == []
     assert not ln.dir.exists()
+
+
+def test_a_read_that_fails_half_way_leaves_no_link(lab_factory: Callable[..., LabHandle],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step fails while the proxy reads (the first chunk written): the proxy and nbdkit
+    are stopped and the namespaces removed before the unwind, whose end is the LV set the
+    run found."""
+    requires("off-host")
+    h = lab_factory(TWO_DISKS, start_guests=True)
+    pre = h.lv_names()
+    monkeypatch.setenv(faults.ENV, "s13-reading:raise")
+    monkeypatch.setattr(faults, "_fired", set())
+    with pytest.raises(engine.FlowFailed, match="s13-reading"):
+        engine.start(h.defn.name, ["vm01"], fingerprints=False, mode="off-host")
+    (failed,) = runs.all_runs(h.names)
+    assert failed.state == "failed" and h.lv_names() == pre
+    assert links.owned(h.names) == [] and not links.plan(h.names, failed.id).dir.exists()
+    assert not [p for p in psutil.process_iter(["name"]) if p.info["name"] == "nbdkit"]
 
 
 def test_mode_is_checked_before_anything_is_made(lab_factory: Callable[..., LabHandle]
