@@ -446,7 +446,42 @@ The restored disks hold B@T0 with auto-recovery's repair: a consistent ledger at
 {t0_txid}, no excluded files. Restoring B@T0 alone would give back the open transaction
 {open_txid}.
 
-## 6. Clean up
+## 6. Incremental, and off-host
+
+`--incremental` keeps each disk's S_A as its reference point after the backup. The first
+such backup has none to compare with, so it is full, and says why:
+""")
+    chain_full = w / "backups" / "vm01-chain-full"
+    res = s.step(["hvlab", "backup", VM, "-n", LAB, "--no-fingerprints", "--incremental",
+                  "--dest", str(chain_full)])
+    check("no earlier backup" in res.out, "the first backup of a chain is full")
+    s.text("""
+The guest goes on writing. The next one reads only the chunks `thin_delta` finds changed
+between the reference and its own S_A, and reads them off-host: the snapshot set is exported
+read-only by nbdkit on a veth pair between two network namespaces, and a proxy in its own
+namespace reads it with libnbd:
+""")
+    second = w / "backups" / "vm01-chain-inc"
+    res = s.step(["hvlab", "backup", VM, "-n", LAB, "--no-fingerprints", "--incremental",
+                  "--mode", "off-host", "--dest", str(second)])
+    check("incremental" in res.out and "over NBD" in res.out, "an off-host incremental")
+    inc_id = grab(r"^run (\S+) done", res.out, "the incremental's run id")
+    res = s.run(["hvlab", "explain", "-n", LAB, inc_id])
+    said = [x for x in res.out.splitlines() if "step 13 off-host" in x or "backup, chain" in x]
+    check(len(said) >= 2, "explain names the proxy and the chain")
+    s.text("`hvlab explain` of it says, among the rest:\n\n```\n" + "\n".join(said)
+           + "\n```\n")
+    s.text("""
+`hvlab devices` shows the disks' reference points (and no namespace: the link lives only
+inside step 13). `hvlab verify` of the incremental checks both links of the chain, then
+restores the incremental's point (the full image, then the changed chunks) and checks it:
+""")
+    res = s.step(["hvlab", "devices", "-n", LAB])
+    check("reference point" in res.out, "devices shows the reference points")
+    res = s.step(["hvlab", "verify", "-n", LAB, str(second)])
+    check("=> OK" in res.out, "the incremental verifies")
+    s.text("""
+## 7. Clean up
 
 `hvlab down` removes every device, mount and file of the lab and checks nothing is left;
 `hvlab vm down` stops the lab VM.
