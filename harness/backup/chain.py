@@ -12,9 +12,12 @@ and the manifest says why.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +43,19 @@ def load(names: Names) -> dict[str, dict[str, Any]]:
     return data if isinstance(data, dict) else {}
 
 
-def save(names: Names, chains: dict[str, dict[str, Any]]) -> None:
-    write_json_atomic(names.dir / FILE, chains)
+@contextmanager
+def updating(names: Names) -> Iterator[dict[str, dict[str, Any]]]:
+    """chains.json read, changed by the block and written back atomically, under a lock of
+    its own (blocking: the update is short; runs of other VMs of the lab make theirs)."""
+    fd = os.open(names.dir / ".chains.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        chains = load(names)
+        yield chains
+        write_json_atomic(names.dir / FILE, chains)
+    finally:
+        os.close(fd)
 
 
 def references(rows: dict[str, LvRow], vm: str, disk: str) -> list[str]:
@@ -87,10 +101,17 @@ def decide(rec: dict[str, Any] | None, rows: dict[str, LvRow], size: int,
     if int(rec.get("size", -1)) != size:
         return full(f"the disk's size changed from {rec.get('size')} to {size} bytes")
     dest = Path(str(rec.get("dest", "")))
-    if not (dest / "manifest.json").is_file():
+    if not _holds_run(dest, str(rec.get("run"))):
         return full(f"the chain's last backup ({rec.get('run')}, {dest}) is gone")
     return Plan("incremental", f"changes since {rec.get('run')}", generation=gen,
                 parent={"run": str(rec.get("run")), "dest": str(dest)}, reference=ref)
+
+
+def _holds_run(dest: Path, run_id: str) -> bool:
+    try:
+        return bool(json.loads((dest / "manifest.json").read_text()).get("run") == run_id)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def changed(delta: dict[str, list[Range]]) -> tuple[list[Range], list[Range]]:
@@ -118,6 +139,14 @@ def links_of(dest: Path, vm: str, disk: str,
                     if d["name"] == disk), None)
         if rec is None:
             raise ValueError(f"backup {path} has no disk {vm}/{disk}")
+        if out:  # the parent its child named: that run, that chain
+            want = (out[-1][1].get("chain") or {})
+            if man.get("run") != want["parent"]["run"] or (rec.get("chain") or {}).get(
+                    "generation") != want.get("generation"):
+                raise ValueError(f"{path} holds run {man.get('run')} (generation "
+                                 f"{(rec.get('chain') or {}).get('generation')}), not the "
+                                 f"parent {want['parent']['run']} of chain "
+                                 f"{want.get('generation')}")
         out.append((path, rec))
         chain = rec.get("chain") or {}
         parent = chain.get("parent") if chain.get("kind") == "incremental" else None

@@ -14,6 +14,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -105,20 +106,31 @@ class Proxy:
     def link_bytes(self) -> int:
         return netns.rx_bytes(self.link.proxy)
 
+    def server_bytes(self) -> int | None:
+        """Stop the server; the read bytes its stats filter counted (None if unreadable)."""
+        _stop_server(self.server)
+        try:
+            return server_read_bytes((self.link.dir / "stats.txt").read_text())
+        except OSError:
+            return None
+
 
 def _start_server(link: Link) -> subprocess.Popen[bytes]:
+    """nbdkit in the lab's namespace; its stats filter counts what the server itself sent
+    (written to stats.txt when it exits), its messages go to nbdkit.log."""
     pidfile = link.dir / "nbdkit.pid"
     argv = _in(link.lab.ns, ["nbdkit", "--exit-with-parent", "--foreground", "--readonly",
                              "--ipaddr", link.lab.address, "--port", str(link.port),
-                             "--pidfile", str(pidfile), "file", f"dir={link.exports}"])
+                             "--pidfile", str(pidfile), "--filter=stats", "file",
+                             f"dir={link.exports}", f"statsfile={link.dir / 'stats.txt'}"])
     start = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    with open(link.dir / "nbdkit.log", "wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     # nbdkit writes its pid file once it accepts connections.
     while not pidfile.exists():
         if proc.poll() is not None or time.monotonic() - start > READY_S:
             _stop_server(proc)
-            err = (proc.stderr.read().decode(errors="replace") if proc.stderr else "").strip()
+            err = (link.dir / "nbdkit.log").read_text(errors="replace").strip()
             raise OffHostError(f"nbdkit did not start on {link.lab.address}:{link.port} in "
                                f"namespace {link.lab.ns}: {err or 'no message'}")
         time.sleep(0.02)
@@ -134,8 +146,17 @@ def _stop_server(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    if proc.stderr is not None:
-        proc.stderr.close()
+
+
+def server_read_bytes(stats: str) -> int | None:
+    """Bytes the server sent for reads, from nbdkit's stats filter file: a line like
+    `read: 12 ops, 0.0 s, 7.50 MiB, ...` (the units vary), or the raw bytes where given."""
+    for line in stats.splitlines():
+        m = re.match(r"\s*read:.*?\b(\d+(?:\.\d+)?) (B|KiB|MiB|GiB)\b", line)
+        if m:
+            unit = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[m.group(2)]
+            return round(float(m.group(1)) * unit)
+    return None
 
 
 @contextmanager

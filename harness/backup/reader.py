@@ -44,8 +44,14 @@ def _nonzero_runs(data: bytes, bs: int) -> Iterator[tuple[int, int]]:
 
 def read_image(dev: str, m: Mapping, size: int, dest: Path,
                progress: Progress = _noop) -> dict[str, object]:
-    """Copy the mapped blocks of `dev` into a sparse file of `size` bytes (see write_chunks)."""
-    return write_chunks(read_ranges(dev, m.ranges, m.block_bytes), m, size, dest, progress)
+    """Copy the mapped blocks of `dev` into a sparse file of `size` bytes (see write_chunks).
+    The device is closed before an error goes up: the unwind that follows removes the
+    snapshot, which an open fd (kept alive by the traceback) would hold "in use"."""
+    chunks = read_ranges(dev, m.ranges, m.block_bytes)
+    try:
+        return write_chunks(chunks, m, size, dest, progress)
+    finally:
+        chunks.close()
 
 
 def write_chunks(chunks: Iterable[tuple[int, bytes]], m: Mapping, size: int, dest: Path,

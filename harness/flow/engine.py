@@ -125,15 +125,14 @@ def finish(ctx: Ctx) -> None:
         manifest.write(ctx.names, ctx.run)
     faults.point("finish-manifest")
     if ctx.run.incremental:  # the chains' last links are this run's, from now on
-        chains = chain.load(ctx.names)
-        for key, img in ctx.run.images.items():
-            c = img.get("chain") or {}
-            v, d = key.split("/")
-            if c.get("generation"):
-                chains[key] = {"generation": c["generation"], "run": ctx.run.id,
-                               "dest": ctx.run.dest, "size": ctx.vm(v).disks[d].size,
-                               "reference": chain.reference_lv(v, d, ctx.run.id)}
-        chain.save(ctx.names, chains)
+        with chain.updating(ctx.names) as chains:  # runs of other VMs update it too
+            for key, img in ctx.run.images.items():
+                c = img.get("chain") or {}
+                v, d = key.split("/")
+                if c.get("generation"):
+                    chains[key] = {"generation": c["generation"], "run": ctx.run.id,
+                                   "dest": ctx.run.dest, "size": img["size"],
+                                   "reference": chain.reference_lv(v, d, ctx.run.id)}
     ctx.run.state = "done"
     ctx.save()
 

@@ -206,9 +206,11 @@ def link_line(link: dict[str, Any]) -> str:
     """Step 13 off-host: who read what over which link."""
     srv, prx = link["server"], link["proxy"]
     mib = 2 ** 20
-    moved = (f": {link['nbd_bytes'] / mib:.1f} MiB over NBD for {link['mapped_bytes'] / mib:.1f}"
-             f" MiB mapped in {link['extents']} extents, {link['link_bytes'] / mib:.1f} MiB "
-             f"on the link" if "nbd_bytes" in link else " (the read did not finish)")
+    moved = (f": {link['nbd_bytes'] / mib:.1f} MiB over NBD for the "
+             f"{link['mapped_bytes'] / mib:.1f} MiB it was handed (mapped, or changed since the "
+             f"reference) in {link['extents']} extents, {link['link_bytes'] / mib:.1f} MiB on "
+             f"the link"
+             if "nbd_bytes" in link else " (the read did not finish)")
     return (f"step 13 off-host: the proxy ({prx['namespace']}, {prx['address']}) read S over "
             f"NBD from nbdkit at {srv['address']}:{srv['port']} ({srv['namespace']}, "
             f"read-only, one export per disk){moved}")

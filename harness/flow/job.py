@@ -166,12 +166,30 @@ def _plans(ctx: Ctx) -> dict[str, chain.Plan]:
     rows, chains = ctx.lvs(), chain.load(ctx.names)
     out = {}
     for v, d, disk in ctx.disks():
-        p = chain.decide(chains.get(f"{v}/{d}"), rows, disk.size, ctx.run.incremental)
+        size = _dev_size(ctx.lv_dev(disk.S_A or ""))  # the device's, not the definition's
+        p = chain.decide(chains.get(f"{v}/{d}"), rows, size, ctx.run.incremental)
+        why = ""
         if p.reference and rows[p.reference].major is None:
-            p = chain.Plan("full", f"the reference snapshot {p.reference} is not active",
-                           generation=secrets.token_hex(6))
+            why = f"the reference snapshot {p.reference} is not active"
+        elif p.parent:
+            why = _broken_link(ctx, v, d, Path(p.parent["dest"]))
+        if why:
+            p = chain.Plan("full", why, generation=secrets.token_hex(6))
         out[f"{v}/{d}"] = p
     return out
+
+
+def _broken_link(ctx: Ctx, v: str, d: str, last: Path) -> str:
+    """Why the chain ending at `last` could not be restored ('' when every link is there):
+    extending it would make backups that cannot be restored."""
+    from hvlab.backup import manifest
+
+    try:
+        links = chain.links_of(last, v, d, lambda p: manifest.locate(ctx.names, str(p))[1])
+    except (HvlabError, ValueError) as exc:
+        return f"the chain is broken: {exc}"
+    gone = [str(p / str(rec["image"])) for p, rec in links if not (p / str(rec["image"])).exists()]
+    return f"an earlier link of the chain is gone ({', '.join(gone)})" if gone else ""
 
 
 def _delta_record(since: tuple[list[thinmeta.Range], list[thinmeta.Range]] | None,
@@ -218,9 +236,11 @@ def _read_off_host(ctx: Ctx, members: list[tuple[str, str, Disk, str, str]],
         with writing_to(where, "the images"):
             got, nbd_bytes = proxy.read(disks, advance)
         link_bytes = proxy.link_bytes()
+        server_bytes = proxy.server_bytes()  # nbdkit's own count, MiB to 2 decimals
     by_export = {img.pop("export"): img for img in got}
     extents = sum(len(x["ranges"]) for x in disks)
     link.update({"nbd_bytes": nbd_bytes, "link_bytes": link_bytes,
+                 "server_read_bytes": server_bytes,
                          "mapped_bytes": sum(maps[sa].mapped_blocks * maps[sa].block_bytes
                                              for *_, sa in members),
                          "extents": extents})
@@ -265,13 +285,19 @@ def keep_references(ctx: Ctx) -> list[dict[str, Any]]:
             cmds.append(["lvremove", "-q", "-y", *map(ctx.vg_lv, old)])
         if disk.S_A and disk.S_A in rows and new not in rows and gen:
             cmds.append(["lvrename", "-q", ctx.names.vg, disk.S_A, new])
+        if gen and (new not in rows or {chain.ROLE, f"gen_{gen}"} - rows[new].tags):
+            # also when a killed run renamed it but did not retag it
             cmds.append(["lvchange", "-q", "--deltag", ROLE_OF["S_A"], "--addtag", chain.ROLE,
                          "--addtag", f"gen_{gen}", ctx.vg_lv(new)])
         if gen:
             new_refs.append(new)
             disk.S_A_exists = False  # the reference now, not this run's artifact
             out.append({"vm": v, "disk": d, "lv": new, "generation": gen, "replaced": old})
-    ctx.batch(cmds, present=new_refs, absent=old_refs)
+    rows = ctx.batch(cmds, present=new_refs, absent=old_refs)
+    untagged = [r for r, o in zip(new_refs, out, strict=True)
+                if {chain.ROLE, f"gen_{o['generation']}"} - rows[r].tags]
+    if untagged:  # the lvm shell exits 0 whatever happened
+        raise HvlabError(f"reference points not tagged as such: {', '.join(untagged)}")
     ctx.save()
     return out
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from hvlab.backup import chain
+from hvlab.errors import HvlabError
 from hvlab.flow import dest, windowguard
 from hvlab.flow.context import Ctx, ar_ctl
 from hvlab.lab import links, live, runs
@@ -68,6 +70,10 @@ def plan(run: Run, facts: Facts, *, was_done: bool) -> list[Undo]:
                 out.append(Undo("remove", v, d, c, f"removed C {c} (never written)"))
         elif c and f"run_{run.id}" in facts.base_tags.get(disk.B, frozenset()):
             out.append(Undo("retag", v, d, disk.B, f"finished the merge of C into {disk.B}"))
+        ref = chain.reference_lv(v, d, run.id)  # S_A kept in step 14 of a run not finished
+        if ref in facts.lvs and not was_done:
+            out.append(Undo("remove", v, d, ref, f"removed reference point {ref} (its backup "
+                                                 f"is not kept)"))
     if run.dest_made and not was_done:
         if facts.dest_owned:
             out.append(Undo("remove-dest", lv=run.dest, note=f"removed partial backup "
@@ -166,7 +172,10 @@ def unwind(ctx: Ctx, final: str, *, record: bool = True,
         # suspended (a kill inside step 5) that write, and the thaw with it, would never end.
         resume_controllers(ctx)
         notes = thaw_all(ctx)
-        notes += [f"removed off-host link {x}" for x in links.clean(ctx.names, run.id)]
+        try:  # a link that will not go is said, and the unwind goes on
+            notes += [f"removed off-host link {x}" for x in links.clean(ctx.names, run.id)]
+        except (HvlabError, OSError) as exc:
+            notes.append(f"could not remove the off-host link: {exc}")
         notes += carry_out(ctx, plan(run, facts(ctx), was_done=was_done))
     run.unwound = notes
     if post is not None:

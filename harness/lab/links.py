@@ -64,7 +64,9 @@ def clean(names: Names, run_id: str | None = None) -> list[str]:
     namespaces (nbdkit, the proxy), the namespaces with their veth ends, stray veths, the
     exports. Verified; safe to call when there is nothing."""
     prefix = names.netns_prefix + (f"{run_id}_" if run_id else "")
-    done = netns.remove([n for n in netns.names() if n.startswith(prefix)], prefix.rstrip("_"))
+    planned = plan(names, run_id) if run_id else None
+    done = netns.remove([n for n in netns.names() if n.startswith(prefix)], prefix.rstrip("_"),
+                        ifnames=[planned.lab.ifname, planned.proxy.ifname] if planned else [])
     for d in (RUN_ROOT / names.lab).glob(f"{run_id or '*'}.offhost"):
         shutil.rmtree(d)
         done.append(str(d))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,8 @@ def stray_links(alias_prefix: str) -> dict[str, str]:
     return out
 
 
-def remove(ns_names: list[str], alias_prefix: str, *, timeout: float = 10.0) -> list[str]:
+def remove(ns_names: list[str], alias_prefix: str, *, ifnames: Sequence[str] = (),
+           timeout: float = 10.0) -> list[str]:
     """Kill what runs in the namespaces, delete them (their veth ends go with them) and any
     stray veth of ours; verified. Returns what was removed."""
     from pyroute2 import IPRoute, config, netns
@@ -141,7 +143,9 @@ def remove(ns_names: list[str], alias_prefix: str, *, timeout: float = 10.0) -> 
         if ns in names():
             netns.remove(ns)
         done.append(ns + (f" (killed {', '.join(map(str, pids))})" if pids else ""))
-    strays = stray_links(alias_prefix)
+    # ifnames: a pair a kill left between its creation and its alias, found by its name
+    strays = {**stray_links(alias_prefix),
+              **{n: "" for n in ifnames if (Path("/sys/class/net") / n).exists()}}
     if strays:
         with IPRoute() as ip:
             for ifname in strays:

@@ -65,6 +65,7 @@ def test_a_chain_of_a_full_and_three_incrementals_restores_each_point(
         lab_factory: Callable[..., LabHandle], tmp_path: Path) -> None:
     requires("off-host")
     h = lab_factory(ONE_VM, start_guests=True)
+    pre = h.lv_names()
     mnt = h.mountpoint("vm01", "disk0")
     (mnt / "a.bin").write_bytes(os.urandom(6 << 20))
     points: list[tuple[Run, Path]] = []
@@ -74,6 +75,8 @@ def test_a_chain_of_a_full_and_three_incrementals_restores_each_point(
         r = _backup(h, copy, **kw)
         points.append((r, copy))
         assert _references(h) == [chain.reference_lv("vm01", "disk0", r.id)]
+        # the LV set the run found, its reference point moved on
+        assert h.lv_names() == pre | {chain.reference_lv("vm01", "disk0", r.id)}
         return r
 
     full = point()
@@ -138,8 +141,8 @@ def test_killed_while_the_reference_moves_on(lab_factory: Callable[..., LabHandl
                                              tmp_path: Path, then: str) -> None:
     """SIGKILL in step 14 right after S_A became the reference (old one removed, C not yet
     merged). Resumed: the run finishes and the chain moves on. Aborted: the chain still
-    names the old reference, which is gone, so the next incremental is a full that says
-    so, and recover removes the dead run's reference."""
+    names the old reference, which is gone, the abort removes the run's own, and the next
+    incremental is a full that says so."""
     h = lab_factory(ONE_VM, start_guests=True)
     first = _backup(h, tmp_path / "one.img")
     proc = subprocess.run([sys.executable, "-m", "hvlab.cli", "backup", "vm01", "-n",
@@ -154,8 +157,8 @@ def test_killed_while_the_reference_moves_on(lab_factory: Callable[..., LabHandl
         assert chain.load(h.names)["vm01/disk0"]["run"] == killed.id
         assert rst.verify(h.defn.name, killed.id)["ok"]
         return
-    engine.abort(h.defn.name, killed.id)
-    rep = recover.recover(h.defn.name)
-    assert any("reference point of no chain" in x for x in rep.done) and not _references(h)
+    aborted = engine.abort(h.defn.name, killed.id)
+    assert any("removed reference point" in x for x in aborted.unwound or [])
+    assert not _references(h) and not recover.recover(h.defn.name).left
     again = _backup(h, tmp_path / "two.img")
     assert _chain(again)["kind"] == "full" and "is gone" in _chain(again)["reason"]

@@ -56,6 +56,7 @@ def test_off_host_backup_over_nbd_restores_and_verifies(
         tmp_path: Path) -> None:
     requires("off-host")
     h = lab_factory(TWO_DISKS, start_guests=True)
+    pre = h.lv_names()
     for d in ("disk0", "disk1"):
         (h.mountpoint("vm01", d) / "data.bin").write_bytes(os.urandom(3 << 20))
     go = tmp_path / "go"
@@ -108,6 +109,9 @@ def test_off_host_backup_over_nbd_restores_and_verifies(
     block = disks[0]["block_bytes"]
     # The proxy read only mapped extents: at most the mapped bytes plus a chunk per extent.
     assert link["nbd_bytes"] == read <= link["mapped_bytes"] + link["extents"] * block
+    # ... and the server's own count (nbdkit's stats filter, MiB to 2 decimals) agrees.
+    assert abs(link["server_read_bytes"] - read) <= 0.005 * 2**20
+    assert h.lv_names() == pre  # the flow's invariant: the LV set it found
     assert link["mapped_bytes"] >= 6 << 20 and link["link_bytes"] >= link["nbd_bytes"]
     events = runs.events(h.names, done.id)
     step13 = next(e for e in events if e["step"] == 13)
@@ -183,7 +187,8 @@ def test_mode_is_checked_before_anything_is_made(lab_factory: Callable[..., LabH
     h = lab_factory(TWO_DISKS)
     pre = h.lv_names()
     for args, msg in ((["--mode", "sideways"], "Invalid value for '--mode'"),
-                      (["--resume", "r1", "--mode", "off-host"], "--mode is fixed")):
+                      (["--resume", "r1", "--mode", "off-host"], "are fixed when a run starts"),
+                      (["--abort", "r1", "--incremental"], "are fixed when a run starts")):
         argv = [sys.executable, "-m", "hvlab.cli", "backup", *(["vm01"] if args[0] == "--mode"
                                                             else []), "-n", h.defn.name, *args]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)

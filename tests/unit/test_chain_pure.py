@@ -20,7 +20,7 @@ def _row(name: str, *tags: str, active: bool = True) -> LvRow:
 
 
 def _rec(tmp_path: Path, **over: Any) -> dict[str, Any]:
-    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "manifest.json").write_text('{"run": "r1"}')
     return {"generation": "g1", "run": "r1", "dest": str(tmp_path), "size": 1 << 26,
             "reference": REF, **over}
 
@@ -71,17 +71,24 @@ def test_changed_from_thin_delta() -> None:
 
 
 def test_links_follow_parents_to_the_full(tmp_path: Path) -> None:
-    def man(kind: str, parent: str | None) -> dict[str, Any]:
-        c = {"kind": kind, "parent": {"run": parent, "dest": str(tmp_path / parent)}
-             if parent else None}
-        return {"vms": [{"name": "vm01", "disks": [{"name": "disk0", "chain": c}]},
-                        {"name": "vm02", "disks": [{"name": "disk0", "chain": None}]}]}
+    def man(run: str, kind: str, parent: str | None, gen: str = "g1") -> dict[str, Any]:
+        c = {"kind": kind, "generation": gen,
+             "parent": {"run": parent, "dest": str(tmp_path / parent)} if parent else None}
+        return {"run": run, "vms": [{"name": "vm01", "disks": [{"name": "disk0", "chain": c}]},
+                                    {"name": "vm02", "disks": [{"name": "disk0", "chain": None}]}]}
 
-    mans = {"f": man("full", None), "i1": man("incremental", "f"),
-            "i2": man("incremental", "i1")}
+    mans = {"f": man("f", "full", None), "i1": man("i1", "incremental", "f"),
+            "i2": man("i2", "incremental", "i1")}
     links = chain.links_of(tmp_path / "i2", "vm01", "disk0", lambda p: mans[p.name])
     assert [p.name for p, _ in links] == ["f", "i1", "i2"]
-    mans["f"] = man("incremental", "i2")  # a loop is refused, never followed forever
+    # a parent folder that now holds another run, or another chain, is refused
+    mans["f"] = man("x", "full", None)
+    with pytest.raises(ValueError, match=r"holds run x .*not the parent f"):
+        chain.links_of(tmp_path / "i2", "vm01", "disk0", lambda p: mans[p.name])
+    mans["f"] = man("f", "full", None, gen="g2")
+    with pytest.raises(ValueError, match="generation g2"):
+        chain.links_of(tmp_path / "i2", "vm01", "disk0", lambda p: mans[p.name])
+    mans["f"] = man("f", "incremental", "i2")  # a loop is refused, never followed forever
     with pytest.raises(ValueError, match="loops"):
         chain.links_of(tmp_path / "i2", "vm01", "disk0", lambda p: mans[p.name])
     with pytest.raises(ValueError, match="no disk vm03/disk0"):

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from hvlab.backup import proxy
+from hvlab.backup import offhost, proxy
 from hvlab.backup.thinmeta import CHUNK, Mapping
 from hvlab.bench_report import OFFHOST_GOAL, offhost_summary
 from hvlab.flow.explain import link_line
@@ -91,8 +91,18 @@ def test_link_line() -> None:
     done = link_line(_link(nbd_bytes=6 << 20, mapped_bytes=6 << 20, extents=4,
                            link_bytes=7 << 20))
     assert "169.254.7.2" in done and "169.254.7.1:10809" in done
-    assert "6.0 MiB over NBD for 6.0 MiB mapped in 4 extents, 7.0 MiB on the link" in done
+    assert "6.0 MiB over NBD for the 6.0 MiB it was handed" in done
+    assert "in 4 extents, 7.0 MiB on the link" in done
     assert "did not finish" in link_line(_link())
+
+
+def test_server_read_bytes_from_nbdkit_stats() -> None:
+    stats = ("total: 6 ops, 1.067645 s, 20.12 MiB, 18.84 MiB/s\n"
+             "read: 6 ops, 0.008617 s, 20.12 MiB, 2.28 GiB/s op, 18.84 MiB/s total\n"
+             "  Request size and alignment breakdown:\n")
+    assert offhost.server_read_bytes(stats) == round(20.12 * 2**20)
+    assert offhost.server_read_bytes("read: 1 ops, 0.1 s, 512 B, 5 KiB/s op\n") == 512
+    assert offhost.server_read_bytes("total: 0 ops\n") is None
 
 
 def test_offhost_ratio() -> None:
