@@ -89,8 +89,8 @@ def decide(rec: dict[str, Any] | None, rows: dict[str, LvRow], size: int,
         return Plan("full", reason, generation=secrets.token_hex(6))
 
     if not rec:
-        return full("no earlier backup of this disk in a chain (the first, or a disk added "
-                    "since)")
+        return full("no earlier backup of this disk in a chain: the first, or a disk added "
+                    "since")
     ref, gen = str(rec.get("reference", "")), str(rec.get("generation", ""))
     if ref not in rows:
         return full(f"the reference snapshot {ref} is gone (lost or removed)")

@@ -184,8 +184,8 @@ def render_explain(run: Run, events: list[dict[str, Any]],
         "S_B/S_A = external snapshot set. Steps 4-7 are one instant seen from two sides: C and "
         "A are made while the guest holds its writes, so B at step 5 *is* the internal "
         "snapshot's state; auto-recovery fixes A up, the live VM never sees it (it writes C).")
-    if run.link:
-        con.print(link_line(run.link))
+    if run.link:  # one line each, whatever the width: what a person copies
+        con.print(link_line(run.link), soft_wrap=True)
     for vm in run.vms:
         for disk, img in ((k, i) for k, i in run.images.items()
                           if k.startswith(f"{vm}/")):
@@ -199,7 +199,7 @@ def render_explain(run: Run, events: list[dict[str, Any]],
                          f"(thin_delta), {c['discarded_bytes']} discarded"
                          if c["kind"] == "incremental" else "")
                 con.print(f"{disk}: {c['kind']} backup, chain {c['generation']}: "
-                          f"{c['reason']}{since}")
+                          f"{c['reason']}{since}", soft_wrap=True)
 
 
 def link_line(link: dict[str, Any]) -> str:
