@@ -7,6 +7,7 @@ kill (it finishes what is half done, never repeats what is done).
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -274,6 +275,7 @@ def thaw(ctx: Ctx, vm: str) -> dict[str, Any]:
     windowguard.close(vm)
     end = time.time()
     holdguard.close(vm)  # nothing is held past the window
+    gc.unfreeze()  # frozen before the guards' forks: collectable again
     ctx.in_window = False
     v.frozen = False
     w.thawed_at = rep.get("thawed_at") or end

@@ -11,6 +11,7 @@ A `<vm>_<disk>_a_<run>`, S_B / S_A `<vm>_<disk>_sb_<run>` / `_sa_<run>`.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 import traceback
@@ -69,6 +70,7 @@ def execute(ctx: Ctx) -> Run:
         for vm in ctx.run.vms:  # a still-frozen guest keeps its guard: it thaws if the guest dies
             if not ctx.vm(vm).frozen:
                 windowguard.close(vm)
+        gc.unfreeze()  # what the guards' forks froze (holdguard, windowguard)
 
 
 def _execute(ctx: Ctx) -> Run:

@@ -50,6 +50,7 @@ _standby: dict[str, _Guard] = {}  # VM -> its guard, forked before the window
 def _fork(after: Callable[[], None]) -> _Guard:
     parent = os.getpid()
     ours, theirs = socket.socketpair()
+    gc.freeze()  # the collector then leaves our objects alone: fewer copy-on-write faults
     pid = os.fork()
     if pid == 0:  # the guard: never returns into the caller's code
         code = 0
