@@ -40,6 +40,17 @@ def program_log() -> Iterator[list[Command]]:
         _LOG.reset(token)
 
 
+# HVLAB_CMDLOG=FILE: every command of every hvlab process appended to FILE, a line each
+# (start, seconds, pid, argv): where a test suite's time goes, across processes.
+_PROFILE = os.environ.get("HVLAB_CMDLOG", "")
+
+
+def _profile(argv: Sequence[str], seconds: float) -> None:
+    words = " ".join(str(a) for a in argv)[:300]
+    with open(_PROFILE, "a") as f:  # one write per line: lines of processes do not mix
+        f.write(f"{time.time() - seconds:.3f}\t{seconds:.4f}\t{os.getpid()}\t{words}\n")
+
+
 @dataclass(frozen=True)
 class Result:
     argv: list[str]
@@ -50,6 +61,8 @@ class Result:
 
 def note(argv: Sequence[str], returncode: int, seconds: float) -> None:
     """Put a command run some other way (a line fed to a shell) in the program log."""
+    if _PROFILE:
+        _profile(argv, seconds)
     commands = _LOG.get()
     if commands is not None:
         commands.append(Command([str(a) for a in argv], returncode, round(seconds, 4)))

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 from hvlab.errors import BadInput, HvlabError
-from hvlab.vm import uml
+from hvlab.vm import pin, uml
 from hvlab.vm.uml import VmPaths
 
 PASS_ENV = ("CI", "HVLAB_HOME", "PYTEST_ADDOPTS", "COLUMNS", "LINES", "TERM", "NO_COLOR",
@@ -125,9 +125,11 @@ def run_ephemeral(argv: list[str], *, mem: str = DEFAULT_MEM) -> int:
         stdin = sys.stdin if sys.stdin and not sys.stdin.closed else None
         cmd = _cmdline(paths, root.name, mem, "con0=fd:0,fd:1")
         try:
-            proc = subprocess.Popen(cmd, stdin=stdin or subprocess.DEVNULL,
-                                    stdout=sys.stdout.fileno(), stderr=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+            with pin.starting() as cpu:
+                proc = subprocess.Popen(cmd, stdin=stdin or subprocess.DEVNULL,
+                                        stdout=sys.stdout.fileno(), stderr=subprocess.DEVNULL,
+                                        start_new_session=True,
+                                        preexec_fn=lambda: _in_child(cpu, die_with_parent=True))
         except OSError as exc:
             raise HvlabError(f"cannot start the lab VM: {exc}") from None
         # A one-shot VM never outlives its command: Ctrl-C, SIGTERM (a CI timeout) and SIGHUP
@@ -272,9 +274,11 @@ def _boot(paths: VmPaths, mem: str, timeout: float) -> VmPaths:
     paths.init.write_text(uml.init_script(paths, workload, _env()))
     paths.init.chmod(0o755)
     log = open(paths.console_log, "wb")
-    proc = subprocess.Popen(_cmdline(paths, "hvlab", mem, "con0=null,fd:1 con1=pts"),
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with pin.starting() as cpu:
+        proc = subprocess.Popen(_cmdline(paths, "hvlab", mem, "con0=null,fd:1 con1=pts"),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True,
+                                preexec_fn=lambda: _in_child(cpu, die_with_parent=False))
     paths.pid_file.write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -291,12 +295,15 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the hvlab process that started it dies."""
-    import ctypes
+def _in_child(cpu: int | None, *, die_with_parent: bool) -> None:
+    """In the child before exec: its CPU (pin.py says why), and for a one-shot VM SIGKILL
+    when the hvlab process that started it dies."""
+    pin.apply(cpu)
+    if die_with_parent:
+        import ctypes
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _halt(umid: str, paths: VmPaths, p: int, timeout: float = 20.0) -> None:

@@ -118,6 +118,51 @@ def test_a_one_shot_vm_never_outlives_its_command(vm_env: Path, sig: int) -> Non
     assert _wait(lambda: not _uml_of(proc.pid), 30), "VM processes outlived their command"
 
 
+def _affinities(owner: int) -> set[tuple[int, ...]]:
+    import psutil
+
+    found = set()
+    for pid in _uml_of(owner):
+        with contextlib.suppress(psutil.Error):
+            found.add(tuple(psutil.Process(pid).cpu_affinity()))
+    return found
+
+
+def test_one_shot_vms_side_by_side_get_a_cpu_each(vm_env: Path) -> None:
+    """Every process of a lab VM runs on one CPU (vm/pin.py: UML's ptrace round trips are
+    2x cheaper there); two VMs started together take the two least busy CPUs;
+    HVLAB_VM_CPU=none leaves a VM to the scheduler, and a bad value is one line, exit 2."""
+    from hvlab.vm import pin
+
+    cpus = pin.allowed()
+    busy = pin.vms_per_cpu()  # lab VMs of others (in CI: `make test`'s shards)
+
+    def start(**env: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "hvlab.cli", "vm", "run", "--ephemeral",
+                                 "--", "sleep", "600"], env={**os.environ, **env},
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    procs = [start(), start(), start(HVLAB_VM_CPU="none")]
+    try:
+        assert _wait(lambda: all(_uml_of(p.pid) for p in procs)), "a VM did not start"
+        a, b, free = (_affinities(p.pid) for p in procs)
+        assert len(a) == len(b) == 1 and len(next(iter(a))) == len(next(iter(b))) == 1, (a, b)
+        (cpu_a,), (cpu_b,) = next(iter(a)), next(iter(b))
+        if len(cpus) > 1 and busy[cpu_a] == busy[cpu_b] == min(busy[c] for c in cpus):
+            assert cpu_a != cpu_b
+        assert free == {tuple(cpus)}
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(60)
+    res = subprocess.run([sys.executable, "-m", "hvlab.cli", "vm", "run", "--ephemeral", "--",
+                          "true"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "HVLAB_VM_CPU": "4096"}, stdin=subprocess.DEVNULL)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "HVLAB_VM_CPU='4096'" in res.stderr and "Traceback" not in res.stderr
+
+
 TINY_LAB = """[lab]
 name = "race"
 backing_size = "256M"
