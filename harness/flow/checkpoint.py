@@ -16,6 +16,7 @@ import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hvlab.errors import HvlabError
 from hvlab.flow.context import ROLE_OF, Ctx
@@ -49,10 +50,12 @@ def allocate(ctx: Ctx, wants: Sequence[Want]) -> dict[str, Slot]:
     back in one report: an LV the batch did not make is an error naming it."""
     have = ctx.lvs()
     todo = [w for w in wants if w.lv not in have]
-    res = ctx.lvm.batch([["lvcreate", "-q", "-s", "-kn", "-an", "-n", w.lv,
-                          *ctx.tags(ROLE_OF[w.art], w.vm, w.disk), ctx.vg_lv(w.origin)]
-                         for w in todo])
-    got = slots(ctx, [w.lv for w in wants])
+    res, report = ctx.lvm.batch_report(
+        [["lvcreate", "-q", "-s", "-kn", "-an", "-n", w.lv,
+          *ctx.tags(ROLE_OF[w.art], w.vm, w.disk), ctx.vg_lv(w.origin)] for w in todo],
+        ctx.names.vg)
+    ctx.take(report)
+    got = slots(report, [w.lv for w in wants])
     missing = [w.lv for w in wants if w.lv not in got]
     if missing:
         why = " ".join(res.stderr.split())[-300:] or "no reason given"
@@ -60,8 +63,8 @@ def allocate(ctx: Ctx, wants: Sequence[Want]) -> dict[str, Slot]:
     return got
 
 
-def slots(ctx: Ctx, lvs: Sequence[str]) -> dict[str, Slot]:
-    rows = ctx.lvm.report("lvs", "lv_name,lv_uuid,vg_uuid,thin_id", ctx.names.vg)
+def slots(rows: list[dict[str, Any]], lvs: Sequence[str]) -> dict[str, Slot]:
+    """lvs' thin ids and dm uuids, from an lvs report's rows."""
     out = {}
     for r in rows:
         name = str(r.get("lv_name"))

@@ -142,6 +142,11 @@ class Ctx:
             self._rows = self.lab.lvs()
         return self._rows
 
+    def take(self, report: list[dict[str, Any]]) -> dict[str, LvRow]:
+        """Keep a full `lvs` report read some other way (at the end of a batch)."""
+        self._rows = {r.name: r for r in map(LvRow.from_report, report)}
+        return self._rows
+
     def exists(self, lv: str) -> bool:
         return lv in self.lvs()
 
@@ -161,14 +166,14 @@ class Ctx:
 
     def batch(self, commands: Sequence[Sequence[str]], *, present: Sequence[str] = (),
               absent: Sequence[str] = (), active: bool = True) -> dict[str, LvRow]:
-        """Commands in one `lvm` process, then one report to check what they were to do: every
+        """Commands in one `lvm` process, ending with a report to check what they did: every
         LV of `present` exists (and, when active, is active), none of `absent` does. The
         shell exits 0 whatever happened: a shortfall is an error naming the LVs and quoting
         what LVM said. Returns the report."""
         if not commands:
             return self.lvs()
-        res = self.lvm.batch(commands)
-        rows = self.lvs(fresh=True)
+        res, report = self.lvm.batch_report(commands, self.names.vg)
+        rows = self.take(report)
         short = [f"{lv} missing" for lv in present if lv not in rows]
         short += [f"{lv} inactive" for lv in present
                   if active and lv in rows and rows[lv].major is None]

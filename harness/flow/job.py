@@ -348,16 +348,25 @@ def retag_base(ctx: Ctx, lv: str) -> None:
 def retag_bases(ctx: Ctx, lvs: list[str]) -> None:
     """A renamed C still carries its checkpoint tags: make it the live disk (idempotent). One
     lvchange per set of stale tags (all of a run's renamed Cs share theirs)."""
+    def stale(tags: frozenset[str]) -> tuple[str, ...]:
+        return tuple(sorted(t for t in tags if t == "role_checkpoint" or t.startswith("run_")))
+
     rows = ctx.lvs()
     groups: dict[tuple[str, ...], list[str]] = {}
     for lv in dict.fromkeys(lvs):
-        tags = rows[lv].tags
-        stale = tuple(sorted(t for t in tags if t == "role_checkpoint" or t.startswith("run_")))
-        if stale or "role_base" not in tags:
-            groups.setdefault(stale, []).append(lv)
-    for stale, group in groups.items():
-        ctx.lvm("lvchange", "-q", *[x for t in stale for x in ("--deltag", t)],
-                "--addtag", "role_base", *map(ctx.vg_lv, group))
+        if stale(rows[lv].tags) or "role_base" not in rows[lv].tags:
+            groups.setdefault(stale(rows[lv].tags), []).append(lv)
+    if not groups:
+        return
+    # One lvm process, its report kept: the run's next question costs no `lvs`.
+    rows = ctx.batch([["lvchange", "-q", *[x for t in old for x in ("--deltag", t)],
+                       "--addtag", "role_base", *map(ctx.vg_lv, group)]
+                      for old, group in groups.items()],
+                     present=[lv for g in groups.values() for lv in g], active=False)
+    left = [lv for g in groups.values() for lv in g
+            if stale(rows[lv].tags) or "role_base" not in rows[lv].tags]
+    if left:
+        raise HvlabError(f"lvchange left the checkpoint tags on {', '.join(left)}")
 
 
 def _dev_size(dev: str) -> int:

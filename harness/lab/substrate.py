@@ -188,19 +188,21 @@ def _create(defn: LabDef, names: Names, start_guests: bool, progress: Progress) 
         lvm = lvm_for(names)
         lvm.write_config(devs)
         undo.push(f"remove VG {names.vg}", lambda: _deactivate(names))
-        lvm("vgcreate", "-q", "--addtag", names.tag, names.vg, *devs)  # makes the PVs too
-        lvm("lvcreate", "-q", "--type", "thin-pool", "-l", "90%VG", "--chunksize", "64k",
-            "-Zn", "--addtag", names.tag, "-n", names.pool, names.vg)
-        progress(f"thin pool {names.vg}/{names.pool}")
         disks = [(vm, disk, names.lv(vm.name, disk.name)) for vm, disk in defn.disks()]
-        # A full pool must fail writes at once, not queue them for 60 s (hangs filesystems).
-        _batch(names, lvm, [["lvchange", "-q", "--errorwhenfull", "y",
+        # VG (its PVs too), pool and thin LVs in one lvm process. A full pool must fail
+        # writes at once, not queue them for 60 s (that hangs filesystems).
+        _batch(names, lvm, [["vgcreate", "-q", "--addtag", names.tag, names.vg, *devs],
+                            ["lvcreate", "-q", "--type", "thin-pool", "-l", "90%VG",
+                             "--chunksize", "64k", "-Zn", "--addtag", names.tag,
+                             "-n", names.pool, names.vg],
+                            ["lvchange", "-q", "--errorwhenfull", "y",
                              f"{names.vg}/{names.pool}"],
                             *[["lvcreate", "-q", "-V", f"{disk.size}b", "-T",
                                f"{names.vg}/{names.pool}", "-n", lv, "--addtag", names.tag,
                                "--addtag", "role_base", "--addtag", f"vm_{vm.name}",
                                "--addtag", f"disk_{disk.name}"] for vm, disk, lv in disks]],
-               [lv for *_, lv in disks], error_when_full=names.pool)
+               [names.pool] + [lv for *_, lv in disks], error_when_full=names.pool)
+        progress(f"thin pool {names.vg}/{names.pool}")
         for _vm, disk, lv in disks:
             wait_node(names.lv_path(lv))
             progress(f"thin LV {lv} ({disk.size >> 20} MiB virtual)")
@@ -265,13 +267,11 @@ def _batch(names: Names, lvm: Lvm, commands: list[list[str]], active: list[str],
     """Commands in one lvm process (it exits 0 whatever they did), then one report: every LV
     of `active` must exist and be active (and the pool error_when_full set so), else one
     error naming them and what LVM said."""
-    res = lvm.batch(commands)
     try:
-        rows = {r["lv_name"]: r for r in lvm.report("lvs", "lv_name,lv_active,lv_when_full",
-                                                    names.vg)}
+        res, report = lvm.batch_report(commands, names.vg)
+        rows = {r["lv_name"]: r for r in report}
     except CommandError as exc:
-        rows, res = {}, Result(res.argv, res.returncode, res.stdout,
-                               f"{res.stderr}\n{exc}")
+        rows, res = {}, Result(exc.argv, exc.returncode, exc.stdout, exc.stderr)
     short = [f"{lv} missing" if lv not in rows else f"{lv} inactive" for lv in active
              if rows.get(lv, {}).get("lv_active") != "active"]
     if error_when_full and rows.get(error_when_full, {}).get("lv_when_full") != "error":

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from hvlab.errors import CommandError
 from hvlab.flow import context
 from hvlab.flow.context import BatchFailed, Ctx
 from hvlab.lab.paths import Names
@@ -37,13 +38,19 @@ class FakeLab:
         return dict(self.rows)
 
 
+REPORTED: dict[str, LvRow] = {}  # what the fake LVM shell's lvs reports
+
+
 @pytest.fixture
 def ran(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], str | None]]:
     calls: list[tuple[list[str], str | None]] = []
 
     def fake_run(argv: list[str], **kw: Any) -> Result:
         calls.append((list(argv), kw.get("input")))
-        return Result(list(argv), 0, "", "  Volume group \"x\" has insufficient free space\n")
+        # A batch ends with an lvs: answer it as LVM's shell does (--nameprefixes lines).
+        out = "".join(f"  LVM2_LV_NAME='{r.name}' LVM2_LV_KERNEL_MAJOR='{r.major or -1}' "
+                      f"LVM2_LV_TAGS=''\n" for r in REPORTED.values())
+        return Result(list(argv), 0, out, "  Volume group \"x\" has insufficient free space\n")
 
     monkeypatch.setattr(lvm_mod, "run", fake_run)
     return calls
@@ -72,17 +79,24 @@ def test_a_batch_is_checked_by_one_report_naming_what_is_missing(ran: list[Any])
     lab = FakeLab({"b": _row("b")})
     ctx = _ctx(lab)
     cmds = [["lvcreate", "-n", "s1", "hvlab_t/b"], ["lvcreate", "-n", "s2", "hvlab_t/b"]]
-    lab.rows["s1"] = _row("s1")
-    lab.rows["s2"] = _row("s2", active=False)
+    REPORTED.clear()
+    REPORTED.update(lab.rows, s1=_row("s1"), s2=_row("s2", active=False))
     with pytest.raises(BatchFailed) as err:
         ctx.batch(cmds, present=["s1", "s2", "s3"], absent=["b"])
     msg = str(err.value)
     assert "s2 inactive" in msg and "s3 missing" in msg and "b still present" in msg
     assert "s1 " not in msg and "insufficient free space" in msg
-    (argv, text), = ran  # one lvm process, fed both commands
-    assert argv == ["lvm"] and text == "".join(" ".join(c) + "\n" for c in cmds)
-    lab.rows["s2"] = _row("s2")
+    (argv, text), = ran  # one lvm process, fed both commands and the report after them
+    lines = text.splitlines()
+    assert argv == ["lvm"] and lines[:2] == [" ".join(c) for c in cmds]
+    assert lines[2].startswith("lvs -a --nameprefixes") and lines[2].endswith(" hvlab_t")
+    assert lab.reports == 0  # the batch's own report, no lvs process of its own
+    REPORTED["s2"] = _row("s2")
     assert set(ctx.batch(cmds, present=["s1", "s2"])) == {"b", "s1", "s2"}
+    assert ctx.exists("s2") and lab.reports == 0 and len(ran) == 2  # and it is kept
+    REPORTED.clear()  # the shell printed no report: the lvs in it failed
+    with pytest.raises(CommandError, match="printed no report"):
+        ctx.batch(cmds)
 
 
 def test_reports_do_not_invalidate(ran: list[Any]) -> None:
@@ -93,3 +107,14 @@ def test_reports_do_not_invalidate(ran: list[Any]) -> None:
     tracked("lvchange", "-ay", "x")
     tracked.batch([["lvremove", "x"]])
     assert seen == [1, 1]
+
+
+def test_nameprefixes_lines_parse_as_the_json_report_keys_them() -> None:
+    out = ("  Logical volume \"s1\" created.\n"
+           "  LVM2_LV_NAME='pool' LVM2_LV_TIME='2026-11-30 10:00:00 +0000' LVM2_THIN_ID=''\n"
+           "  LVM2_LV_NAME='s1' LVM2_LV_TAGS='hvlab_t,role_base' LVM2_THIN_ID='2'\n")
+    rows = lvm_mod.parse_prefixed(out)
+    assert rows == [{"lv_name": "pool", "lv_time": "2026-11-30 10:00:00 +0000", "thin_id": ""},
+                    {"lv_name": "s1", "lv_tags": "hvlab_t,role_base", "thin_id": "2"}]
+    row = LvRow.from_report(rows[1])
+    assert row.tags == {"hvlab_t", "role_base"} and row.thin_id == 2
