@@ -228,6 +228,7 @@ def _register(lab: Lab, run_id: str, vmdefs: list[Any], where: Path, pause_at: i
                   for vd in vmdefs})
     runs.mark_self(run)
     ctx = Ctx(lab, run, say, fingerprints)
+    ctx.take(report)  # nothing changes LVM before step 4, which asks it again otherwise
     run.pre = snapshot_state(ctx, rows)
     backup_dir.claim(where, run_id)
     run.dest_made = True

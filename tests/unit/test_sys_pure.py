@@ -37,6 +37,14 @@ def test_lvm_config_sees_only_lab_loops(tmp_path: Path) -> None:
     assert "monitoring = 0" in text and "archive = 0" in text
 
 
+def test_lvm_reserves_no_memory_in_the_lab_vm_only(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HVLAB_IN_VM", raising=False)
+    assert "reserved_memory" not in lvm.render_config(tmp_path, [])
+    monkeypatch.setenv("HVLAB_IN_VM", "1")
+    assert "activation {\n    reserved_memory = 0\n" in lvm.render_config(tmp_path, [])
+
+
 def test_lvm_config_with_no_devices_rejects_everything(tmp_path: Path) -> None:
     assert 'filter = [ "r|.*|" ]' in lvm.render_config(tmp_path, [])
 
