@@ -40,16 +40,24 @@ ONE_VM: dict[str, Any] = {
             "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}],
 }
 
+# The flush-and-hold limit the killed backups ask for. Killed inside the window, nothing thaws
+# the guest but its own watchdog at the end of that limit, so each such test waited out VSS's
+# 10 s: 4 s is the same path (the window itself takes ~0.3 s for a disk) with 6 s less idle.
+HOLD_S = 4.0
+
+
+def _backup(h: LabHandle, inject: str = "", patch: str = "") -> list[str]:
+    """`hvlab backup vm01` (the CLI's main, --inject for a fault point) in a new process
+    whose flush-and-hold limit is HOLD_S; patch: code run first (die() kills it)."""
+    return [sys.executable, "-c", SCRIPT.format(hold=HOLD_S, patch=patch), "backup", "vm01",
+            "-n", h.defn.name, "--no-fingerprints", *(["--inject", inject] if inject else [])]
+
+
 def _killed_run(h: LabHandle, point: str, patch: str = "") -> Run:
     """A backup killed (SIGKILL) at a named fault point, through the CLI's hidden --inject;
-    with patch, through a script that changes the guest's side first."""
-    if patch:
-        argv = [sys.executable, "-c", SCRIPT.format(patch=patch), h.defn.name]
-    else:
-        argv = [sys.executable, "-m", "hvlab.cli", "backup", "vm01", "-n", h.defn.name,
-                "--no-fingerprints", "--inject", f"{point}:kill"]
-    proc = subprocess.run(argv, env=dict(os.environ), capture_output=True, text=True,
-                          timeout=600)
+    with patch, by the patch (which changes the guest's side first)."""
+    proc = subprocess.run(_backup(h, f"{point}:kill" if point else "", patch),
+                          env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stdout + proc.stderr
     (run_,) = runs.all_runs(h.names)
     assert runs.effective_state(run_) == "interrupted"
@@ -58,11 +66,13 @@ def _killed_run(h: LabHandle, point: str, patch: str = "") -> Run:
 
 SCRIPT = """
 import os, signal, sys
-from hvlab.flow import engine
+from hvlab import cli
+from hvlab.flow import actions
+actions.FLUSH_AND_HOLD_S = {hold}
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 {patch}
-engine.start(sys.argv[1], ["vm01"], fingerprints=False)
+cli.main(sys.argv[1:])
 """
 # Killed there, the run is inside the guest's freeze window: resume is refused, abort it.
 IN_FREEZE = {"step-05", "step-06", "step-07", "step-08", "s05-one", "s05-snapshots",
@@ -106,7 +116,7 @@ def _thaws_within_its_watchdog(h: LabHandle, client: GuestClient) -> None:
     thaws it by the end of its flush-and-hold limit, and the disk takes writes again."""
     st = client.status()
     assert st["frozen"], st
-    deadline = st["frozen_at"] + actions.FLUSH_AND_HOLD_S
+    deadline = st["frozen_at"] + HOLD_S
     assert _poll(lambda: not client.status()["frozen"], deadline - time.time() + 1.0), \
         "the guest stayed frozen past its watchdog"
     probe = h.mountpoint("vm01", "disk0") / "after-watchdog.txt"
@@ -154,13 +164,14 @@ def test_killed_with_controllers_suspended_then_abort(
         lab_factory: Callable[..., LabHandle]) -> None:
     """Killed in step 5 with C loaded into the suspended controller and the guest frozen:
     the step's guard resumes the controller at once (C goes live, recorded), the guest's
-    watchdog thaws within its 10 s, with no command run; abort then merges C."""
+    watchdog thaws within its flush-and-hold limit, with no command run; abort then merges
+    C."""
     h = lab_factory(ONE_VM, start_guests=True)
     pre = h.lv_names()
     client = GuestClient(guests.socket_path(h.names, "vm01"))
     run_ = _killed_run(h, "s05-reloaded")
     assert _poll(lambda: not _held(h), 2.0), "the controller stayed suspended"
-    assert _poll(lambda: not client.status()["frozen"], 12.0), "the guest stayed frozen"
+    assert _poll(lambda: not client.status()["frozen"], HOLD_S + 2.0), "the guest stayed frozen"
     assert live.recorded(h.names, "vm01", "disk0") == f"vm01_disk0_c_{run_.id}"
     engine.abort(h.defn.name, run_.id)
     assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
@@ -172,14 +183,13 @@ def test_killed_with_controllers_suspended_then_abort(
 
 def test_hung_with_controllers_suspended(lab_factory: Callable[..., LabHandle]) -> None:
     """A backup that hangs in step 5 with the controllers held: they are resumed by the
-    guard within the 10 s flush-and-hold limit while the process still hangs."""
+    guard within the flush-and-hold limit while the process still hangs."""
     h = lab_factory(ONE_VM, start_guests=True)
-    proc = subprocess.Popen([sys.executable, "-m", "hvlab.cli", "backup", "vm01", "-n",
-                             h.defn.name, "--no-fingerprints", "--inject", "s05-reloaded:hang"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_backup(h, "s05-reloaded:hang"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         assert _poll(lambda: _held(h), 60.0), "never reached step 5"
-        assert _poll(lambda: not _held(h), 11.0), "held past the flush-and-hold limit"
+        assert _poll(lambda: not _held(h), HOLD_S + 1.0), "held past the flush-and-hold limit"
         assert proc.poll() is None  # still hanging: the guard did it
         refused = _cli("down", "-n", h.defn.name)  # never under a running backup
         assert refused.returncode == 2 and "running in process" in refused.stderr
@@ -194,12 +204,13 @@ def test_hung_with_controllers_suspended(lab_factory: Callable[..., LabHandle]) 
 def test_a_step_that_outlives_its_guard_fails(lab_factory: Callable[..., LabHandle],
                                               monkeypatch: pytest.MonkeyPatch,
                                               tmp_path: Path) -> None:
-    """Step 6 holds the origins past its bound (the 10 s flush-and-hold limit): the guard resumes
+    """Step 6 holds the origins past its bound (the flush-and-hold limit): the guard resumes
     them, and when the step goes on it learns so (GuardFired) instead of carrying on as if
     its A were of one instant. The run unwinds; the next backup verifies."""
     h = lab_factory(ONE_VM, start_guests=True)
     pre = h.lv_names()
     go = tmp_path / "go"
+    monkeypatch.setattr(actions, "FLUSH_AND_HOLD_S", HOLD_S)
     monkeypatch.setenv(faults.ENV, "s06-one:wait")
     monkeypatch.setenv(faults.GO_ENV, str(go))
     monkeypatch.setattr(faults, "_fired", set())

@@ -174,13 +174,14 @@ def test_guest_killed_while_frozen_in_a_backup(lab_factory: Callable[..., LabHan
 
 @pytest.mark.parametrize("fault", [{"veto": "scratch"}, {"mute": "freeze"}],
                          ids=["writer-vetoes", "no-answer"])
-def test_guest_cannot_quiesce(lab_factory: Callable[..., LabHandle],
-                              fault: dict[str, str]) -> None:
+def test_guest_cannot_quiesce(lab_factory: Callable[..., LabHandle], fault: dict[str, str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A VSS-aware writer vetoes the freeze (the ledger, frozen before it, is let go), or the
     guest never answers the freeze: require fails the job and leaves nothing, the guest
     thawed and writing; try makes a crash-consistent backup, labelled, that verifies."""
     h = lab_factory(ONE_VM, start_guests=True)
     restart_guest(h, writer_timeout_s=2.0)  # the host waits 2 s + its slack for an answer
+    monkeypatch.setattr(actions, "FREEZE_SLACK_S", 1.0)  # no freeze succeeds here: 1 s will do
     lab, pre = h.defn.name, h.lv_names()
     why = "vetoed the freeze: VSS_E_WRITERERROR_RETRYABLE" if "veto" in fault else \
         "did not answer"

@@ -17,7 +17,7 @@ import pytest
 from hvlab.backup import restore as rst
 from hvlab.backup import thinmeta
 from hvlab.fixtures.plugin import LabHandle
-from hvlab.flow import engine, faults
+from hvlab.flow import actions, engine, faults
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, pvfault, runs
 from hvlab.sys import dmioctl
@@ -75,10 +75,12 @@ def test_a_suspend_that_does_not_return_is_bounded(lab_factory: Callable[..., La
                                                    tmp_path: Path) -> None:
     """A device below that does not complete writes (dm-delay, 60 s per write): step 5's
     suspend of the controller waits on the guest's writes in flight. It is given up at the
-    end of the 10 s window (the kernel abandons an interrupted suspend and leaves the device
+    end of the window (the kernel abandons an interrupted suspend and leaves the device
     running), the step fails and the run unwinds instead of hanging. The delay goes in when
     step 5 begins (step 4's LVM work writes the same PV) and out once the unwind starts (it
-    removes the LVs step 4 allocated)."""
+    removes the LVs step 4 allocated). A 4 s limit, not VSS's 10 s: the same path, waited
+    out 6 s sooner."""
+    monkeypatch.setattr(actions, "FLUSH_AND_HOLD_S", 4.0)
     h = lab_factory(ONE_VM, start_guests=True)
     client = GuestClient(guests.socket_path(h.names, "vm01"))
     client.workload(ops_per_s=200)
