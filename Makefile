@@ -12,7 +12,8 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo --preserve-env=HVLAB_HOME,HVLAB_LA
 # Integration tests run natively when this kernel has dm-thin, else in a one-shot lab VM.
 IN_LAB := $(HVLAB) vm run --ephemeral --
 
-.PHONY: deps apt venv lab-up lab-down lab-shell lab-status test test-host test-integration \
+.PHONY: deps apt venv lab-up lab-down lab-shell lab-status test test-host test-unit test-vm \
+	test-integration \
 	lint typecheck-tree bench soak docs clean
 
 deps:
@@ -52,14 +53,22 @@ lint: venv typecheck-tree
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy docs
 
-# Unit tests and lab-VM tests run on the host; storage tests run where dm-thin is. The two
-# halves share nothing (each lab VM is its own kernel with its own loops and dm devices) and a
-# lab VM uses one core: they run side by side, each one's output printed when it is done.
+# Storage tests run where dm-thin is, unit tests on the host beside them (each part's output
+# printed when it is done); then the tests that drive lab VMs from the host (tests/vm), after
+# them: each lab VM takes a CPU of its own (vm/pin.py), and theirs would share the shards'.
+# Both halves run whatever the first did; the exit status is the worse.
 test: deps lint
-	@$(MAKE) --no-print-directory -j2 --output-sync=target test-host test-integration
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-unit test-integration; \
+	  first=$$?; $(MAKE) --no-print-directory test-vm; second=$$?; \
+	  exit $$(( first > second ? first : second ))
 
-test-host: venv
-	$(PYTEST) -q tests/unit tests/vm
+test-host: test-unit test-vm
+
+test-unit: venv
+	$(PYTEST) -q tests/unit
+
+test-vm: venv
+	$(PYTEST) -q --durations=5 tests/vm
 
 # In lab VMs the storage tests are split round robin over LAB_SHARDS VMs run side by side (a lab
 # VM has one CPU); each shard has its own pytest temp directory (and so its own HVLAB_HOME).
