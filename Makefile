@@ -8,7 +8,7 @@ PYTEST := $(VENV)/bin/pytest
 # The packages and the venv: provision.sh (also the Vagrantfile's provisioner and CI's).
 PROVISION := PY=$(PY) VENV=$(VENV) bash provision.sh
 # Lab commands need root; as another user (the vagrant user) they go through sudo.
-SUDO := $(if $(filter 0,$(shell id -u)),,sudo --preserve-env=HVLAB_HOME,HVLAB_LAB,HVLAB_VM_DIR,HVLAB_VM_MEM)
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo --preserve-env=HVLAB_HOME,HVLAB_LAB,HVLAB_VM_DIR,HVLAB_VM_MEM,HVLAB_VM_CPU,HVLAB_CMDLOG)
 # Integration tests run natively when this kernel has dm-thin, else in a one-shot lab VM.
 IN_LAB := $(HVLAB) vm run --ephemeral --
 

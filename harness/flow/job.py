@@ -254,7 +254,7 @@ def _read_off_host(ctx: Ctx, members: list[tuple[str, str, Disk, str, str]],
 @action(14)
 def merge(ctx: Ctx, _: None) -> dict[str, Any]:
     """Every S removed, then every C merged into its B: one lvremove for the S and the B
-    (where C is there to take its place), one lvm batch of renames, one lvchange of tags."""
+    (where C is there to take its place), one lvm batch of renames, one of tags."""
     removed = []
     # An incremental run keeps each S_A: it becomes the disk's next reference point.
     external: tuple[Artifact, ...] = ("S_B",) if ctx.run.incremental else ("S_B", "S_A")
@@ -316,7 +316,7 @@ def merge_into(ctx: Ctx, disks: list[tuple[str, str, Disk]],
     controller maps C's dm device, which LVM renames in place: the guest sees nothing. Every
     part is skipped when already done, so a run killed half-way through finishes it. Done
     for all disks at once: one lvremove (B, and also_remove with it), one lvm batch of
-    renames checked by one report, one lvchange for the tags."""
+    renames checked by its report, one batch for the tags."""
     rows = ctx.lvs()
     moving = [(v, d, disk) for v, d, disk in disks if disk.C and disk.C in rows]
     if also_remove:

@@ -1,6 +1,7 @@
 """LVM through a private LVM_SYSTEM_DIR: sees only the lab's loops, never /etc/lvm or host VGs.
 
-Reports are JSON with explicit fields and byte units; nothing is parsed from human output.
+Reports are JSON with explicit fields and byte units (inside LVM's shell, which ignores
+--reportformat, `--nameprefixes` lines); nothing is parsed from human output.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def render_config(conf_dir: Path, devices: Sequence[str]) -> str:
     flt = f'[ {accept}, "r|.*|" ]' if devices else '[ "r|.*|" ]'
     udev = 1 if udev_running() else 0
     # That malloc is `reserved_memory` (8 MiB): LVM then needs no new page while a device is
-    # suspended (reclaim might have to write to it: swap, a root filesystem). In the lab VM
-    # nothing of the kind is on a lab's devices and there is no swap, and the touching cost
+    # suspended (reclaim might have to write to it: swap, a root filesystem). The lab VM has
+    # no swap and its own RAM for the lab (dirty pages of the guests' filesystems are written
+    # back after the resume, not needed by LVM meanwhile), and the touching cost
     # 0.1 s of every lvcreate/lvremove/lvchange (lvcreate -s 0.32 -> 0.20 s). Natively LVM
     # keeps its default.
     reserved = "\n    reserved_memory = 0" if os.environ.get("HVLAB_IN_VM") == "1" else ""
@@ -193,8 +195,8 @@ class Lvm:
             return Result(["lvm"], 0, "", "")
         start = time.monotonic()
         text = "".join(" ".join(cmd) + "\n" for cmd in commands)
-        with runner.program_log():  # logged below, one line per command it ran
-            res = run(["lvm"], env=self.env, input=text, check=False, timeout=timeout)
+        res = run(["lvm"], env=self.env, input=text, check=False, timeout=timeout,
+                  noted=False)  # logged below, a line per command it ran
         each = (time.monotonic() - start) / len(commands)
         for cmd in commands:
             runner.note(["lvm", *cmd], res.returncode, each)

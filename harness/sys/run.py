@@ -8,7 +8,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from hvlab.errors import CommandError
@@ -42,12 +42,12 @@ def program_log() -> Iterator[list[Command]]:
 
 # HVLAB_CMDLOG=FILE: every command of every hvlab process appended to FILE, a line each
 # (start, seconds, pid, argv): where a test suite's time goes, across processes.
-_PROFILE = os.environ.get("HVLAB_CMDLOG", "")
+_PROFILE = os.path.abspath(os.environ["HVLAB_CMDLOG"]) if os.environ.get("HVLAB_CMDLOG") else ""
 
 
 def _profile(argv: Sequence[str], seconds: float) -> None:
     words = " ".join(str(a) for a in argv)[:300]
-    with open(_PROFILE, "a") as f:  # one write per line: lines of processes do not mix
+    with suppress(OSError), open(_PROFILE, "a") as f:  # a log never fails a command
         f.write(f"{time.time() - seconds:.3f}\t{seconds:.4f}\t{os.getpid()}\t{words}\n")
 
 
@@ -75,8 +75,10 @@ def run(
     check: bool = True,
     input: str | None = None,
     timeout: float | None = 120.0,
+    noted: bool = True,
 ) -> Result:
-    """Run argv and capture its output. Raises CommandError on a non-zero exit when check."""
+    """Run argv and capture its output. Raises CommandError on a non-zero exit when check.
+    noted=False: the caller logs it (a batch, a line per command it fed)."""
     full_env = dict(os.environ)
     full_env["LC_ALL"] = "C"
     if env:
@@ -101,7 +103,8 @@ def run(
     except subprocess.TimeoutExpired as exc:
         raise CommandError(args, -1, f"timed out after {timeout}s") from exc
     res = Result(args, proc.returncode, proc.stdout, proc.stderr)
-    note(args, proc.returncode, time.monotonic() - start)
+    if noted:
+        note(args, proc.returncode, time.monotonic() - start)
     if check and proc.returncode != 0:
         raise CommandError(args, proc.returncode, proc.stderr, proc.stdout)
     return res

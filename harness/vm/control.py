@@ -24,7 +24,7 @@ from hvlab.vm import pin, uml
 from hvlab.vm.uml import VmPaths
 
 PASS_ENV = ("CI", "HVLAB_HOME", "PYTEST_ADDOPTS", "COLUMNS", "LINES", "TERM", "NO_COLOR",
-            "FORCE_COLOR", "HVLAB_TEST_HOME", "HVLAB_VERBOSE", "HVLAB_INJECT")
+            "FORCE_COLOR", "HVLAB_TEST_HOME", "HVLAB_VERBOSE", "HVLAB_INJECT", "HVLAB_CMDLOG")
 # Directories the lab VM mounts for itself: a path under them is not the host's file.
 VM_PRIVATE = ("/proc", "/sys", "/dev", "/run")
 DEFAULT_MEM = os.environ.get("HVLAB_VM_MEM", "2G")
@@ -54,6 +54,7 @@ def _require() -> None:
                          "run `make deps` (apt-get install user-mode-linux)")
     if os.geteuid() != 0:
         raise HvlabError("the lab VM must be started as root (it attaches loop devices)")
+    pin.check_env()  # a bad HVLAB_VM_CPU before anything is made
 
 
 def _env() -> dict[str, str]:
@@ -279,6 +280,7 @@ def _boot(paths: VmPaths, mem: str, timeout: float) -> VmPaths:
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True,
                                 preexec_fn=lambda: _in_child(cpu, die_with_parent=False))
+    log.close()  # the VM has its own copy
     paths.pid_file.write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -16,18 +16,20 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 
-from hvlab.errors import BadInput
+from hvlab.errors import BadInput, HvlabError
 from hvlab.vm import uml
 
 ENV = "HVLAB_VM_CPU"
 # One lock for every VM directory (HVLAB_VM_DIR): the CPUs are the machine's.
 LOCK = Path("/run/hvlab/vm-cpu.lock")
+LOCK_WAIT_S = 60.0
 
 
 def allowed() -> list[int]:
@@ -45,6 +47,11 @@ def _wanted(cpus: list[int]) -> int | str | None:
         return int(raw)
     raise BadInput(f"{ENV}={raw!r}: expected a CPU this process may use "
                    f"({', '.join(map(str, cpus))}) or none")
+
+
+def check_env() -> None:
+    """Refuse a bad HVLAB_VM_CPU (one line, naming the value and what is allowed)."""
+    _wanted(allowed())
 
 
 def vms_per_cpu() -> Counter[int]:
@@ -78,7 +85,16 @@ def starting() -> Iterator[int | None]:
         return
     LOCK.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:  # held only while a VM process is spawned: a stuck holder is an error
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise HvlabError(f"{LOCK} is held for over {LOCK_WAIT_S:g} s by another "
+                                     f"command starting a lab VM") from None
+                time.sleep(0.05)
         yield choose(cpus, vms_per_cpu())
 
 
