@@ -5,8 +5,10 @@ is used for them."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
+import time
 from pathlib import Path
 
 DIR_MODE = 0o700
@@ -53,6 +55,22 @@ def write_text(path: Path, text: str) -> None:
     fd = open_file(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+
+
+def flock_within(fd: int, wait: float, poll: float = 0.05) -> bool:
+    """An exclusive flock on fd, waiting at most `wait` seconds (TimeoutError after); returns
+    whether another holder made it wait."""
+    deadline = time.monotonic() + wait
+    waited = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return waited
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"lock held for over {wait:g} s") from None
+            waited = True
+            time.sleep(poll)
 
 
 def tighten(path: Path, mode: int) -> None:

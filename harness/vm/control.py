@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 import psutil
 
 from hvlab.errors import BadInput, HvlabError
+from hvlab.sys import private
 from hvlab.vm import pin, uml
 from hvlab.vm.uml import VmPaths
 
@@ -207,19 +207,11 @@ def _start_lock(paths: VmPaths, wait: float = LOCK_WAIT) -> Iterator[bool]:
     paths.root.mkdir(parents=True, exist_ok=True)
     fd = os.open(paths.start_lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        deadline = time.monotonic() + wait
-        waited = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise HvlabError(f"another hvlab command has been starting or stopping "
-                                     f"the lab VM for {wait:.0f} s (lock {paths.start_lock})"
-                                     ) from None
-                waited = True
-                time.sleep(0.1)
+        try:
+            waited = private.flock_within(fd, wait, poll=0.1)
+        except TimeoutError:
+            raise HvlabError(f"another hvlab command has been starting or stopping "
+                             f"the lab VM for {wait:.0f} s (lock {paths.start_lock})") from None
         yield waited
     finally:
         os.close(fd)

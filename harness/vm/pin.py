@@ -14,9 +14,7 @@ HVLAB_VM_CPU=none leaves the VM to the host's scheduler.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import psutil
 
 from hvlab.errors import BadInput, HvlabError
+from hvlab.sys import private
 from hvlab.vm import uml
 
 ENV = "HVLAB_VM_CPU"
@@ -85,16 +84,11 @@ def starting() -> Iterator[int | None]:
         return
     LOCK.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(LOCK, "a") as lock:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:  # held only while a VM process is spawned: a stuck holder is an error
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise HvlabError(f"{LOCK} is held for over {LOCK_WAIT_S:g} s by another "
-                                     f"command starting a lab VM") from None
-                time.sleep(0.05)
+        try:  # held only while a VM process is spawned: a stuck holder is an error
+            private.flock_within(lock.fileno(), LOCK_WAIT_S)
+        except TimeoutError:
+            raise HvlabError(f"{LOCK} is held for over {LOCK_WAIT_S:g} s by another "
+                             f"command starting a lab VM") from None
         yield choose(cpus, vms_per_cpu())
 
 
