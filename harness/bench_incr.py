@@ -76,7 +76,7 @@ def measure(work: Path) -> dict[str, Any]:
                 now_id, _ = _snap(names, lvm, "benchnow")
                 with metadata_snap(names) as ms:
                     t = time.perf_counter()
-                    delta = ms.delta(ref_id, now_id)
+                    delta = ms.delta(ref_id, now_id, tool=True)
                     delta_s = time.perf_counter() - t
                     mapped = ms.mapping(now_id)
                 read, gone = chain.changed(delta)

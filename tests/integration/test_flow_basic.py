@@ -44,6 +44,26 @@ def _by_step(evs: list[dict[str, Any]], vm: str | None = None) -> dict[int, dict
     return {e["step"]: e for e in evs if e.get("step") and e.get("vm") in (vm, None)}
 
 
+def test_an_abort_before_a_vms_step_4_removes_what_the_first_allocated(
+        lab_with_guests: LabHandle) -> None:
+    """The job's first step 4 makes C and A for every VM (one lvm process): paused before
+    vm02's turn, vm02's are there, inactive, holding B; an abort removes them with the rest."""
+    h = lab_with_guests
+    lab, pre = h.defn.name, h.lv_names()
+    paused = engine.start(lab, ["vm01", "vm02"], pause_after=3, fingerprints=False)
+    rid = paused.id
+    assert paused.state == "paused"
+    rows = Lvm(h.names.lvm_dir).rows(h.names.vg)
+    for k, role in (("c", "role_checkpoint"), ("a", "role_autorecovery")):
+        r = rows[f"vm02_disk0_{k}_{rid}"]
+        assert r.major is None and r.origin == "vm02_disk0" and role in r.tags
+    assert h.controller_maps_base("vm02", "disk0")
+    done = engine.abort(lab, rid)
+    assert done.state == "aborted"
+    assert h.lv_names() == pre
+    assert all(h.controller_maps_base(vm, "disk0") for vm in ("vm01", "vm02"))
+
+
 def test_backup_two_vms_pause_resume_invariants(lab_with_guests: LabHandle,
                                                 tmp_path: Path) -> None:
     h = lab_with_guests
@@ -122,6 +142,13 @@ def test_backup_two_vms_pause_resume_invariants(lab_with_guests: LabHandle,
         # each step reports the devices the kernel made and removed (uevents)
         assert any("_c_" in x for x in st[5]["devices_created"]), st[5]["devices_created"]
         assert any("_a_" in x for x in st[6]["devices_created"]), st[6]["devices_created"]
+    # The job's first step 4 allocated every VM's C and A; vm02's ran no LVM command.
+    made = {a["lv"] for a in _by_step(evs, "vm01")[4]["detail"]["allocated"]}
+    assert made == {f"{vm}_{d}_{k}_{rid}" for vm, d in (("vm01", "disk0"), ("vm01", "disk1"),
+                                                       ("vm02", "disk0")) for k in "ca"}
+    st4 = _by_step(evs, "vm02")[4]
+    assert st4["detail"]["allocated"] == [] and len(st4["detail"]["allocated_before"]) == 2
+    assert not [c for c in st4["commands"] if c["argv"][0] == "lvm"], st4["commands"]
     assert run_.vm["vm01"].cls == "application-consistent"
     assert run_.vm["vm02"].cls == "filesystem-consistent"
     # 8: the LV set is back (pool usage grows only by what the guests wrote).

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hvlab.backup import chain, manifest
+from hvlab.backup import chain, manifest, thinmeta
 from hvlab.backup import restore as rst
 from hvlab.errors import HvlabError
 from hvlab.fixtures.plugin import LabHandle, requires
@@ -112,6 +112,17 @@ def test_a_chain_of_a_full_and_three_incrementals_restores_each_point(
     assert report["ok"] and len(report["vms"][0]["checksums"]) == 4
     _, man = manifest.locate(h.names, inc3.id)
     assert man["vms"][0]["disks"][0]["chain"]["parent"]["run"] == inc2.id
+    # Step 13 computes deltas from its dump: the same answer as thin_delta, on this pool
+    # (the live disk moved on from the reference: changed, new and discarded blocks).
+    rows = Lvm(h.names.lvm_dir).rows(h.names.vg)
+    ref, live = (rows[x].thin_id for x in (_references(h)[0], "vm01_disk0"))
+    assert ref is not None and live is not None
+    with thinmeta.metadata_snap(h.names) as ms:
+        by_tool = ms.delta(ref, live, tool=True)
+        assert thinmeta.delta_in(ms.dump(), ref, live) == by_tool
+        assert thinmeta.delta_in(ms.dump(), live, ref) == {
+            "different": by_tool["different"], "left_only": by_tool["right_only"],
+            "right_only": by_tool["left_only"]}
 
 
 def test_a_lost_reference_makes_a_full_backup_that_says_why(

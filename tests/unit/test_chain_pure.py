@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from hvlab.backup import chain
+from hvlab.backup import chain, thinmeta
 from hvlab.sys.lvm import LvRow
 
 REF = "vm01_disk0_ref_r1"
@@ -93,3 +93,15 @@ def test_links_follow_parents_to_the_full(tmp_path: Path) -> None:
         chain.links_of(tmp_path / "i2", "vm01", "disk0", lambda p: mans[p.name])
     with pytest.raises(ValueError, match="no disk vm03/disk0"):
         chain.links_of(tmp_path / "i2", "vm03", "disk0", lambda p: mans[p.name])
+
+
+def test_delta_from_a_dump_says_what_thin_delta_says() -> None:
+    # virtual -> data: 0-2 shared, 3 remapped, 4-5 only left, 7 only right, 9 remapped
+    left = [(0, 10), (1, 11), (2, 12), (3, 13), (4, 14), (5, 15), (9, 19)]
+    right = [(0, 10), (1, 11), (2, 12), (3, 23), (7, 27), (9, 29)]
+    dump: thinmeta.Dump = (65536, {1: left, 2: right})
+    assert thinmeta.delta_in(dump, 1, 2) == {"different": [(3, 1), (9, 1)],
+                                             "left_only": [(4, 2)], "right_only": [(7, 1)]}
+    assert thinmeta.delta_in(dump, 1, 1) == {"different": [], "left_only": [],
+                                             "right_only": []}
+    assert thinmeta.delta_in(dump, 1, 3)["left_only"] == [(0, 6), (9, 1)]  # 3: no such device

@@ -91,3 +91,4 @@ def test_exception_thrown_in_at_the_yield_leaves_no_fd(image: Path) -> None:
     with pytest.raises(RuntimeError, match="consumer failed"):
         gen.throw(RuntimeError("consumer failed"))
     assert _open_fds() == before
+
