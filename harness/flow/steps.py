@@ -40,8 +40,9 @@ STEPS: tuple[Step, ...] = (
     Step(4, "quiesce",
          "VSS Writers for Microsoft VSS-aware applications on the VM are instructed to quiesce "
          "application data.",
-         "LVM allocates C and A of every disk (one lvm process, before the window); guest "
-         "`freeze`: writers hold, FIFREEZE on every disk of the VM (window opens)", True,
+         "LVM allocates C and A of every disk (before the window; the job's first step 4 "
+         "does it for every VM, in one lvm process); guest `freeze`: writers hold, FIFREEZE "
+         "on every disk of the VM (window opens)", True,
          True),
     Step(5, "backup checkpoint",
          "After the applications are quiesced, Microsoft Hyper-V VSS takes a backup checkpoint "
