@@ -137,6 +137,7 @@ def lane_rows(run: Run, events: list[dict[str, Any]], vm: str | None = None
     rows: dict[str, list[str]] = {}
     present: set[tuple[str, str]] = {(f"{v}/{d}", "B") for v, d, _ in run.disks(vm)}
     last: dict[tuple[str, str], Any] = {}
+    writes = {f"{v}/{d}": "B" for v, d, _ in run.disks(vm)}  # until a step moves them
     for i, ev in enumerate(events):
         detail = ev.get("detail") or {}
         present.update(artifacts_in(detail, "made"))
@@ -150,7 +151,10 @@ def lane_rows(run: Run, events: list[dict[str, Any]], vm: str | None = None
             rows.setdefault(f"{v} guest", [""] * len(events))[i] = "[cyan]❄[/]" if frozen else ""
             for disk in run.vm[v].disks:
                 key = f"{v}/{disk}"
-                wt = ((ev.get("writes_to") or {}).get(key) or {}).get("artifact", "?")
+                # a VM's step records its own disks only: the others' stay as they were
+                wt = ((ev.get("writes_to") or {}).get(key) or {}).get("artifact") \
+                    or writes.get(key, "?")
+                writes[key] = wt
                 rows.setdefault(f"{key} writes", [""] * len(events))[i] = (
                     f"[{LANE_STYLE.get(wt, 'white')}]{wt}[/]")
                 fps = ((ev.get("fingerprints") or {}).get(key)) or {}

@@ -54,7 +54,7 @@ def run_step(ctx: Ctx, n: int, vm: str | None) -> dict[str, Any]:
         ev["devices_removed"] = rec.removed()
         ev["commands"] = [{"argv": c.argv, "rc": c.returncode, "seconds": c.seconds}
                           for c in commands]
-        ev["writes_to"] = writes_to(ctx)
+        ev["writes_to"] = writes_to(ctx, vm)
         ev["fingerprints"] = None
         if ok and ctx.fingerprints and n in FINGERPRINT_AFTER:
             flush(ctx)  # a hash still running in the background fills the cache first
@@ -92,10 +92,12 @@ def flush(ctx: Ctx) -> None:
         "fingerprints": fps, "fingerprints_note": note, "at": time.time()})
 
 
-def writes_to(ctx: Ctx) -> dict[str, dict[str, str | None]]:
-    """Per disk: the LV the guest's controller maps now, and its role letter."""
+def writes_to(ctx: Ctx, vm: str | None) -> dict[str, dict[str, str | None]]:
+    """Per disk of the step's VM (every disk for a job step): the LV the guest's controller
+    maps now, and its role letter. A VM's step never moves another VM's controller, and
+    asking for all of them after every step grew with the square of a job's VMs."""
     out: dict[str, dict[str, str | None]] = {}
-    for v, d, disk in ctx.disks():
+    for v, d, disk in ctx.disks(vm):
         lv = ctx.mapped_lv(disk)
         role = "B" if lv == disk.B else "C" if lv and lv == disk.C else "?"
         out[f"{v}/{d}"] = {"lv": lv, "artifact": role}

@@ -25,6 +25,7 @@ from hvlab.guest.client import GuestClient
 from hvlab.guest.supervise import guest_status, start_guest, stop_guest
 from hvlab.lab import guests, runs
 from hvlab.lab.record import Run
+from hvlab.sys import dmioctl
 
 pytestmark = pytest.mark.integration
 
@@ -115,6 +116,9 @@ def backup_in_thread(lab: str, policy: str) -> tuple[threading.Thread, list[obje
         except engine.FlowFailed as exc:
             result.append(exc)
 
+    # Whether the guest dies before or after it answers the freeze, the flow may reach step
+    # 5, whose bounded suspend, from a thread, needs this done in the main thread.
+    dmioctl.prepare_interrupts()
     t = threading.Thread(target=work)
     t.start()
     return t, result

@@ -87,3 +87,23 @@ def test_kernel_note_names_this_disks_devices() -> None:
           "devices_removed": ["hvlab_t_ar_vm01_disk0"]}
     assert kernel_note(ev, "vm01", "disk0") == "+vm01_disk0_c_r1 -ar_vm01_disk0"
     assert kernel_note({}, "vm01", "disk0") == ""
+
+
+def test_a_vms_writes_lane_holds_between_its_own_steps() -> None:
+    # A VM's step records its own disks only: vm02's lane is B until its step 5, C after,
+    # also through vm01's steps, which say nothing of vm02.
+    d = RUN.to_dict()
+    d["vms"] = ["vm01", "vm02"]
+    d["vm"]["vm02"] = d["vm"]["vm01"]
+    run = Run.from_dict(d)
+
+    def ev(step: int, vm: str | None, writes: dict[str, str]) -> dict[str, Any]:
+        return {"step": step, "vm": vm, "detail": {}, "fingerprints": None,
+                "writes_to": {k: {"artifact": v} for k, v in writes.items()}}
+
+    events = [ev(5, "vm01", {"vm01/disk0": "C"}), ev(5, "vm02", {"vm02/disk0": "C"}),
+              ev(14, None, {"vm01/disk0": "B", "vm02/disk0": "B"})]
+    rows = lane_rows(run, events)
+    assert [c.count("C") for c in rows["vm02/disk0 writes"]] == [0, 1, 0]
+    assert ["B" in c for c in rows["vm02/disk0 writes"]] == [True, False, True]
+    assert ["C" in c for c in rows["vm01/disk0 writes"]] == [True, True, False]
