@@ -3,8 +3,9 @@
 1. the freeze window of one VM of 1, 2, 4, 8 disks (real backups, from the run record), next
    to its floor measured in the same run (bench_floor: suspend + create_snap + resume of as
    many thin devices by ioctl) and the 10 s limit; the per-disk skew when recorded
-2. the wall time of jobs of 1, 4, 8 one-disk VMs and its ratio to one VM; the time of each
-   step of the default lab's vm01 backup
+2. the wall time of jobs of 1, 4, 8 one-disk VMs (the median of three) and its ratio to one
+   VM, and each once more with the guests' writers paused; the time of each step of the
+   default lab's vm01 backup
 3. the full-backup reader against dd on the same mapped extents of the same snapshot
 
 Writes bench-results/bench.json, bench.txt (the tables) and window/jobs/steps/reader.png.
@@ -39,10 +40,11 @@ class Config:
     jobs: tuple[int, ...]  # VMs per job
     floor_repeat: int
     read_repeat: int
+    job_repeat: int
 
 
-FULL = Config(window=(1, 2, 4, 8), jobs=(1, 4, 8), floor_repeat=5, read_repeat=3)
-QUICK = Config(window=(1, 2), jobs=(1, 2), floor_repeat=2, read_repeat=1)
+FULL = Config(window=(1, 2, 4, 8), jobs=(1, 4, 8), floor_repeat=5, read_repeat=3, job_repeat=3)
+QUICK = Config(window=(1, 2), jobs=(1, 2), floor_repeat=2, read_repeat=1, job_repeat=1)
 
 
 def runner_name() -> str:
@@ -116,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             paths.home() / "bench-floor", counts=cfg.window, repeat=cfg.floor_repeat))
         part("window", lambda: bench_flow.window(cfg.window, res["floor"],
                                                  res["window"]["points"]))
-        one = next((p for p in res["window"]["points"] if p["disks"] == 1), None)
-        part("jobs", lambda: bench_flow.jobs(cfg.jobs, res["jobs"]["points"], one))
+        part("jobs", lambda: bench_flow.jobs(cfg.jobs, res["jobs"]["points"], cfg.job_repeat))
         bench_report.job_ratios(res["jobs"]["points"])
         res["steps"] = part("steps", bench_flow.default_steps)
         res["reader"] = part("reader", lambda: bench_read.measure(

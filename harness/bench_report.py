@@ -8,7 +8,8 @@ Pure functions of the results dict (no devices), so tests/unit/test_bench.py che
     floor:   bench_floor.measure() (suspend + create_snap + resume of N thin devices)
     window:  {limit_s, disk_size, profile, points: [{disks, window_s, floor_s, skew, wall_s,
              run, state, class, error}]}
-    jobs:    {points: [{vms, wall_s, ratio_to_one, windows_s, run, state, error}]}
+    jobs:    {points: [{vms, wall_s (median of walls_s), walls_s, ratio_to_one, quiet_wall_s,
+             quiet_ratio (the guests' writers paused), windows_s, run, state, error}]}
     steps:   {lab, vm, wall_s, steps_s, run, state, error, steps: [{step, name, vm, seconds}]}
     reader:  {virtual_bytes, mapped_bytes, extents, repeat, ours_s, dd_s, ours_median_s,
              dd_median_s, ours_MiB_s, dd_MiB_s, ratio, goal}
@@ -104,10 +105,13 @@ def offhost_summary(mapped: int, ours: list[float], off: list[float]) -> dict[st
 
 
 def job_ratios(points: list[dict[str, Any]]) -> None:
-    """Each job point's wall time over the one-VM job's (in place)."""
-    one = next((p["wall_s"] for p in points if p["vms"] == 1 and not p.get("error")), None)
+    """Each job point's wall time over the one-VM job's (in place), with the guests' writers
+    running (the goal's figure) and paused (the engine's own scaling)."""
+    one = next((p for p in points if p["vms"] == 1 and not p.get("error")), {})
     for p in points:
-        p["ratio_to_one"] = None if p.get("error") else ratio(p["wall_s"], one)
+        p["ratio_to_one"] = None if p.get("error") else ratio(p["wall_s"], one.get("wall_s"))
+        p["quiet_ratio"] = None if p.get("error") else ratio(p.get("quiet_wall_s"),
+                                                              one.get("quiet_wall_s"))
 
 
 def floor_s(floor: dict[str, Any] | None, n: int) -> float | None:
@@ -224,12 +228,16 @@ def tables(res: dict[str, Any]) -> list[Table]:
                   _s(p.get("wall_s")), _err(p.get("error")) or (p.get("class") or ""))
     out.append(t)
     j = res.get("jobs") or {}
-    t = Table(title="2a. job wall time, N VMs of one disk in one job")
-    for col in ("VMs", "wall", "x one VM", "windows", "note"):
+    t = Table(title="2a. job wall time, N VMs of one disk in one job (median of the runs; "
+                    "then once with the guests' writers paused)")
+    for col in ("VMs", "wall", "x one VM", "runs", "writers paused", "x one VM (paused)",
+                "windows", "note"):
         t.add_column(col)
     for p in j.get("points", []):
         wins = [v for v in (p.get("windows_s") or {}).values() if v is not None]
         t.add_row(str(p["vms"]), _s(p.get("wall_s")), _x(p.get("ratio_to_one")),
+                  " / ".join(f"{w:.2f}" for w in p.get("walls_s") or []) or "-",
+                  _s(p.get("quiet_wall_s")), _x(p.get("quiet_ratio")),
                   f"{min(wins):.2f}-{max(wins):.2f} s" if wins else "-", _err(p.get("error")))
     out.append(t)
     st = res.get("steps") or {}
@@ -286,7 +294,7 @@ def render_text(res: dict[str, Any]) -> str:
             f"{mach.get('cpus', '?')} cpus ({mach.get('cpu_model', '?')}), "
             f"{(mach.get('mem_bytes') or 0) >> 20} MiB"
             f"{', quick' if m.get('quick') else ''}\n")
-    console = Console(record=True, width=130, file=io.StringIO(), color_system=None)
+    console = Console(record=True, width=170, file=io.StringIO(), color_system=None)
     for t in tables(res):
         console.print(t)
     g = Table(title="goals (issues 10 and 11)")
@@ -355,6 +363,10 @@ def plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
         if failed:  # where it stopped, not a job time
             ax.plot([p["vms"] for p in failed], [p["wall_s"] for p in failed], "rx",
                     markersize=12, label="failed (time until it failed)")
+        quiet = [p for p in jp if p.get("quiet_wall_s")]
+        if quiet:
+            ax.plot([p["vms"] for p in quiet], [p["quiet_wall_s"] for p in quiet], "s--",
+                    label="the guests' writers paused")
         one = next((p["wall_s"] for p in jp if p["vms"] == 1), None)
         if one:
             ax.plot(xs, [one * x for x in xs], ":", color="grey", label="N x one VM")

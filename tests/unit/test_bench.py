@@ -18,7 +18,8 @@ def _floor(*ns: int) -> dict[str, Any]:
 
 
 def _results() -> dict[str, Any]:
-    jobs: list[dict[str, Any]] = [{"vms": 1, "wall_s": 10.0, "windows_s": {"vm01": 0.2}},
+    jobs: list[dict[str, Any]] = [{"vms": 1, "wall_s": 10.0, "windows_s": {"vm01": 0.2},
+                                   "walls_s": [9.5, 10.0, 12.25], "quiet_wall_s": 5.0},
                                   {"vms": 4, "wall_s": 30.0, "windows_s": {f"vm0{i}": 0.2 + i / 100
                                                                            for i in range(1, 5)}},
                                   {"vms": 8, "wall_s": None, "error": "FlowFailed: boom"}]
@@ -65,10 +66,12 @@ def test_ratio_math() -> None:
 
 
 def test_job_ratios_against_one_vm() -> None:
-    pts: list[dict[str, Any]] = [{"vms": 1, "wall_s": 10.0}, {"vms": 4, "wall_s": 25.0},
+    pts: list[dict[str, Any]] = [{"vms": 1, "wall_s": 10.0, "quiet_wall_s": 4.0},
+                                 {"vms": 4, "wall_s": 25.0, "quiet_wall_s": 10.0},
                                  {"vms": 8, "wall_s": 99.0, "error": "x"}]
     bench_report.job_ratios(pts)
     assert [p["ratio_to_one"] for p in pts] == [1.0, 2.5, None]
+    assert [p["quiet_ratio"] for p in pts] == [1.0, 2.5, None]
     failed_one: list[dict[str, Any]] = [{"vms": 1, "wall_s": 10.0, "error": "x"},
                                         {"vms": 4, "wall_s": 25.0}]
     bench_report.job_ratios(failed_one)
@@ -94,7 +97,8 @@ def test_table_text() -> None:
     assert "kernel 6.1.0, runner uml lab VM, 2 cpus (Xeon), 4096 MiB" in text
     assert "commit abc" in text
     for want in ("1. freeze window", "0.25 s", "1.0 ms", "250x", "FAILED: FlowFailed",
-                 "2a. job wall time", "3.00x", "0.21-0.24 s", "2b. steps", "quiesce",
+                 "2a. job wall time", "3.00x", "0.21-0.24 s",
+                 "9.50 / 10.00 / 12.25", "writers paused", "5.00 s", "2b. steps", "quiesce",
                  "3. full-backup reader vs dd", "67", "100", "0.67x",
                  "goals (issues 10 and 11)", "MISSED", "not measured",
                  "FAILED part jobs: FlowFailed: boom"):
@@ -166,11 +170,3 @@ def test_lab_docs_and_args() -> None:
     with pytest.raises(SystemExit) as e:
         bench.parse_args(["--bogus"])
     assert e.value.code == 2
-
-
-def test_one_vm_job_is_the_one_disk_window_run() -> None:
-    pts: list[dict[str, Any]] = []
-    bench_flow.jobs((1,), pts, {"disks": 1, "window_s": 0.2, "wall_s": 9.5, "run": "r1",
-                                "state": "done", "error": None})
-    assert pts == [{"vms": 1, "wall_s": 9.5, "windows_s": {"vm01": 0.2}, "run": "r1",
-                    "state": "done", "error": None, "note": "the 1-disk window run"}]
