@@ -82,7 +82,8 @@ def recover(cfg: GuestConfig, devices: dict[str, str]) -> dict[str, Any]:
                 "note": "ledger disks not all given: ledger not repaired",
             }
             result = None
-        os.sync()
+        # No sync(2) here: the umount below writes A's filesystems back before the answer
+        # goes out, and a sync of every filesystem flushed all the other guests' writes too.
     except CommandError as exc:
         raise ProtocolError("failed", f"auto-recovery mount failed: {exc}") from exc
     except (ValueError, KeyError) as exc:  # a damaged image (TornPage is a ValueError)
