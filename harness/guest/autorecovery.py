@@ -60,9 +60,12 @@ def recover(cfg: GuestConfig, devices: dict[str, str]) -> dict[str, Any]:
     # and removed by the next guest start or by `hvlab down`.
     base = Path(tempfile.mkdtemp(prefix=AR_PREFIX, dir=cfg.run_dir))
     try:
+        live = dict(cfg.disks)
         for name in order:
             dev = devices[name]
-            fstype = run(["blkid", "-o", "value", "-s", "TYPE", dev], check=False).stdout
+            # A is B at T0: the live disk's filesystem says what it is (no blkid exec)
+            fstype = fs_type_of(live[name]) or run(["blkid", "-o", "value", "-s", "TYPE", dev],
+                                                   check=False).stdout
             mnt = base / name
             mnt.mkdir()
             argv = ["mount"]
@@ -107,6 +110,21 @@ def recover(cfg: GuestConfig, devices: dict[str, str]) -> dict[str, Any]:
         "check": result.to_dict() if result else None,
         "devices": dict(devices),
     }
+
+
+def fs_type_of(mountpoint: Path) -> str | None:
+    """The type of the filesystem mounted at mountpoint, from /proc/self/mounts."""
+    want = os.path.realpath(mountpoint)
+    try:
+        text = Path("/proc/self/mounts").read_text()
+    except OSError:
+        return None
+    found = None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[1].replace("\\040", " ") == want:
+            found = parts[2]  # the last mount there is the one in use
+    return found
 
 
 def mounted_devices() -> set[int]:

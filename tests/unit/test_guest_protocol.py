@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from hvlab.guest import ledger
+from hvlab.guest import autorecovery, ledger
 from hvlab.guest.client import GuestClient, GuestError, GuestUnavailable
 from hvlab.guest.config import GuestConfig
 from hvlab.guest.emulator import Guest
@@ -407,3 +407,10 @@ def test_fault_bad_args(g: Running, args: dict[str, Any]) -> None:
         g.client.request("fault", **args)
     assert ei.value.code == "bad_args" and "\n" not in str(ei.value)
     assert g.client.fault()["armed"] == {}, "nothing armed by a bad request"
+
+
+def test_auto_recovery_reads_a_live_disks_filesystem_type_from_the_mount_table() -> None:
+    root = next(ln.split()[2] for ln in Path("/proc/self/mounts").read_text().splitlines()
+                if ln.split()[1] == "/")
+    assert autorecovery.fs_type_of(Path("/")) == root
+    assert autorecovery.fs_type_of(Path("/no/such/mount/point")) is None
