@@ -24,13 +24,15 @@ import os
 import statistics
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:  # matplotlib is imported when plotting: the bench's backups run in a
+    # process as light as the CLI's (every guard fork copies the parent's page tables)
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 WINDOW_LIMIT_S = 10.0  # the guest's flush-and-hold limit (VSS_E_FLUSH_WRITES_TIMEOUT)
 READER_GOAL = 0.9  # issue 10: the reader at least 0.9x dd's throughput on the same extents
@@ -311,12 +313,16 @@ def render_text(res: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------- plots
 def _save(fig: Figure, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
 
 
 def _axes(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Axes]:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     ax.set_title(title)
