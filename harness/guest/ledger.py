@@ -6,13 +6,13 @@ consistent. Accounts live in fixed pages; each transaction moves amounts between
 total never changes. Per transaction: BEGIN (ops + before-images) -> fsync WAL -> page writes ->
 fsync pages -> COMMIT (chained hash) -> fsync WAL.
 
-`check` reads an image and never writes; `recover` is the auto-recovery repair.
+`check` reads an image and never writes; `recover` is the auto-recovery repair; the live store
+the writer uses is `store.Ledger`.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import os
@@ -143,11 +143,11 @@ def encode_record(rec: dict[str, Any]) -> bytes:
     return canonical({**rec, "crc": zlib.crc32(body.encode())}).encode() + b"\n"
 
 
-def _pack_page(p: Page) -> str:
+def pack_page(p: Page) -> str:
     return base64.b64encode(zlib.compress(encode_page(p))).decode()
 
 
-def _unpack_page(s: str) -> bytes:
+def unpack_page(s: str) -> bytes:
     return zlib.decompress(base64.b64decode(s))
 
 
@@ -214,7 +214,7 @@ def replay(meta: Meta, scan: WalScan) -> Replay:
         if kind == "ckpt" and not r.committed and r.pending is None:
             r.last_txid, r.last_hash = int(rec["txid"]), str(rec["hash"])
             pages = rec["pages"].items()
-            r.state = {int(k): decode_page(_unpack_page(v), int(k)) for k, v in pages}
+            r.state = {int(k): decode_page(unpack_page(v), int(k)) for k, v in pages}
         elif kind == "begin":
             if r.pending is not None:
                 r.problems.append(f"txn {rec.get('txid')} begins while {r.pending['txid']} is open")
@@ -271,7 +271,7 @@ class CheckResult:
         }
 
 
-def _read(path: Path) -> bytes:
+def read_all(path: Path) -> bytes:
     # O_RDONLY only: the checker runs on read-only images and must never write.
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -288,7 +288,7 @@ def check(roots: Mapping[str, Path]) -> CheckResult:
     wal_path, pages_path = ledger_paths(roots)
     problems: list[str] = []
     try:
-        wal, pages = _read(wal_path), _read(pages_path)
+        wal, pages = read_all(wal_path), read_all(pages_path)
     except OSError as exc:
         return CheckResult(False, 0, GENESIS, None, 0, [f"ledger missing: {exc}"])
     try:
@@ -357,8 +357,8 @@ def rollback(wal_path: Path, pages_path: Path) -> RecoveryReport:
     rep = RecoveryReport()
     if not wal_path.exists() or not pages_path.exists():
         return rep
-    wal = _read(wal_path)
-    meta = Meta.decode(_read(pages_path)[:PAGE_SIZE])
+    wal = read_all(wal_path)
+    meta = Meta.decode(read_all(pages_path)[:PAGE_SIZE])
     scan = scan_wal(wal)
     r = replay(meta, scan)
     cut = scan.valid_end
@@ -368,7 +368,7 @@ def rollback(wal_path: Path, pages_path: Path) -> RecoveryReport:
         fd = os.open(pages_path, os.O_RDWR)
         try:
             for k, v in sorted(r.pending["undo"].items(), key=lambda kv: int(kv[0])):
-                os.pwrite(fd, _unpack_page(v), int(k) * PAGE_SIZE)
+                os.pwrite(fd, unpack_page(v), int(k) * PAGE_SIZE)
                 rep.pages_restored.append(int(k))
             os.fsync(fd)
         finally:
@@ -396,126 +396,3 @@ def recover(roots: Mapping[str, Path]) -> RecoveryReport:
         rep.removed.append(str(leftover))
     rep.removed += remove_excluded(roots)
     return rep
-
-
-@dataclass
-class OpenTxn:
-    txid: int
-    ops: list[Op]
-    memo: bytes
-    steps: list[Page]
-    done: int = 0
-
-    @property
-    def remaining(self) -> int:
-        return len(self.steps) - self.done
-
-
-class Ledger:
-    """The live store, used by one writer thread."""
-
-    def __init__(
-        self,
-        roots: Mapping[str, Path],
-        *,
-        accounts: int = 64,
-        initial: int = 1000,
-        wal_max_bytes: int = 8 << 20,
-    ) -> None:
-        self.wal_path, self.pages_path = ledger_paths(roots)
-        self.wal_max_bytes = wal_max_bytes
-        if not self.pages_path.exists():
-            self._create(Meta(accounts, initial))
-        else:
-            # An application restart runs the same rollback as auto-recovery.
-            rollback(self.wal_path, self.pages_path)
-        self.meta = Meta.decode(_read(self.pages_path)[:PAGE_SIZE])
-        r = replay(self.meta, scan_wal(_read(self.wal_path)))
-        if r.problems:
-            raise ValueError("ledger is damaged: " + "; ".join(r.problems))
-        self.state = r.state
-        self.last_txid, self.last_hash = r.last_txid, r.last_hash
-        self._wal = os.open(self.wal_path, os.O_WRONLY | os.O_APPEND)
-        self._pages = os.open(self.pages_path, os.O_RDWR)
-        self.open_txn: OpenTxn | None = None
-
-    def _create(self, meta: Meta) -> None:
-        for p in (self.wal_path, self.pages_path):
-            p.parent.mkdir(parents=True, exist_ok=True)
-        self.wal_path.write_bytes(b"")
-        tmp = self.pages_path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(meta.encode())
-            for pg in initial_pages(meta).values():
-                f.write(encode_page(pg))
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.pages_path)
-        for d in {self.wal_path.parent, self.pages_path.parent}:
-            _fsync_dir(d)
-
-    def close(self) -> None:
-        for fd in (self._wal, self._pages):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def _append(self, rec: dict[str, Any]) -> None:
-        os.write(self._wal, encode_record(rec))
-        os.fsync(self._wal)
-
-    def begin(self, ops: list[Op], memo: bytes) -> OpenTxn:
-        assert self.open_txn is None, "one transaction at a time"
-        memo = memo[:MEMO_MAX]
-        txid = self.last_txid + 1
-        touched = sorted({page_of(a)[0] for op in ops for a in op[:2]})
-        undo = {str(no): _pack_page(self.state[no]) for no in touched}
-        rec = {"k": "begin", "txid": txid, "ops": [list(o) for o in ops], "memo": memo.hex()}
-        self._append({**rec, "undo": undo})
-        self.open_txn = OpenTxn(txid, ops, memo, list(txn_steps(self.state, txid, ops, memo)))
-        return self.open_txn
-
-    def step(self, n: int = 1) -> int:
-        """Write the next n page updates of the open txn durably; returns how many remain."""
-        t = self.open_txn
-        assert t is not None
-        for pg in t.steps[t.done : t.done + n]:
-            os.pwrite(self._pages, encode_page(pg), pg.no * PAGE_SIZE)
-            t.done += 1
-        os.fsync(self._pages)
-        return t.remaining
-
-    def commit(self) -> tuple[int, str]:
-        t = self.open_txn
-        assert t is not None
-        if t.remaining:
-            self.step(t.remaining)
-        h = chain_hash(self.last_hash, t.txid, t.ops, t.memo)
-        self._append({"k": "commit", "txid": t.txid, "hash": h})
-        for pg in t.steps:
-            self.state[pg.no] = pg
-        self.last_txid, self.last_hash, self.open_txn = t.txid, h, None
-        if os.fstat(self._wal).st_size > self.wal_max_bytes:
-            self._checkpoint()
-        return self.last_txid, self.last_hash
-
-    def _checkpoint(self) -> None:
-        """Bound the WAL: restart it from a snapshot of all pages at the last commit."""
-        new = self.wal_path.with_name(self.wal_path.name + ".new")
-        pages = {str(no): _pack_page(pg) for no, pg in self.state.items()}
-        rec = {"k": "ckpt", "txid": self.last_txid, "hash": self.last_hash, "pages": pages}
-        with open(new, "wb") as f:
-            f.write(encode_record(rec))
-            f.flush()
-            os.fsync(f.fileno())
-        new.replace(self.wal_path)
-        _fsync_dir(self.wal_path.parent)
-        os.close(self._wal)
-        self._wal = os.open(self.wal_path, os.O_WRONLY | os.O_APPEND)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from hvlab.errors import HvlabError
-from hvlab.guest.ledger import SCRATCH_DIR, SCRATCH_GLOB, Ledger, Op
+from hvlab.guest.ledger import SCRATCH_DIR, SCRATCH_GLOB, Op
+from hvlab.guest.store import Ledger
 
 log = logging.getLogger("hvlab.guest.writers")
 

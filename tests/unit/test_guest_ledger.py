@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from hvlab.guest import ledger
-from hvlab.guest.ledger import PAGE_SIZE, Ledger, check, recover
+from hvlab.guest.ledger import PAGE_SIZE, check, recover
+from hvlab.guest.store import Ledger
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """The import graph: no circle, and no import from a lower layer to a higher one.
 
 Layers, lowest first: errors and sys (subprocess, LVM, dm, loop, fs); guest and vm (the guest
-emulator, the lab VM); lab (substrate, state, run records); backup; flow; cli, bench and the
+emulator, the lab VM); lab (substrate, state, run records); backup; flow; cli (with its guest
+commands), bench and the
 pytest plugin. A module may import its own layer's package and lower layers; within a layer,
 backup never imports flow.
 """
@@ -13,8 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYER = {"errors": 0, "sys": 0, "guest": 1, "vm": 1, "lab": 2, "backup": 3, "flow": 4,
-         "cli": 5, "bench": 5, "bench_floor": 5, "bench_flow": 5, "bench_read": 5,
-         "bench_report": 5, "bench_incr": 5, "soak": 5, "fixtures": 5}
+         "cli": 5, "guest_commands": 5, "bench": 5, "bench_floor": 5, "bench_flow": 5,
+         "bench_read": 5, "bench_report": 5, "bench_incr": 5, "soak": 5, "fixtures": 5}
 
 
 def _modules() -> dict[str, Path]:

@@ -1,0 +1,162 @@
+"""`hvlab guest ...`: the guest emulators of a lab that is up (registered by hvlab.cli)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from hvlab.errors import BadInput, HvlabError
+
+if TYPE_CHECKING:
+    from hvlab.lab.definition import LabDef
+    from hvlab.lab.paths import Names
+
+lab_name_opt = click.option("--lab-name", "-n", default=None,
+                            help="Lab name (default: the only lab, else 'hvlab').")
+_echo = click.echo
+
+
+@click.group()
+def guest() -> None:
+    """The guest emulators (one per VM): integration services, writers, workloads."""
+
+
+def _guest_ctx(lab_name: str | None) -> tuple[LabDef, Names]:
+    from hvlab.lab.paths import Names
+    from hvlab.lab.state import State
+    from hvlab.lab.substrate import resolve_name
+
+    lab = resolve_name(lab_name)
+    st = State.load(lab)
+    if st is None or st.phase != "up":
+        raise BadInput(f"lab {lab!r} is not up")
+    return st.definition, Names(lab)
+
+
+@guest.command("status")
+@lab_name_opt
+@click.option("--json", "as_json", is_flag=True)
+def guest_status(lab_name: str | None, as_json: bool) -> None:
+    """State, writers, ops/s, frozen or not, per VM."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hvlab.guest.supervise import guest_status as status_of
+
+    defn, names = _guest_ctx(lab_name)
+    rows = {vm.name: status_of(names.guest_dir(vm.name)) for vm in defn.vms}
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title=f"guests of lab {names.lab}")
+    for col in ("VM", "profile", "alive", "pid", "state", "frozen", "txid", "ops/s", "writers"):
+        table.add_column(col)
+    for vm in defn.vms:
+        r = rows[vm.name]
+        st = r.get("status") or {}
+        writers = ", ".join(f"{w.get('name')}:{w.get('ops', '')}" for w in st.get("writers", []))
+        table.add_row(vm.name, vm.profile, str(r.get("alive")), str(r.get("pid") or "-"),
+                      str(st.get("state", "-")), str(st.get("frozen", "-")),
+                      str(st.get("committed_txid", "-")), str(st.get("ops_per_s", "-")), writers)
+    Console().print(table)
+
+
+@guest.command("start")
+@click.argument("vm_name")
+@lab_name_opt
+def guest_start(vm_name: str, lab_name: str | None) -> None:
+    """Start the guest emulator of VM (no-op if it runs)."""
+    from hvlab.guest.supervise import start_guest
+    from hvlab.lab import guests
+
+    defn, names = _guest_ctx(lab_name)
+    defn.vm(vm_name)
+    names.guest_dir(vm_name).mkdir(parents=True, exist_ok=True)
+    pid = start_guest(guests.config_for(defn, names, vm_name))
+    _echo(f"guest {vm_name} running (pid {pid})")
+
+
+def _finite(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):  # nan passes FloatRange
+        raise click.BadParameter(f"{value} is not a number in (0, 10000]")
+    return value
+
+
+@guest.command("workload")
+@click.argument("vm_name")
+@lab_name_opt
+@click.option("--ops-per-s", type=click.FloatRange(min=0, max=10000, min_open=True),
+              default=None, callback=_finite,
+              help="New rate for the chosen writers, in (0, 10000].")
+@click.option("--pause/--resume", "pause", default=None, help="Hold or release the writers.")
+@click.option("--writer", default=None, help="One writer by name (default: all).")
+def guest_workload(vm_name: str, lab_name: str | None, ops_per_s: float | None,
+                   pause: bool | None, writer: str | None) -> None:
+    """Change a running guest's workload: pause/resume writers, set their rate."""
+    from hvlab.guest.client import GuestClient, GuestError
+    from hvlab.lab import guests
+
+    defn, names = _guest_ctx(lab_name)
+    if defn.vm(vm_name).profile == "none":
+        raise BadInput(f"VM {vm_name} has profile none: no integration-services channel")
+    if ops_per_s is None and pause is None:
+        raise BadInput("give --ops-per-s RATE and/or --pause/--resume")
+    try:
+        rep = GuestClient(guests.socket_path(names, vm_name)).workload(
+            pause=pause, ops_per_s=ops_per_s, writer=writer)
+    except GuestError as exc:
+        if exc.code == "bad_args":  # a writer it does not have: say which it has
+            try:
+                have = [w.get("name") for w in GuestClient(
+                    guests.socket_path(names, vm_name)).status().get("writers", [])]
+            except GuestError:
+                have = []
+            raise BadInput(f"guest {vm_name}: {exc}" + (
+                f" (its writers: {', '.join(map(str, have))})" if have else "")) from None
+        raise HvlabError(f"guest {vm_name}: {exc}") from None
+    for w in rep["writers"]:
+        _echo(f"{w.get('name')}: {w.get('state')}, target {w.get('target_ops_per_s')} ops/s, "
+              f"now {w.get('ops_per_s')} ops/s")
+
+
+@guest.command("stop")
+@click.argument("vm_name")
+@lab_name_opt
+def guest_stop(vm_name: str, lab_name: str | None) -> None:
+    """Stop the guest emulator of VM (thaws first if it is frozen)."""
+    from hvlab.guest.supervise import stop_guest
+
+    defn, names = _guest_ctx(lab_name)
+    defn.vm(vm_name)
+    stop_guest(names.guest_dir(vm_name), 10.0)
+    _echo(f"guest {vm_name} stopped")
+
+
+@guest.command("check")
+@click.argument("roots", nargs=-1, required=True, type=click.Path(path_type=Path))
+def guest_check(roots: tuple[Path, ...]) -> None:
+    """The writers' consistency check on a VM's disks mounted at ROOTS (in disk order: the
+    ledger's WAL is on the first, its pages on the last). Reads only; exit 1 if inconsistent."""
+    from hvlab.guest import ledger
+
+    for r in roots:
+        if not r.is_dir():
+            raise BadInput(f"{r} is not a directory (mount the disk there first)")
+    named = {f"disk{i}": r for i, r in enumerate(roots)}
+    wal, pages = ledger.ledger_paths(named)
+    res = ledger.check(named)
+    _echo(f"ledger: WAL {wal}, pages {pages}: "
+          f"{'consistent' if res.consistent else 'INCONSISTENT'}")
+    _echo(f"  last committed txid {res.last_txid} ({res.committed} commits in the WAL)")
+    _echo(f"  unfinished transaction: {res.unfinished if res.unfinished is not None else '-'}")
+    for p in res.problems:
+        _echo(f"  problem: {p}")
+    excluded = sorted(str(f) for r in roots
+                      for f in (r / ledger.SCRATCH_DIR).glob(ledger.SCRATCH_GLOB))
+    _echo(f"excluded files ({ledger.SCRATCH_DIR}/{ledger.SCRATCH_GLOB}): {len(excluded)}")
+    if not res.consistent:
+        raise SystemExit(1)
