@@ -3,7 +3,7 @@
 1. the freeze window of one VM of 1, 2, 4, 8 disks (real backups, from the run record), next
    to its floor measured in the same run (bench_floor: suspend + create_snap + resume of as
    many thin devices by ioctl) and the 10 s limit; the per-disk skew when recorded
-2. the wall time of jobs of 1, 4, 8 one-disk VMs (the median of three) and its ratio to one
+2. the wall time of jobs of 1, 4, 8 one-disk VMs (the median of five) and its ratio to one
    VM, and each once more with the guests' writers paused; the time of each step of the
    default lab's vm01 backup
 3. the full-backup reader against dd on the same mapped extents of the same snapshot
@@ -43,7 +43,7 @@ class Config:
     job_repeat: int
 
 
-FULL = Config(window=(1, 2, 4, 8), jobs=(1, 4, 8), floor_repeat=5, read_repeat=3, job_repeat=3)
+FULL = Config(window=(1, 2, 4, 8), jobs=(1, 4, 8), floor_repeat=5, read_repeat=3, job_repeat=5)
 QUICK = Config(window=(1, 2), jobs=(1, 2), floor_repeat=2, read_repeat=1, job_repeat=1)
 
 

@@ -76,7 +76,6 @@ def pass_to_guest(ctx: Ctx, vm: str) -> dict[str, Any]:
         v.auto_recovery = False
         v.no_answer = str(exc)
     v.cls = S.consistency_for(v.guest_profile or v.profile, v.answers)
-    ctx.save()
     return {"answers": v.answers, "class": v.cls, "note": v.no_answer}
 
 
@@ -233,7 +232,6 @@ def backup_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
         if not disk.redirected:
             ctx.sync_live(vm)  # whatever is live is what a restart must map
             raise HvlabError(f"controller {disk.ctl} does not map C after the redirect")
-    ctx.save()
     return {"made": made, "skew_s": {d: disk.skew_s for _, d, disk in ctx.disks(vm)}}
 
 
@@ -258,7 +256,6 @@ def auto_recovery_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
             checkpoint.activate(ctx, _slot(disk, "A"), bases[d])
         disk.A_exists = True
         made.append(art(v, d, "A", disk.A))
-    ctx.save()
     holdguard.close(vm)  # nothing of the VM is held after step 6
     return {"made": made}
 
@@ -270,7 +267,6 @@ def internal_snapshot(ctx: Ctx, vm: str) -> dict[str, Any]:
         if not disk.redirected:
             raise HvlabError(f"T0 without C on {disk.ctl}")
     v.t0 = max(disk.c_created_at or 0.0 for _, _, disk in ctx.disks(vm))
-    ctx.save()
     return {"t0": v.t0}
 
 
@@ -362,7 +358,6 @@ def auto_recovery(ctx: Ctx, vm: str) -> dict[str, Any]:
         for _, d, _disk in ctx.disks(vm):
             ctx.detach_ar(ar_ctl(ctx.names, vm, d))
     v.auto_recovery_result = {k: rep.get(k) for k in ("auto_recovery", "repaired", "check")}
-    ctx.save()
     check = rep.get("check") or {}
     if check and not check.get("consistent"):
         raise HvlabError(f"{vm}: auto-recovery left A inconsistent: {check.get('problems')}")

@@ -84,6 +84,9 @@ def _execute(ctx: Ctx) -> Run:
             _say_event(ctx, ev)
             run.pos += 1
             run.last_step = n
+            # Actions save where a kill must find their progress (names before what they
+            # name); what they change last is saved here, with the step's end: a kill before
+            # it runs the step again, and every step can run again.
             ctx.save()
             if run.pause_at is not None and run.pos - 1 == run.pause_at:
                 observe.flush(ctx)

@@ -10,6 +10,7 @@ window, and content is hashed again only when the thin metadata shows other data
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -28,7 +29,13 @@ from hvlab.sys.uevents import watch
 # Where the invariants need content: B and A at T0 (after the thaw, outside the window), A
 # after auto-recovery, B and S before the merge.
 FINGERPRINT_AFTER = {8: "T0", 10: "after auto-recovery", 13: "before the merge"}
-BACKGROUND = {8}
+# Hashed in the background, from the pool's metadata as it was when the step ended: after 8,
+# B cannot change (the controller maps C) and A not until step 10 writes it; after 10, A
+# is left alone until step 12 removes it. Only B's and A's devices are read.
+BACKGROUND = {8, 10}
+# A hash still running ends first: nothing runs beside a freeze window or a guard's fork
+# (step 4), and step 11 suspends A and B to snapshot them (step 12 then removes A).
+FLUSH_BEFORE = {4, 11}
 
 
 def run_step(ctx: Ctx, n: int, vm: str | None) -> dict[str, Any]:
@@ -38,6 +45,8 @@ def run_step(ctx: Ctx, n: int, vm: str | None) -> dict[str, Any]:
                           "veeam": st.veeam, "lab": st.lab, "in_freeze": st.in_freeze,
                           "start": time.time()}
     ok = False
+    if n in FLUSH_BEFORE:
+        flush(ctx)
     try:
         with watch(settle=0.0) as rec, program_log() as commands:
             ctx.uevents = rec
@@ -58,20 +67,38 @@ def run_step(ctx: Ctx, n: int, vm: str | None) -> dict[str, Any]:
         ev["fingerprints"] = None
         if ok and ctx.fingerprints and n in FINGERPRINT_AFTER:
             flush(ctx)  # a hash still running in the background fills the cache first
-            planned = plan_fingerprints(ctx, vm)
             if n in BACKGROUND:
-                # B (and A, which shares its blocks) cannot change until step 10 writes A,
-                # and only B's device is read: hash while steps 9-10 run.
                 ev["fingerprints_note"] = f"{FINGERPRINT_AFTER[n]}: hashed in the background"
-                ctx.pending = (ev, ThreadPoolExecutor(max_workers=1))
-                ctx.pending_future = ctx.pending[1].submit(hash_planned, ctx, planned)
+                in_background(ctx, ev, vm)
             else:
-                ev["fingerprints"] = hash_planned(ctx, planned)
+                ev["fingerprints"] = fingerprints(ctx, vm)
                 ev["fingerprints_note"] = FINGERPRINT_AFTER[n]
         ctx.last_dump = None
         ev["observed_s"] = round(time.time() - ev["end"], 4)
         runs.append_event(ctx.names, ctx.run.id, ev, durable=not ctx.in_window)
     return ev
+
+
+def in_background(ctx: Ctx, ev: dict[str, Any], vm: str | None) -> None:
+    """Fingerprint what exists now, later: which artifacts exist and which is live are read
+    now, and the pool's metadata snapshot is taken now (one message); reading it, and the
+    blocks it maps, happen in a thread while the next steps run (`flush` waits for it)."""
+    present = _present(ctx, vm)
+    held = contextlib.ExitStack()
+    snap = held.enter_context(thinmeta.metadata_snap(ctx.names))
+
+    def work() -> dict[str, dict[str, Any]]:
+        with held:
+            planned = _plan(ctx, present, snap)
+        return hash_planned(ctx, planned)
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        ctx.pending_future = pool.submit(work)
+    except BaseException:
+        held.close()
+        raise
+    ctx.pending = (ev, pool)
 
 
 def flush(ctx: Ctx) -> None:
@@ -109,34 +136,42 @@ Planned = tuple[dict[str, dict[str, Any]], dict[tuple[tuple[int, int], ...],
                 list[tuple[str, str, tuple[tuple[int, int], ...] | None]]]
 
 
-def plan_fingerprints(ctx: Ctx, vm: str | None) -> Planned:
-    """B, C, A, S_B, S_A of each disk: how many blocks are mapped and, for all but the live
-    disk (whose content moves under any hash), what to hash. The mappings are read now; the
-    content can be hashed later from the device of one artifact per mapping."""
-    present = [(f"{v}/{d}", a, lv, disk) for v, d, disk in ctx.disks(vm)
-               for a, lv in disk.present().items() if os.path.exists(ctx.lv_dev(lv))]
-    ids = thin_ids(ctx, [lv for _, _, lv, _ in present])
-    if ctx.last_dump is not None:  # step 13 just took one: S and B have not moved since
-        maps = {lv: thinmeta.mapping_in(ctx.last_dump, ids[lv]) for _, _, lv, _ in present
-                if lv in ids}
+# (artifact key, role, LV, its thin id, its device, live: the disk's controller maps it)
+Present = list[tuple[str, str, str, int, str, bool]]
+
+
+def _present(ctx: Ctx, vm: str | None) -> Present:
+    """B, C, A, S_B, S_A of each disk that exist now, and which one the guest writes."""
+    found = [(f"{v}/{d}", a, lv, disk) for v, d, disk in ctx.disks(vm)
+             for a, lv in disk.present().items() if os.path.exists(ctx.lv_dev(lv))]
+    ids = thin_ids(ctx, [lv for _, _, lv, _ in found])
+    return [(key, a, lv, ids[lv], ctx.lv_dev(lv), disk.lv(a) == ctx.mapped_lv(disk))
+            for key, a, lv, disk in found if lv in ids]
+
+
+def _plan(ctx: Ctx, present: Present, snap: thinmeta.MetadataSnap | None) -> Planned:
+    """How many blocks each artifact maps and, for all but the live disk (whose content
+    moves under any hash), what to hash: the mappings from `snap` (step 13: from the dump
+    it just took, S and B have not moved since). The content can be hashed later from the
+    device of one artifact per mapping."""
+    if ctx.last_dump is not None:
+        dump = ctx.last_dump
+        maps = {i: thinmeta.mapping_in(dump, i) for _, _, _, i, _, _ in present}
     else:
-        with thinmeta.metadata_snap(ctx.names) as snap:
-            by_id = snap.mappings(ids[lv] for _, _, lv, _ in present if lv in ids)
-            maps = {lv: by_id[ids[lv]] for _, _, lv, _ in present if lv in ids}
+        assert snap is not None
+        maps = snap.mappings(i for _, _, _, i, _, _ in present)
     out: dict[str, dict[str, Any]] = {}
     todo: dict[tuple[tuple[int, int], ...], tuple[str, thinmeta.Mapping]] = {}
     where: list[tuple[str, str, tuple[tuple[int, int], ...] | None]] = []
-    for key, a, lv, disk in present:
-        if lv not in maps:
-            continue
-        m = maps[lv]
+    for key, a, _lv, thin_id, dev, live in present:
+        m = maps[thin_id]
         out.setdefault(key, {})[a] = {"mapped_blocks": m.mapped_blocks, "thin_id": m.dev_id}
-        if disk.lv(a) == ctx.mapped_lv(disk):
+        if live:
             out[key][a]["live"] = True
             where.append((key, a, None))
         else:
             pairs = tuple(m.pairs)
-            todo.setdefault(pairs, (ctx.lv_dev(lv), m))
+            todo.setdefault(pairs, (dev, m))
             where.append((key, a, pairs))
     return out, todo, where
 
@@ -157,7 +192,12 @@ def hash_planned(ctx: Ctx, planned: Planned) -> dict[str, dict[str, Any]]:
 
 
 def fingerprints(ctx: Ctx, vm: str | None) -> dict[str, dict[str, Any]]:
-    return hash_planned(ctx, plan_fingerprints(ctx, vm))
+    present = _present(ctx, vm)
+    if ctx.last_dump is not None:
+        return hash_planned(ctx, _plan(ctx, present, None))
+    with thinmeta.metadata_snap(ctx.names) as snap:
+        planned = _plan(ctx, present, snap)
+    return hash_planned(ctx, planned)
 
 
 def _content_hash(ctx: Ctx, dev: str, m: thinmeta.Mapping) -> dict[str, Any]:
