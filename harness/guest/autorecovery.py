@@ -68,10 +68,12 @@ def recover(cfg: GuestConfig, devices: dict[str, str]) -> dict[str, Any]:
                                                    check=False).stdout
             mnt = base / name
             mnt.mkdir()
-            argv = ["mount"]
-            if fstype.strip() == "xfs":
-                argv += ["-o", "nouuid"]  # the live disk with the same UUID is mounted
-            run([*argv, dev, str(mnt)])
+            fstype = fstype.strip()
+            # the live disk with the same UUID is mounted: xfs refuses a second without nouuid
+            try:
+                fs.mount_call(dev, mnt, fstype, "nouuid" if fstype == "xfs" else "")
+            except OSError as exc:
+                raise ProtocolError("failed", f"auto-recovery mount failed: {exc}") from exc
             mounted.append(mnt)
             roots[name] = mnt
         first, last = cfg.disks[0][0], cfg.disks[-1][0]
@@ -97,8 +99,8 @@ def recover(cfg: GuestConfig, devices: dict[str, str]) -> dict[str, Any]:
         errors = []
         for mnt in reversed(mounted):
             try:
-                run(["umount", str(mnt)])
-            except CommandError as exc:
+                fs.umount_call(mnt)
+            except OSError as exc:
                 errors.append(str(exc))
         for d in [*(base / n for n in order), base]:
             with contextlib.suppress(OSError):

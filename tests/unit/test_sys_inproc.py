@@ -122,3 +122,12 @@ def test_thaw_of_what_cannot_be_thawed_is_false(tmp_path: Path) -> None:
     assert fs.thaw(f) is False
     assert fs.thaw(tmp_path / "gone") is False
     assert fs.thaw(tmp_path) is False  # tmp is not frozen (or not ours to thaw)
+
+
+def test_mount_and_umount_calls_name_what_the_kernel_refused(tmp_path: Path) -> None:
+    # no such device (ENOENT as root, EPERM otherwise): an OSError naming device and place
+    with pytest.raises(OSError, match=r"mount /no/such/dev on .* \(ext4\)"):
+        fs.mount_call("/no/such/dev", tmp_path, "ext4")
+    with pytest.raises(OSError, match=f"umount {tmp_path}: ") as exc:
+        fs.umount_call(tmp_path)  # not a mount point (EINVAL), or not allowed (EPERM)
+    assert exc.value.errno in (errno.EINVAL, errno.EPERM)
