@@ -55,7 +55,7 @@ class Ledger:
         *,
         accounts: int = 64,
         initial: int = 1000,
-        wal_max_bytes: int = 512 << 10,
+        wal_max_bytes: int = 128 << 10,
     ) -> None:
         self.wal_path, self.pages_path = ledger_paths(roots)
         self.wal_max_bytes = wal_max_bytes

@@ -41,10 +41,12 @@ class Workload:
     append_ops_per_s: float = 20.0
     scratch_ops_per_s: float = 5.0
     scratch_keep: int = 8
-    # The log is checkpointed past this (about 45 s of transactions at 10/s), as a database
-    # bounds its recovery: auto-recovery and the check replay the log since the checkpoint,
-    # and at 8 MiB a lab a few minutes old spent seconds per VM in step 10.
-    wal_max_bytes: int = 512 << 10
+    # The log is checkpointed past this (about 11 s of transactions at 10/s; a checkpoint
+    # record is ~1.2 KiB), as a database bounds its recovery: auto-recovery and the check
+    # replay the log since the checkpoint. Their replay is Python (7 ms per 128 KiB natively,
+    # ~10x that in the lab VM), where a real engine redoes a minute of log in milliseconds:
+    # at 512 KiB, step 10 of an 8-VM job swung by 2 s with where each log stood.
+    wal_max_bytes: int = 128 << 10
     seed: int = 0
     paused: bool = False
 
