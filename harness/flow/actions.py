@@ -91,8 +91,9 @@ def guest_requestor(ctx: Ctx, vm: str) -> dict[str, Any]:
 def quiesce(ctx: Ctx, vm: str) -> dict[str, Any]:
     v = ctx.vm(vm)
     # The guards first: a forked child's start-up (copy-on-write faults) costs 50-100 ms of
-    # the lab VM's one CPU, spent here while LVM allocates, not inside the window.
-    holdguard.standby(vm, lambda: ctx.sync_live(vm))
+    # the lab VM's one CPU, spent here while LVM allocates, not inside the window. The hold
+    # guard stands for the whole job: only the first VM's step 4 forks it.
+    holdguard.standby(ctx.sync_live)
     # The guest waits for its writers (its own bound), then holds the freeze at most
     # FLUSH_AND_HOLD_S; should it die meanwhile, the guard thaws what it froze.
     wait = (v.writer_timeout_s or WRITER_TIMEOUT_S) + FREEZE_SLACK_S
@@ -199,7 +200,7 @@ def backup_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
         # Should this process die or hang with them held, the guard resumes origins, then
         # controllers. A suspend waits for the guest's I/O in flight: one that never
         # completes (a device below that will not flush) fails the step at the window's end.
-        with holdguard.guard(vm, origins + ctls, _left(ctx, vm), lambda: ctx.sync_live(vm)), \
+        with holdguard.guard(vm, origins + ctls, _left(ctx, vm), ctx.sync_live), \
                 D.suspended(*ctls, timeout=_left(ctx, vm)):
             bases = {d: checkpoint.thin_target(ctx, disk.B) for _, d, disk in todo}
             with D.suspended(*origins, timeout=_left(ctx, vm)):
@@ -244,7 +245,7 @@ def auto_recovery_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
     bases = {d: checkpoint.thin_target(ctx, disk.B) for _, d, disk in todo}
     origins = [ctx.names.dm_lv_name(disk.B) for _, _, disk in todo]
     made = []
-    with holdguard.guard(vm, origins, _left(ctx, vm), lambda: ctx.sync_live(vm)), \
+    with holdguard.guard(vm, origins, _left(ctx, vm), ctx.sync_live), \
             D.suspended(*origins, timeout=_left(ctx, vm)):
         if todo:
             checkpoint.require_room(ctx)
@@ -256,7 +257,6 @@ def auto_recovery_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
             checkpoint.activate(ctx, _slot(disk, "A"), bases[d])
         disk.A_exists = True
         made.append(art(v, d, "A", disk.A))
-    holdguard.close(vm)  # nothing of the VM is held after step 6
     return {"made": made}
 
 
@@ -284,7 +284,6 @@ def thaw(ctx: Ctx, vm: str) -> dict[str, Any]:
         return _lost_in_window(ctx, vm, exc)
     windowguard.close(vm)
     end = time.time()
-    holdguard.close(vm)  # nothing is held past the window
     gc.unfreeze()  # frozen before the guards' forks: collectable again
     ctx.in_window = False
     v.frozen = False

@@ -7,11 +7,13 @@ its 10 s watchdog. So a guard process resumes them at once when the backup dies,
 deadline when it hangs, and records what went live (C, if its table was loaded), so a restart
 maps it.
 
-The guard is forked before the freeze request (`standby`) and armed through a socket pair: a
-fork of the backup costs 50-100 ms in the lab VM, a line on a socket microseconds. The socket
-also tells the guard that the backup died (EOF; disarmed, it then just exits), and tells the
-backup whether the guard fired: a disarm is answered, and a hold the guard already resumed
-fails its step (the guest may have written past the checkpoint's instant).
+One guard stands for the whole job: it is forked before the first freeze request
+(`standby`) and armed for each VM's holds through a socket pair. A fork of the backup costs
+50-90 ms in the lab VM, a line on a socket microseconds. The socket also tells the guard that
+the backup died (EOF; disarmed, it then just exits), and tells the backup whether the guard
+fired: a disarm is answered, and a hold the guard already resumed fails its step (the guest
+may have written past the checkpoint's instant). A guard that fired has exited: the next
+VM's standby forks another.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from hvlab.errors import HvlabError
 from hvlab.sys import dm
 
 POLL_S = 0.05
+IDLE_POLL_S = 1.0
 REPLY_S = 5.0  # for the guard's answer to a disarm (it only has to be scheduled)
 
 
@@ -44,10 +47,10 @@ class _Guard:
     sock: socket.socket  # our end; the guard holds the other
 
 
-_standby: dict[str, _Guard] = {}  # VM -> its guard, forked before the window
+_standby: list[_Guard] = []  # the job's standing guard (none, or one)
 
 
-def _fork(after: Callable[[], None]) -> _Guard:
+def _fork(after: Callable[[str], None]) -> _Guard:
     parent = os.getpid()
     ours, theirs = socket.socketpair()
     gc.freeze()  # the collector then leaves our objects alone: fewer copy-on-write faults
@@ -98,18 +101,27 @@ def _end(g: _Guard) -> None:
     g.sock.close()
 
 
-def standby(vm: str, after: Callable[[], None]) -> None:
-    """Fork VM's guard now, disarmed, so that arming it inside the window costs nothing."""
-    close(vm)
-    _standby[vm] = _fork(after)
+def standby(after: Callable[[str], None]) -> None:
+    """Have a guard standing, disarmed, so that arming it inside a window costs nothing: the
+    job's, if it still runs; else one forked now. `after(vm)` runs in it once it resumed a
+    VM's holds."""
+    if _standby and _alive(_standby[0]):
+        return
+    close()
+    _standby.append(_fork(after))
 
 
-def close(vm: str | None = None) -> None:
-    """End VM's standing guard (every one of this process when None)."""
-    for v in [vm] if vm else list(_standby):
-        g = _standby.pop(v, None)
-        if g is not None:
-            _end(g)
+def _alive(g: _Guard) -> bool:
+    try:
+        return os.waitpid(g.pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return False
+
+
+def close() -> None:
+    """End the standing guard: the job's steps are over (or it fired)."""
+    while _standby:
+        _end(_standby.pop())
 
 
 def _send(g: _Guard, line: str) -> bool:
@@ -134,17 +146,17 @@ def _stand_down(g: _Guard) -> bool:
 
 @contextlib.contextmanager
 def guard(vm: str, devices: list[str], deadline_s: float,
-          after: Callable[[], None]) -> Iterator[None]:
+          after: Callable[[str], None]) -> Iterator[None]:
     """Run the block with a guard that resumes `devices` (in the order given) if this process
-    dies or the block takes longer than deadline_s; `after` runs in the guard once it resumed
-    them. Uses VM's standing guard if it has one (which runs the `after` it was forked with),
-    else forks one for the block. GuardFired when the guard resumed them before the block
-    ended."""
-    arm = "arm " + " ".join([f"{deadline_s:.3f}", *devices])
-    g = _standby.get(vm)
+    dies or the block takes longer than deadline_s; `after(vm)` runs in the guard once it
+    resumed them. Uses the standing guard if there is one (which runs the `after` it was
+    forked with), else forks one for the block. GuardFired when the guard resumed them
+    before the block ended."""
+    arm = "arm " + " ".join([f"{deadline_s:.3f}", vm, *devices])
+    g = _standby[0] if _standby else None
     own = g is None or not _send(g, arm)
     if own:
-        close(vm)
+        close()
         g = _fork(after)
         _send(g, arm)
     assert g is not None
@@ -156,22 +168,27 @@ def guard(vm: str, devices: list[str], deadline_s: float,
         stood_down = _stand_down(g)
         if own or not stood_down:
             _end(g)
-            _standby.pop(vm, None)
+            if _standby and _standby[0] is g:
+                _standby.clear()
     if ok and not stood_down:
         raise GuardFired(f"the guard of {vm}'s held devices resumed them before the step "
                          f"ended (deadline {deadline_s:.2f} s): not a checkpoint of one instant")
 
 
-def _serve(sock: socket.socket, parent: int, after: Callable[[], None]) -> None:
-    """Wait for lines: `arm SECONDS DEV...`, `disarm` (answered). EOF (the backup is gone) or
-    the deadline while armed: say so, resume what is held, run `after`, exit. Lines already
-    sent are read before the deadline is looked at: a disarm in time is never missed."""
+def _serve(sock: socket.socket, parent: int, after: Callable[[str], None]) -> None:
+    """Wait for lines: `arm SECONDS VM DEV...`, `disarm` (answered). EOF (the backup is gone)
+    or the deadline while armed: say so, resume what is held, run `after(VM)`, exit. Lines
+    already sent are read before the deadline is looked at: a disarm in time is never
+    missed."""
     armed: list[str] = []
+    vm = ""
     deadline = 0.0
     buf = b""
     while True:
-        wait = max(deadline - time.monotonic(), 0.0) if armed else POLL_S
-        if select.select([sock], [], [], min(wait, POLL_S))[0]:
+        # disarmed, only a line or EOF matters (both wake the select): a slow poll, as it
+        # stands beside the whole job
+        wait = min(max(deadline - time.monotonic(), 0.0), POLL_S) if armed else IDLE_POLL_S
+        if select.select([sock], [], [], wait)[0]:
             chunk = sock.recv(4096)
             if not chunk:
                 break  # the backup closed its end or died
@@ -180,7 +197,7 @@ def _serve(sock: socket.socket, parent: int, after: Callable[[], None]) -> None:
                 line, buf = buf.split(b"\n", 1)
                 words = line.decode().split()
                 if words[:1] == ["arm"]:
-                    deadline, armed = time.monotonic() + float(words[1]), words[2:]
+                    deadline, vm, armed = time.monotonic() + float(words[1]), words[2], words[3:]
                 elif words[:1] == ["disarm"]:
                     armed = []
                     sock.sendall(b"disarmed\n")
@@ -193,7 +210,7 @@ def _serve(sock: socket.socket, parent: int, after: Callable[[], None]) -> None:
         with contextlib.suppress(OSError):
             sock.sendall(b"fired\n")
         _release(armed)
-        after()
+        after(vm)
 
 
 def _release(devices: list[str]) -> None:
