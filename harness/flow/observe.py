@@ -89,8 +89,8 @@ def in_background(ctx: Ctx, ev: dict[str, Any], vm: str | None) -> None:
 
     def work() -> dict[str, dict[str, Any]]:
         with held:
-            planned = _plan(ctx, present, snap)
-        return hash_planned(ctx, planned)
+            maps = snap.mappings(i for _, _, _, i, _, _ in present)
+        return hash_planned(ctx, _plan(present, maps))
 
     pool = ThreadPoolExecutor(max_workers=1)
     try:
@@ -149,17 +149,10 @@ def _present(ctx: Ctx, vm: str | None) -> Present:
             for key, a, lv, disk in found if lv in ids]
 
 
-def _plan(ctx: Ctx, present: Present, snap: thinmeta.MetadataSnap | None) -> Planned:
-    """How many blocks each artifact maps and, for all but the live disk (whose content
-    moves under any hash), what to hash: the mappings from `snap` (step 13: from the dump
-    it just took, S and B have not moved since). The content can be hashed later from the
-    device of one artifact per mapping."""
-    if ctx.last_dump is not None:
-        dump = ctx.last_dump
-        maps = {i: thinmeta.mapping_in(dump, i) for _, _, _, i, _, _ in present}
-    else:
-        assert snap is not None
-        maps = snap.mappings(i for _, _, _, i, _, _ in present)
+def _plan(present: Present, maps: dict[int, thinmeta.Mapping]) -> Planned:
+    """How many blocks each artifact maps (`maps`: by thin id) and, for all but the live disk
+    (whose content moves under any hash), what to hash. The content can be hashed later from
+    the device of one artifact per mapping."""
     out: dict[str, dict[str, Any]] = {}
     todo: dict[tuple[tuple[int, int], ...], tuple[str, thinmeta.Mapping]] = {}
     where: list[tuple[str, str, tuple[tuple[int, int], ...] | None]] = []
@@ -193,11 +186,13 @@ def hash_planned(ctx: Ctx, planned: Planned) -> dict[str, dict[str, Any]]:
 
 def fingerprints(ctx: Ctx, vm: str | None) -> dict[str, dict[str, Any]]:
     present = _present(ctx, vm)
-    if ctx.last_dump is not None:
-        return hash_planned(ctx, _plan(ctx, present, None))
-    with thinmeta.metadata_snap(ctx.names) as snap:
-        planned = _plan(ctx, present, snap)
-    return hash_planned(ctx, planned)
+    ids = [i for _, _, _, i, _, _ in present]
+    if ctx.last_dump is not None:  # step 13 just took one: S and B have not moved since
+        maps = {i: thinmeta.mapping_in(ctx.last_dump, i) for i in ids}
+    else:
+        with thinmeta.metadata_snap(ctx.names) as snap:
+            maps = snap.mappings(ids)
+    return hash_planned(ctx, _plan(present, maps))
 
 
 def _content_hash(ctx: Ctx, dev: str, m: thinmeta.Mapping) -> dict[str, Any]:
