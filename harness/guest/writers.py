@@ -43,9 +43,10 @@ class Workload:
     scratch_keep: int = 8
     # The log is checkpointed past this (about 11 s of transactions at 10/s; a checkpoint
     # record is ~1.2 KiB), as a database bounds its recovery: auto-recovery and the check
-    # replay the log since the checkpoint. Their replay is Python (7 ms per 128 KiB natively,
-    # ~10x that in the lab VM), where a real engine redoes a minute of log in milliseconds:
-    # at 512 KiB, step 10 of an 8-VM job swung by 2 s with where each log stood.
+    # replay the log since the checkpoint. Their replay is Python (the check takes 7 ms per
+    # 128 KiB natively, more in the lab VM under the guests' load), where a real engine
+    # redoes a minute of log in milliseconds: at 512 KiB, step 10 of an 8-VM job took
+    # 3.2-5.6 s with where each log stood, 1.0-2.2 s at 128 KiB.
     wal_max_bytes: int = 128 << 10
     seed: int = 0
     paused: bool = False
