@@ -20,7 +20,7 @@ import psutil
 
 from hvlab.errors import BadInput, HvlabError
 from hvlab.sys import private
-from hvlab.vm import pin, uml
+from hvlab.vm import bootlog, pin, uml, xstate
 from hvlab.vm.uml import VmPaths
 
 PASS_ENV = ("CI", "HVLAB_HOME", "PYTEST_ADDOPTS", "COLUMNS", "LINES", "TERM", "NO_COLOR",
@@ -40,9 +40,12 @@ def _python() -> str:
     return sys.executable
 
 
-def _cmdline(paths: VmPaths, umid: str, mem: str, console: str) -> list[str]:
+def _cmdline(paths: VmPaths, umid: str, mem: str, console: str, *, quiet: bool) -> list[str]:
+    # A console that is a log keeps the kernel's errors (loglevel 4: err and worse), so a boot
+    # that fails says why; one that is the user's terminal stays quiet.
+    words = ["quiet", "loglevel=0"] if quiet else ["loglevel=4"]
     return [uml.UML, f"umid={umid}", f"mem={mem}", "root=/dev/root", "rootfstype=hostfs",
-            "rootflags=/", "rw", "quiet", "loglevel=0",
+            "rootflags=/", "rw", *words,
             # No legacy BSD ptys: 512 fewer /dev nodes for every LVM command to scan.
             "pty.legacy_count=0",
             f"init={paths.init}", "con=null", console, f"uml_dir={paths.root}"]
@@ -55,6 +58,14 @@ def _require() -> None:
     if os.geteuid() != 0:
         raise HvlabError("the lab VM must be started as root (it attaches loop devices)")
     pin.check_env()  # a bad HVLAB_VM_CPU before anything is made
+
+
+def _uml_env(paths: VmPaths) -> dict[str, str]:
+    """linux.uml's own environment: the host's, with the ptrace shim that fits UML's FP
+    buffer to this host's XSAVE area (vm/xstate.py). HVLAB_XSTATE_SHIM=0 leaves it out."""
+    if os.environ.get("HVLAB_XSTATE_SHIM") == "0":
+        return dict(os.environ)
+    return {**os.environ, **xstate.preload(uml.shim_dir(), paths.xstate_report)}
 
 
 def _env() -> dict[str, str]:
@@ -124,12 +135,13 @@ def run_ephemeral(argv: list[str], *, mem: str = DEFAULT_MEM) -> int:
         paths.init.write_text(uml.init_script(paths, workload, _env()))
         paths.init.chmod(0o755)
         stdin = sys.stdin if sys.stdin and not sys.stdin.closed else None
-        cmd = _cmdline(paths, root.name, mem, "con0=fd:0,fd:1")
+        cmd = _cmdline(paths, root.name, mem, "con0=fd:0,fd:1", quiet=True)
+        env = _uml_env(paths)
         try:
             with pin.starting() as cpu:
                 proc = subprocess.Popen(cmd, stdin=stdin or subprocess.DEVNULL,
                                         stdout=sys.stdout.fileno(), stderr=subprocess.DEVNULL,
-                                        start_new_session=True,
+                                        start_new_session=True, env=env,
                                         preexec_fn=lambda: _in_child(cpu, die_with_parent=True))
         except OSError as exc:
             raise HvlabError(f"cannot start the lab VM: {exc}") from None
@@ -146,6 +158,8 @@ def run_ephemeral(argv: list[str], *, mem: str = DEFAULT_MEM) -> int:
                 signal.signal(sig, handler)
         rc_file = root / "rc"
         if not rc_file.exists():
+            if not (root / "started").exists():
+                raise HvlabError(diagnose(mem))  # it never reached the command
             raise HvlabError(f"the lab VM stopped before the command finished "
                              f"(uml exit {proc.returncode})")
         return int(rc_file.read_text().strip() or "1")
@@ -266,11 +280,13 @@ def _boot(paths: VmPaths, mem: str, timeout: float) -> VmPaths:
     workload = [_python(), "-m", "hvlab.vm.agent", str(paths.spool), "--shell"]
     paths.init.write_text(uml.init_script(paths, workload, _env()))
     paths.init.chmod(0o755)
+    env = _uml_env(paths)
     log = open(paths.console_log, "wb")
     with pin.starting() as cpu:
-        proc = subprocess.Popen(_cmdline(paths, "hvlab", mem, "con0=null,fd:1 con1=pts"),
+        proc = subprocess.Popen(_cmdline(paths, "hvlab", mem, "con0=null,fd:1 con1=pts",
+                                         quiet=False),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True,
+                                start_new_session=True, env=env,
                                 preexec_fn=lambda: _in_child(cpu, die_with_parent=False))
     log.close()  # the VM has its own copy
     paths.pid_file.write_text(f"{proc.pid}\n")
@@ -282,7 +298,44 @@ def _boot(paths: VmPaths, mem: str, timeout: float) -> VmPaths:
             break
         time.sleep(0.1)
     _halt("hvlab", paths, proc.pid)
-    raise HvlabError(f"the lab VM did not come up; see {paths.console_log}")
+    raise HvlabError(bootlog.failure(_read(paths.console_log), str(paths.console_log)))
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def diagnose(mem: str = DEFAULT_MEM, timeout: float = 60.0) -> str:
+    """A one-shot VM that never reached its command: boot once more with the kernel's errors
+    kept in a log (a one-shot VM's console is the user's terminal, so it boots quiet), and
+    say why in one line. The log stays in the lab VM directory."""
+    root = uml.vm_root() / f"diag-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    paths = VmPaths(root)
+    log_path = uml.vm_root() / "failed-boot.log"
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        uml.prepare(paths)
+        paths.init.write_text(uml.init_script(paths, ["true"], {}))
+        paths.init.chmod(0o755)
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(_cmdline(paths, root.name, mem, "con0=null,fd:1",
+                                             quiet=False),
+                                    stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=_uml_env(paths))
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _halt(root.name, paths, proc.pid, timeout=5.0)
+        if (root / "rc").exists():
+            return ("the lab VM stopped before the command started, and a second boot came "
+                    f"up: see {log_path}")
+        return bootlog.failure(_read(log_path), str(log_path))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _interrupt(signum: int, _frame: object) -> None:

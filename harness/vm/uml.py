@@ -50,6 +50,11 @@ class VmPaths:
         return self.root / "console.log"
 
     @property
+    def xstate_report(self) -> Path:
+        """What the ptrace shim did at this VM's boot (vm/xstate.py), if it did anything."""
+        return self.root / "xstate.json"
+
+    @property
     def pid_file(self) -> Path:
         return self.root / "uml.pid"
 
@@ -65,6 +70,10 @@ class VmPaths:
 
 def vm_root() -> Path:
     return Path(os.environ.get("HVLAB_VM_DIR", "/var/lib/hvlab-vm"))
+
+
+def shim_dir() -> Path:
+    return vm_root() / "shim"
 
 
 def prepare(paths: VmPaths) -> None:
@@ -106,6 +115,7 @@ for m in {mods}; do
 done
 hostname hvlab-vm
 ip link set lo up 2>/dev/null
+: > {quote(str(paths.root / "started"))}
 cd {quote(os.getcwd())}
 {" ".join(quote(a) for a in workload)}
 echo $? > {quote(str(paths.root / "rc"))}
