@@ -19,7 +19,12 @@ PACKAGES=(
     e2fsprogs xfsprogs util-linux mount  # mkfs, fsfreeze, blockdev; losetup is in `mount`
     iproute2 psmisc procps
     nbdkit python3-libnbd              # off-host mode: the NBD server, and libnbd for the proxy
+    gcc libc6-dev                      # the lab VM's ptrace shim (harness/vm/xstate_shim.c)
+    git                                # make fresh-check clones; bench records the commit
 )
+# What only the tests use: `vagrant validate` checks the Vagrantfile offline. Like the lab VM's
+# packages, a distribution without it is not an error here (the tests say so, and fail in CI).
+TEST_PACKAGES=(vagrant)
 # The lab VM, for kernels without device-mapper (as on the build machines). A kernel with
 # dm-thin (a Vagrant VM) does not need it, so a distribution without it is not an error.
 LAB_VM_PACKAGES=(user-mode-linux uml-utilities)
@@ -43,7 +48,7 @@ apt_install() {
 packages() {
     local need opt p
     need=$(missing "${PACKAGES[@]}")
-    opt=$(missing "${LAB_VM_PACKAGES[@]}")
+    opt=$(missing "${LAB_VM_PACKAGES[@]}" "${TEST_PACKAGES[@]}")
     if [ -z "$need$opt" ]; then
         return 0
     fi
@@ -52,7 +57,7 @@ packages() {
             say "missing packages:" $need "(run as root: sudo $0 --packages)"
             return 1
         fi
-        say "note: lab VM packages not installed:" $opt "(needed only on kernels without device-mapper)"
+        say "note: not installed:" $opt "(the lab VM's and the tests' packages; run as root to add them)"
         return 0
     fi
     apt_update
@@ -66,7 +71,7 @@ packages() {
             say "installing: $p"
             apt_install "$p"
         else
-            say "note: $p is not in this distribution; the lab VM will not be available"
+            say "note: $p is not in this distribution (LAB_VM_PACKAGES / TEST_PACKAGES say what it is for)"
         fi
     done
 }

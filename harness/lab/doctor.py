@@ -17,7 +17,7 @@ from hvlab.lab import probe
 from hvlab.lab.paths import home
 from hvlab.lab.probe import ProbeResult
 from hvlab.sys.run import run
-from hvlab.vm import runner, uml
+from hvlab.vm import runner, uml, xstate
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ def checks() -> list[Check]:
     out.append(Check("lab VM kernel (user-mode-linux)", uml.available(),
                      uml.kernel_release() or "missing", "make deps (user-mode-linux)",
                      required=not native))
+    if uml.available() and xstate.needed():
+        out.append(_fp_state(required=not native))
     tools = {"lvm": ["lvm", "version"], "dmsetup": ["dmsetup", "--version"],
              "losetup": ["losetup", "--version"], "fsfreeze": ["fsfreeze", "--version"],
              "thin_delta": ["thin_delta", "--version"], "mkfs.ext4": ["mkfs.ext4", "-V"],
@@ -71,6 +73,22 @@ def checks() -> list[Check]:
     out.append(Check("runner", where != "none", where,
                      "need root + dm-thin, or user-mode-linux"))
     return out
+
+
+def _fp_state(*, required: bool) -> Check:
+    """The host's XSAVE size against UML's FP buffer, and the fix in use (vm/xstate.py)."""
+    from hvlab.vm import control
+
+    name = "lab VM FP state (XSAVE)"
+    try:
+        fit = xstate.fit(uml.shim_dir(), control.persistent_paths().xstate_report)
+    except HvlabError as exc:
+        return Check(name, False, str(exc), "make deps (gcc)", required=required)
+    off = os.environ.get("HVLAB_XSTATE_SHIM") == "0"
+    if off and fit.action != "pass":
+        return Check(name, False, f"{fit.line}; but HVLAB_XSTATE_SHIM=0 turns the shim off",
+                     "unset HVLAB_XSTATE_SHIM", required=required)
+    return Check(name, True, fit.line, required=required)
 
 
 def render(items: list[Check]) -> bool:

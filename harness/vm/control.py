@@ -62,10 +62,18 @@ def _require() -> None:
 
 def _uml_env(paths: VmPaths) -> dict[str, str]:
     """linux.uml's own environment: the host's, with the ptrace shim that fits UML's FP
-    buffer to this host's XSAVE area (vm/xstate.py). HVLAB_XSTATE_SHIM=0 leaves it out."""
-    if os.environ.get("HVLAB_XSTATE_SHIM") == "0":
+    buffer to this host's XSAVE area (vm/xstate.py). HVLAB_XSTATE_SHIM=0 leaves it out;
+    HVLAB_XSTATE_SHIM=FILE.so preloads that build instead (the tests' broken one)."""
+    choice = os.environ.get("HVLAB_XSTATE_SHIM", "")
+    if choice == "0":
         return dict(os.environ)
-    return {**os.environ, **xstate.preload(uml.shim_dir(), paths.xstate_report)}
+    env = {**os.environ, **xstate.preload(uml.shim_dir(), paths.xstate_report)}
+    if choice:
+        if not Path(choice).is_file():
+            raise BadInput(f"HVLAB_XSTATE_SHIM={choice}: no such file; allowed: 0 (no shim) "
+                           f"or the path of a built shim (.so)")
+        env["LD_PRELOAD"] = os.path.abspath(choice)
+    return env
 
 
 def _env() -> dict[str, str]:

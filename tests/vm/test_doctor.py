@@ -25,10 +25,15 @@ NESTING_VM = re.compile(
     r"^  nesting: in the lab VM \(Linux 6\.1\.\S+\): user freeze \+ dm suspend do not nest "
     r"\(EBUSY\)$", re.M)
 
+FP_STATE = re.compile(r"lab VM FP state \(XSAVE\) +│ yes +│ host XSAVE \d+ bytes, UML 2696 "
+                      r"\((seen at the last boot|Debian 12's UML)\): (sizes agree|the shim "
+                      r"(widens|trims) UML's SETREGSET)")
+
 
 def hvlab(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "hvlab.cli", *args], capture_output=True,
-                          text=True, timeout=300, env=os.environ, stdin=subprocess.DEVNULL)
+                          text=True, timeout=300, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "COLUMNS": "300"})  # table rows unwrapped
 
 
 def _scratch_dirs() -> set[Path]:
@@ -44,6 +49,8 @@ def _doctor_and_check_nothing_left(vm_env: Path) -> str:
     assert FREEZE_VM.search(out), out
     assert NESTING_VM.search(out), out
     assert "LEFT BEHIND" not in out
+    # The host's XSAVE size against UML's buffer, and the fix in use (issue 20).
+    assert FP_STATE.search(out), out
     # Nothing of the probes on the host: loop, mount, scratch dir, the VM's result file.
     assert not [lo for lo in loop.list_loops() if "/hvlab-doctor-" in lo.back_file]
     assert not [m for m in fs.mounts() if "/hvlab-doctor-" in m.target]
@@ -64,7 +71,9 @@ def test_doctor_uses_the_running_lab_vm(vm_env: Path) -> None:
     from hvlab.vm import control
 
     pid = control.pid()
-    _doctor_and_check_nothing_left(vm_env)
+    out = _doctor_and_check_nothing_left(vm_env)
+    m = FP_STATE.search(out)
+    assert m is not None and (m.group(1) == "seen at the last boot" or m.group(2) == "sizes agree")
     assert control.pid() == pid  # doctor ran its probe in it and left it running
     res = hvlab("vm", "run", "--", "sh", "-c",
                 "losetup -l -n; dmsetup ls; grep doctor /proc/mounts")
