@@ -14,7 +14,7 @@ IN_LAB := $(HVLAB) vm run --ephemeral --
 
 .PHONY: deps apt venv lab-up lab-down lab-shell lab-status test test-host test-unit test-vm \
 	test-integration \
-	lint typecheck-tree bench soak docs clean
+	lint typecheck-tree bench soak docs fresh-check clean
 
 deps:
 	$(PROVISION)
@@ -99,6 +99,10 @@ soak: deps
 # directory unless set (HVLAB_WALK_DIR, default /var/tmp/hvlab-walkthrough). Fails if any step does.
 docs: deps
 	$(SUDO) $(VENV)/bin/python docs/walkthrough.py $(if $(HVLAB_WALK_DIR),--work-dir $(HVLAB_WALK_DIR))
+
+# A new user's path from a fresh clone of HEAD, timed: .ci/fresh-check says what it runs.
+fresh-check:
+	bash .ci/fresh-check $(FRESH_DIR)
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache
