@@ -174,9 +174,9 @@ def _mem(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str
 @vm.command("up")
 @click.option("--mem", default=None, callback=_mem, help="VM memory, 256M to 64G (e.g. 2G).")
 def vm_up(mem: str | None) -> None:
-    from hvlab.vm import control
+    from hvlab.vm import boot, control
 
-    p = control.up(mem=mem or control.DEFAULT_MEM)
+    p = control.up(mem=mem or boot.DEFAULT_MEM)
     _echo(f"lab VM is up (pid {control.pid()}, state in {p.root})")
 
 
@@ -200,10 +200,10 @@ def vm_status() -> None:
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 def vm_run(ephemeral: bool, argv: tuple[str, ...]) -> None:
     """Run a command as root in the lab VM; its exit status is ours."""
-    from hvlab.vm import control
+    from hvlab.vm import control, oneshot
 
     if ephemeral or not control.is_up():
-        sys.exit(control.run_ephemeral(list(argv)))
+        sys.exit(oneshot.run_ephemeral(list(argv)))
     sys.exit(control.run_in(list(argv)))
 
 
@@ -301,7 +301,7 @@ def _check_backup(params: dict[str, object]) -> None:
 
 def _check_paths(cmd: click.Command, params: dict[str, object]) -> None:
     """Every path the user gives must name the same file inside the lab VM."""
-    from hvlab.vm.control import check_visible
+    from hvlab.vm.boot import check_visible
 
     check_visible(Path(os.getcwd()))  # relative paths resolve against it, inside too
     for p in cmd.params:
@@ -313,7 +313,7 @@ def _check_paths(cmd: click.Command, params: dict[str, object]) -> None:
 
 def _forward(args: list[str]) -> int:
     """Run this same hvlab command inside the lab VM."""
-    from hvlab.vm import control
+    from hvlab.vm import control, oneshot
 
     argv = [sys.executable, "-m", "hvlab.cli", *args]
     if control.is_up():
@@ -322,7 +322,7 @@ def _forward(args: list[str]) -> int:
         click.echo("hvlab: this kernel has no device-mapper; starting the lab VM", err=True)
         control.up()
         return control.run_in(argv)
-    return control.run_ephemeral(argv)
+    return oneshot.run_ephemeral(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

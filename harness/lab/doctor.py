@@ -106,7 +106,7 @@ def render(items: list[Check]) -> bool:
 def probe_in_lab_vm() -> list[ProbeResult]:
     """Both probes inside the lab VM (the persistent one if up, else a one-shot VM). The
     results come back through a file on the host's disk, which the VM shares (hostfs)."""
-    from hvlab.vm import control
+    from hvlab.vm import control, oneshot
 
     root = uml.vm_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,7 @@ def probe_in_lab_vm() -> list[ProbeResult]:
     try:
         sys.stdout.flush()  # a one-shot VM writes to our stdout's file descriptor directly
         rc = (control.run_in(argv, timeout=300) if control.is_up()
-              else control.run_ephemeral(argv))
+              else oneshot.run_ephemeral(argv))
         text = out.read_text()
         if rc != 0 or not text.strip():
             raise HvlabError(f"exit {rc}, no results")

@@ -1,4 +1,5 @@
-"""Start, use and stop the lab VM from the host."""
+"""The persistent lab VM from the host: start, run commands in it, its shell, stop.
+One-shot VMs are oneshot.py; what both share to boot is boot.py."""
 
 from __future__ import annotations
 
@@ -7,27 +8,19 @@ import json
 import os
 import re
 import select
-import shutil
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import psutil
 
-from hvlab.errors import BadInput, HvlabError
+from hvlab.errors import HvlabError
 from hvlab.sys import private
-from hvlab.vm import bootlog, pin, uml, xstate
+from hvlab.vm import boot, bootlog, pin, uml
 from hvlab.vm.uml import VmPaths
 
-PASS_ENV = ("CI", "HVLAB_HOME", "PYTEST_ADDOPTS", "COLUMNS", "LINES", "TERM", "NO_COLOR",
-            "FORCE_COLOR", "HVLAB_TEST_HOME", "HVLAB_VERBOSE", "HVLAB_INJECT", "HVLAB_CMDLOG")
-# Directories the lab VM mounts for itself: a path under them is not the host's file.
-VM_PRIVATE = ("/proc", "/sys", "/dev", "/run")
-DEFAULT_MEM = os.environ.get("HVLAB_VM_MEM", "2G")
 # How long a command waits for another one that is starting or stopping the lab VM: a boot
 # (60 s at most), a halt after a failed boot or an orderly power-off (30 s), and some slack.
 LOCK_WAIT = 180.0
@@ -36,146 +29,6 @@ LOCK_WAIT = 180.0
 _LOOKED_AT = time.time()
 
 
-def _python() -> str:
-    return sys.executable
-
-
-def _cmdline(paths: VmPaths, umid: str, mem: str, console: str, *, quiet: bool) -> list[str]:
-    # A console that is a log keeps the kernel's errors (loglevel 4: err and worse), so a boot
-    # that fails says why; one that is the user's terminal stays quiet.
-    words = ["quiet", "loglevel=0"] if quiet else ["loglevel=4"]
-    return [uml.UML, f"umid={umid}", f"mem={mem}", "root=/dev/root", "rootfstype=hostfs",
-            "rootflags=/", "rw", *words,
-            # No legacy BSD ptys: 512 fewer /dev nodes for every LVM command to scan.
-            "pty.legacy_count=0",
-            f"init={paths.init}", "con=null", console, f"uml_dir={paths.root}"]
-
-
-def _require() -> None:
-    if not uml.available():
-        raise HvlabError("the lab VM needs Debian's user-mode-linux kernel: "
-                         "run `make deps` (apt-get install user-mode-linux)")
-    if os.geteuid() != 0:
-        raise HvlabError("the lab VM must be started as root (it attaches loop devices)")
-    pin.check_env()  # a bad HVLAB_VM_CPU before anything is made
-
-
-def _uml_env(paths: VmPaths) -> dict[str, str]:
-    """linux.uml's own environment: the host's, with the ptrace shim that fits UML's FP
-    buffer to this host's XSAVE area (vm/xstate.py). HVLAB_XSTATE_SHIM=0 leaves it out;
-    HVLAB_XSTATE_SHIM=FILE.so preloads that build instead (the tests' broken one)."""
-    choice = os.environ.get("HVLAB_XSTATE_SHIM", "")
-    if choice == "0":
-        return dict(os.environ)
-    env = {**os.environ, **xstate.preload(uml.shim_dir(), paths.xstate_report)}
-    if choice:
-        if not Path(choice).is_file():
-            raise BadInput(f"HVLAB_XSTATE_SHIM={choice}: no such file; allowed: 0 (no shim) "
-                           f"or the path of a built shim (.so)")
-        env["LD_PRELOAD"] = os.path.abspath(choice)
-    return env
-
-
-def _env() -> dict[str, str]:
-    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-    return {**env, **terminal_env(env)}
-
-
-def terminal_env(env: dict[str, str]) -> dict[str, str]:
-    """Tell the command inside what our stdout is: inside, its output is a pipe (or the VM's
-    console), never the user's terminal. Colours and live progress only for a terminal;
-    pipes and files get plain text."""
-    if not sys.stdout.isatty():
-        return {"NO_COLOR": "1", "TERM": "dumb"}
-    out = {"TERM": env.get("TERM", "xterm-256color")}
-    if "NO_COLOR" not in env:
-        out["FORCE_COLOR"] = "1"
-    size = shutil.get_terminal_size()
-    out.setdefault("COLUMNS", env.get("COLUMNS", str(size.columns)))
-    out.setdefault("LINES", env.get("LINES", str(size.lines)))
-    return out
-
-
-def check_visible(path: Path) -> None:
-    """A path the user names must be the same file inside the lab VM (hostfs shares all but
-    the VM's own mounts)."""
-    p = os.path.abspath(path)
-    for d in VM_PRIVATE:
-        if p == d or p.startswith(d + "/"):
-            raise BadInput(f"path {path} is under {d}, which the lab VM does not share "
-                           f"with this host: use a path elsewhere (e.g. /var/tmp or /tmp)")
-
-
-# ---------------------------------------------------------------- one-shot (ephemeral) VM
-def reap_orphans() -> list[int]:
-    """Kill one-shot VMs whose hvlab process is gone (a SIGKILL leaves UML's helper processes
-    behind, PDEATHSIG reaches only the main one). Their umid names the owner: eph-<pid>-<id>."""
-    reaped = []
-    for p in psutil.process_iter(["cmdline", "create_time"]):
-        umid = next((a[5:] for a in p.info["cmdline"] or [] if a.startswith("umid=eph-")), None)
-        m = re.fullmatch(r"eph-(\d+)-[0-9a-f]+", umid or "")
-        if not m:
-            continue
-        try:
-            owner = psutil.Process(int(m.group(1)))
-            if owner.create_time() <= p.info["create_time"] and owner.is_running():
-                continue  # its hvlab process is alive
-        except psutil.Error:
-            pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(os.getpgid(p.pid), signal.SIGKILL)
-            reaped.append(p.pid)
-        shutil.rmtree(uml.vm_root() / str(umid), ignore_errors=True)
-    return reaped
-
-
-def run_ephemeral(argv: list[str], *, mem: str = DEFAULT_MEM) -> int:
-    """Boot a fresh VM, run argv as root inside with the console on our stdio, power off."""
-    _require()
-    reap_orphans()
-    root = uml.vm_root() / f"eph-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    paths = VmPaths(root)
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        uml.prepare(paths)
-        # The console is a tty: stop it from turning \n into \r\n on our output.
-        workload = ["sh", "-c", 'stty -onlcr 2>/dev/null; exec "$@"', "hvlab-run", *argv]
-        paths.init.write_text(uml.init_script(paths, workload, _env()))
-        paths.init.chmod(0o755)
-        stdin = sys.stdin if sys.stdin and not sys.stdin.closed else None
-        cmd = _cmdline(paths, root.name, mem, "con0=fd:0,fd:1", quiet=True)
-        env = _uml_env(paths)
-        try:
-            with pin.starting() as cpu:
-                proc = subprocess.Popen(cmd, stdin=stdin or subprocess.DEVNULL,
-                                        stdout=sys.stdout.fileno(), stderr=subprocess.DEVNULL,
-                                        start_new_session=True, env=env,
-                                        preexec_fn=lambda: _in_child(cpu, die_with_parent=True))
-        except OSError as exc:
-            raise HvlabError(f"cannot start the lab VM: {exc}") from None
-        # A one-shot VM never outlives its command: Ctrl-C, SIGTERM (a CI timeout) and SIGHUP
-        # halt it; a SIGKILL of this process reaches it through PDEATHSIG.
-        old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-        try:
-            proc.wait()
-        except KeyboardInterrupt:
-            _halt(root.name, paths, proc.pid, timeout=5.0)
-            raise
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-        rc_file = root / "rc"
-        if not rc_file.exists():
-            if not (root / "started").exists():
-                raise HvlabError(diagnose(mem))  # it never reached the command
-            raise HvlabError(f"the lab VM stopped before the command finished "
-                             f"(uml exit {proc.returncode})")
-        return int(rc_file.read_text().strip() or "1")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------ persistent VM
 def persistent_paths() -> VmPaths:
     return VmPaths(uml.vm_root() / "lab-vm")
 
@@ -262,10 +115,10 @@ def _wait_booting(paths: VmPaths, p: int, timeout: float) -> bool:
     return is_up()
 
 
-def up(*, mem: str = DEFAULT_MEM, timeout: float = 60.0) -> VmPaths:
+def up(*, mem: str = boot.DEFAULT_MEM, timeout: float = 60.0) -> VmPaths:
     """Start the persistent VM. A command that finds the VM booting (started by a concurrent
     command) waits for it and uses it; one that finds it already running is refused."""
-    _require()
+    boot.require()
     paths = persistent_paths()
     with _start_lock(paths) as waited:
         if is_up():
@@ -285,17 +138,17 @@ def _boot(paths: VmPaths, mem: str, timeout: float) -> VmPaths:
     paths.root.mkdir(parents=True, exist_ok=True)
     uml.prepare(paths)
     paths.ready.unlink(missing_ok=True)
-    workload = [_python(), "-m", "hvlab.vm.agent", str(paths.spool), "--shell"]
-    paths.init.write_text(uml.init_script(paths, workload, _env()))
+    workload = [boot.python(), "-m", "hvlab.vm.agent", str(paths.spool), "--shell"]
+    paths.init.write_text(uml.init_script(paths, workload, boot.guest_env()))
     paths.init.chmod(0o755)
-    env = _uml_env(paths)
+    env = boot.uml_env(paths)
     log = open(paths.console_log, "wb")
     with pin.starting() as cpu:
-        proc = subprocess.Popen(_cmdline(paths, "hvlab", mem, "con0=null,fd:1 con1=pts",
+        proc = subprocess.Popen(boot.cmdline(paths, "hvlab", mem, "con0=null,fd:1 con1=pts",
                                          quiet=False),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env,
-                                preexec_fn=lambda: _in_child(cpu, die_with_parent=False))
+                                preexec_fn=lambda: boot.in_child(cpu, die_with_parent=False))
     log.close()  # the VM has its own copy
     paths.pid_file.write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + timeout
@@ -305,74 +158,8 @@ def _boot(paths: VmPaths, mem: str, timeout: float) -> VmPaths:
         if proc.poll() is not None:
             break
         time.sleep(0.1)
-    _halt("hvlab", paths, proc.pid)
-    raise HvlabError(bootlog.failure(_read(paths.console_log), str(paths.console_log)))
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def diagnose(mem: str = DEFAULT_MEM, timeout: float = 60.0) -> str:
-    """A one-shot VM that never reached its command: boot once more with the kernel's errors
-    kept in a log (a one-shot VM's console is the user's terminal, so it boots quiet), and
-    say why in one line. The log stays in the lab VM directory."""
-    root = uml.vm_root() / f"diag-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    paths = VmPaths(root)
-    log_path = uml.vm_root() / "failed-boot.log"
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        uml.prepare(paths)
-        paths.init.write_text(uml.init_script(paths, ["true"], {}))
-        paths.init.chmod(0o755)
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(_cmdline(paths, root.name, mem, "con0=null,fd:1",
-                                             quiet=False),
-                                    stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=_uml_env(paths))
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _halt(root.name, paths, proc.pid, timeout=5.0)
-        if (root / "rc").exists():
-            return ("the lab VM stopped before the command started, and a second boot came "
-                    f"up: see {log_path}")
-        return bootlog.failure(_read(log_path), str(log_path))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _in_child(cpu: int | None, *, die_with_parent: bool) -> None:
-    """In the child before exec: its CPU (pin.py says why), and for a one-shot VM SIGKILL
-    when the hvlab process that started it dies."""
-    pin.apply(cpu)
-    if die_with_parent:
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def _halt(umid: str, paths: VmPaths, p: int, timeout: float = 20.0) -> None:
-    subprocess.run(["uml_mconsole", str(paths.root / umid / "mconsole"), "halt"],
-                   capture_output=True, check=False, timeout=10)
-    try:
-        proc = psutil.Process(p)
-        proc.wait(timeout=timeout)
-    except psutil.TimeoutExpired:
-        # UML runs as a process tree (one per VM process): end the whole session.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p, signal.SIGKILL)
-    except psutil.Error:
-        pass
+    boot.halt("hvlab", paths, proc.pid)
+    raise HvlabError(bootlog.failure(boot.read(paths.console_log), str(paths.console_log)))
 
 
 def down(*, timeout: float = 30.0) -> bool:
@@ -394,7 +181,7 @@ def _down(paths: VmPaths, *, timeout: float = 30.0) -> bool:
     try:
         psutil.Process(p).wait(timeout=timeout)
     except psutil.TimeoutExpired:
-        _halt("hvlab", paths, p)
+        boot.halt("hvlab", paths, p)
     except psutil.Error:
         pass
     paths.ready.unlink(missing_ok=True)
@@ -412,7 +199,7 @@ def run_in(argv: list[str], *, cwd: str | None = None, timeout: float | None = N
         raise HvlabError("the lab VM is not running: start it with `hvlab vm up`")
     spool = persistent_paths().spool
     rid = uuid.uuid4().hex
-    req = {"argv": argv, "cwd": cwd or os.getcwd(), "env": _env()}
+    req = {"argv": argv, "cwd": cwd or os.getcwd(), "env": boot.guest_env()}
     tmp = spool / f".{rid}.tmp"
     tmp.write_text(json.dumps(req))
     os.replace(tmp, spool / f"{rid}.req")
