@@ -14,7 +14,7 @@ IN_LAB := $(HVLAB) vm run --ephemeral --
 
 .PHONY: deps apt venv lab-up lab-down lab-shell lab-status test test-host test-unit test-vm \
 	test-integration \
-	lint typecheck-tree bench soak docs fresh-check clean
+	lint bench soak docs fresh-check clean
 
 deps:
 	$(PROVISION)
@@ -42,13 +42,7 @@ lab-shell: deps
 	$(SUDO) $(HVLAB) vm status | grep -q 'lab VM: up' || $(SUDO) $(HVLAB) vm up
 	$(SUDO) $(HVLAB) vm shell
 
-# mypy sees the code under its installed name: a tree of links build/typecheck/hvlab.
-typecheck-tree:
-	@rm -rf build/typecheck && mkdir -p build/typecheck/hvlab
-	@for f in harness/*; do ln -s ../../../$$f build/typecheck/hvlab/; done
-	@ln -s ../../../fixtures build/typecheck/hvlab/fixtures
-
-lint: venv typecheck-tree
+lint: venv
 	$(VENV)/bin/ruff check harness fixtures tests docs
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy docs
@@ -93,7 +87,7 @@ bench: deps
 CYCLES ?= 15
 SEED ?=
 soak: deps
-	$(IN_LAB) $(abspath $(VENV)/bin/python) -m hvlab.soak --cycles $(CYCLES) $(if $(SEED),--seed $(SEED))
+	$(IN_LAB) $(abspath $(VENV)/bin/python) -m hvlab.bench.soak --cycles $(CYCLES) $(if $(SEED),--seed $(SEED))
 
 # docs/walkthrough.md from a real session: a private lab `walk`, its own HVLAB_HOME and lab VM
 # directory unless set (HVLAB_WALK_DIR, default /var/tmp/hvlab-walkthrough). Fails if any step does.

@@ -97,6 +97,15 @@ libnbd() {
     say "linked libnbd's Python binding into $VENV"
 }
 
+# Folder = import path: the venv's sys.path names the two source roots (harness/ holds only
+# hvlab, fixtures/ only hvlab_fixtures), which editors and code-map tools follow; the editable
+# install alone finds them through an import hook, which they do not.
+sources() {
+    local site
+    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    printf '%s\n' "$PWD/harness" "$PWD/fixtures" > "$site/hvlab-sources.pth"
+}
+
 venv() {
     local stamp="$VENV/.installed"
     if [ -e "$stamp" ] && ! [ pyproject.toml -nt "$stamp" ]; then
@@ -115,6 +124,7 @@ venv() {
     test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q -e '.[test]'
+    sources
     libnbd
     touch "$stamp"
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hvlab.fixtures.plugin import requires
+from hvlab_fixtures.plugin import requires
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ HVLAB_HOME that is itself a symlink - allowed - so every path below is tried thr
   a lab's folder: one line, exit 2, no snapshot left, the guest keeps running and committing;
 - every command and option with values wrong in type, range, charset and length.
 
-The command line runs in a fork of this process (hvlab.fixtures.clirun: `hvlab.cli.main`
+The command line runs in a fork of this process (hvlab_fixtures.clirun: `hvlab.cli.main`
 with the real argv and environment; a new interpreter costs ~2.5 s in the lab VM).
 """
 
@@ -22,13 +22,13 @@ from typing import Any
 
 import pytest
 
-from hvlab.fixtures.clirun import hvlab
-from hvlab.fixtures.plugin import LabHandle, assert_nothing_left, lab_extras, requires
 from hvlab.guest.client import GuestClient
 from hvlab.lab import definition, guests, runs, substrate
 from hvlab.lab.paths import Names
 from hvlab.sys import dm, fs, loop
 from hvlab.sys.run import run
+from hvlab_fixtures.clirun import hvlab
+from hvlab_fixtures.plugin import LabHandle, assert_nothing_left, lab_extras, requires
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from hvlab.fixtures.plugin import LabHandle
+from hvlab_fixtures.plugin import LabHandle
 
 pytestmark = pytest.mark.integration
 

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from hvlab.backup import thinmeta
-from hvlab.fixtures.plugin import LabHandle, requires
 from hvlab.sys import dmioctl, loop, uevents
 from hvlab.sys.dmioctl import DmError, Target
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
+from hvlab_fixtures.plugin import LabHandle, requires
 
 pytestmark = pytest.mark.integration
 

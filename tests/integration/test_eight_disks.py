@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from hvlab.backup import restore as rst
-from hvlab.fixtures.plugin import LabHandle
 from hvlab.flow import engine
 from hvlab.flow import steps as S
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests
+from hvlab_fixtures.plugin import LabHandle
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,6 @@ import pytest
 
 from hvlab.backup import restore as rst
 from hvlab.errors import BadInput
-from hvlab.fixtures.plugin import LabHandle
 from hvlab.flow import engine, recover
 from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient
@@ -20,6 +19,7 @@ from hvlab.lab.handle import Lab
 from hvlab.sys import dm, fs
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
+from hvlab_fixtures.plugin import LabHandle
 
 pytestmark = pytest.mark.integration
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from hvlab.fixtures.plugin import LabHandle
 from hvlab.flow import engine
 from hvlab.lab import runs
 from hvlab.sys.run import run
+from hvlab_fixtures.plugin import LabHandle
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,6 @@ import pytest
 from hvlab.backup import restore as rst
 from hvlab.backup import thinmeta
 from hvlab.errors import BadInput
-from hvlab.fixtures.plugin import LabHandle
 from hvlab.flow import actions, engine, faults, recover
 from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient
@@ -31,6 +30,7 @@ from hvlab.lab.record import Run
 from hvlab.sys import dm, fs
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run as sysrun
+from hvlab_fixtures.plugin import LabHandle
 
 pytestmark = pytest.mark.integration
 

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from hvlab.backup import restore as rst
-from hvlab.fixtures.plugin import LabHandle
 from hvlab.flow import actions, engine
 from hvlab.guest.client import GuestClient
 from hvlab.guest.supervise import stop_guest
 from hvlab.lab import guests, runs
+from hvlab_fixtures.plugin import LabHandle
 
 pytestmark = pytest.mark.integration
 

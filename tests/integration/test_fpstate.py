@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hvlab.fixtures.plugin import requires
+from hvlab_fixtures.plugin import requires
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

@@ -18,11 +18,11 @@ import psutil
 import pytest
 from guest_fixtures import Disk, LoopLab, looplab
 
-from hvlab.fixtures.plugin import requires
 from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient, GuestError, GuestUnavailable
 from hvlab.guest.quiesce import recover_after_crash
 from hvlab.guest.supervise import guest_status, start_guest, stop_guest
+from hvlab_fixtures.plugin import requires
 
 pytestmark = pytest.mark.integration
 __all__ = ["looplab"]  # the fixture, imported for pytest

@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 
 from hvlab.backup import restore as rst
-from hvlab.fixtures.plugin import LabHandle
 from hvlab.flow import actions, engine, recover
 from hvlab.guest.client import GuestClient
 from hvlab.guest.supervise import guest_status, start_guest, stop_guest
 from hvlab.lab import guests, runs
 from hvlab.lab.record import Run
 from hvlab.sys import dmioctl
+from hvlab_fixtures.plugin import LabHandle
 
 pytestmark = pytest.mark.integration
 

@@ -16,12 +16,12 @@ import pytest
 from hvlab.backup import chain, manifest, thinmeta
 from hvlab.backup import restore as rst
 from hvlab.errors import HvlabError
-from hvlab.fixtures.plugin import LabHandle, requires
 from hvlab.flow import engine, recover
 from hvlab.lab import runs
 from hvlab.lab.record import Run
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run as sysrun
+from hvlab_fixtures.plugin import LabHandle, requires
 
 pytestmark = pytest.mark.integration
 

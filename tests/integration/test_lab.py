@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 from hvlab.errors import BadInput
-from hvlab.fixtures.plugin import TEST_LAB, LabHandle, assert_nothing_left, requires
 from hvlab.lab import definition, substrate
 from hvlab.lab.paths import Names
 from hvlab.sys import dm, fs, loop
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
+from hvlab_fixtures.plugin import TEST_LAB, LabHandle, assert_nothing_left, requires
 
 pytestmark = pytest.mark.integration
 

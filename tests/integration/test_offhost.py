@@ -20,10 +20,10 @@ import pytest
 
 from hvlab.backup import manifest
 from hvlab.backup import restore as rst
-from hvlab.fixtures.plugin import LabHandle, requires
 from hvlab.flow import engine, faults, recover
 from hvlab.lab import links, runs
 from hvlab.sys import netns
+from hvlab_fixtures.plugin import LabHandle, requires
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hvlab.fixtures.plugin import requires
 from hvlab.sys import dm, loop
+from hvlab_fixtures.plugin import requires
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from hvlab.backup import restore as rst
-from hvlab.fixtures.plugin import LabHandle
 from hvlab.flow import engine, preflight
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, runs
@@ -24,6 +23,7 @@ from hvlab.sys import dm
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
 from hvlab.sys.uevents import wait_node
+from hvlab_fixtures.plugin import LabHandle
 
 pytestmark = pytest.mark.integration
 

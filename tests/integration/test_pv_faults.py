@@ -16,13 +16,13 @@ import pytest
 
 from hvlab.backup import restore as rst
 from hvlab.backup import thinmeta
-from hvlab.fixtures.plugin import LabHandle
 from hvlab.flow import actions, engine, faults
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, pvfault, runs
 from hvlab.sys import dmioctl
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
+from hvlab_fixtures.plugin import LabHandle
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from hvlab.fixtures.pictures import check_png, check_svg
-from hvlab.fixtures.plugin import LabHandle
 from hvlab.flow import engine, timeline
+from hvlab_fixtures.pictures import check_png, check_svg
+from hvlab_fixtures.plugin import LabHandle
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from hvlab import bench, bench_flow, bench_report
+from hvlab.bench import __main__ as bench
+from hvlab.bench import flow as bench_flow
+from hvlab.bench import report as bench_report
 
 
 def _floor(*ns: int) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from hvlab.fixtures.clirun import hvlab
-from hvlab.fixtures.plugin import requires
+from hvlab_fixtures.clirun import hvlab
+from hvlab_fixtures.plugin import requires
 
 LONG = "x" * 5000
 R = "r20260101000000abcd"

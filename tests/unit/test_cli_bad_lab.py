@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hvlab.fixtures.plugin import requires
+from hvlab_fixtures.plugin import requires
 
 GOOD_VM = '[[vm]]\nname = "vm01"\n[[vm.disk]]\nname = "disk0"\nsize = "64M"\n'
 

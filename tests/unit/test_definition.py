@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from hvlab.errors import BadInput
-from hvlab.fixtures.plugin import TEST_LAB
 from hvlab.lab import definition
 from hvlab.lab.definition import LabDef
+from hvlab_fixtures.plugin import TEST_LAB
 
 
 def doc(**changes: Any) -> dict[str, Any]:

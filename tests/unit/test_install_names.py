@@ -1,5 +1,6 @@
-"""hvlab installs one import package, `hvlab`: no top-level `harness` or `fixtures` that would
-shadow other PyPI packages (`fixtures` is a widely used test library)."""
+"""hvlab installs two import packages, `hvlab` and its pytest plugin `hvlab_fixtures`: no
+top-level `harness` or `fixtures` that would shadow other PyPI packages (`fixtures` is a widely
+used test library)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,16 @@ def _probe(code: str) -> str:
     return res.stdout.strip()
 
 
-def test_only_hvlab_is_installed() -> None:
+def test_only_hvlab_and_its_plugin_are_installed() -> None:
     out = _probe("import importlib.util as u; print([n for n in ('harness', 'fixtures') "
-                 "if u.find_spec(n)], bool(u.find_spec('hvlab.fixtures.plugin')))")
+                 "if u.find_spec(n)], bool(u.find_spec('hvlab_fixtures.plugin')))")
     assert out == "[] True"
 
 
 def test_plugin_and_default_lab_come_from_the_package() -> None:
     out = _probe("from importlib.metadata import entry_points as e; "
                  "print([x.value for x in e(group='pytest11') if x.name == 'hvlab'])")
-    assert out == "['hvlab.fixtures.plugin']"
+    assert out == "['hvlab_fixtures.plugin']"
     out = _probe("from hvlab.lab import definition; print(definition.load(None).name)")
     assert out == "hvlab"
 

@@ -2,9 +2,9 @@
 
 Layers, lowest first: errors and sys (subprocess, LVM, dm, loop, fs); guest and vm (the guest
 emulator, the lab VM); lab (substrate, state, run records); backup; flow; cli (with its guest
-commands), bench and the
-pytest plugin. A module may import its own layer's package and lower layers; within a layer,
-backup never imports flow.
+and flow commands), bench (with soak) and the pytest plugin (hvlab_fixtures). A module may
+import its own layer's package and lower layers; within a layer, backup never imports flow.
+The folder is the import path: harness/hvlab/flow/engine.py is hvlab.flow.engine.
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYER = {"errors": 0, "sys": 0, "guest": 1, "vm": 1, "lab": 2, "backup": 3, "flow": 4,
-         "cli": 5, "guest_commands": 5, "bench": 5, "bench_floor": 5, "bench_flow": 5,
-         "bench_read": 5, "bench_report": 5, "bench_incr": 5, "soak": 5, "fixtures": 5}
+         "cli": 5, "bench": 5, "hvlab_fixtures": 5}
+SOURCE_ROOTS = (ROOT / "harness", ROOT / "fixtures")
 
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for p in (ROOT / "harness").rglob("*.py"):
-        parts = p.relative_to(ROOT / "harness").with_suffix("").parts
-        out[".".join(("hvlab", *parts)).removesuffix(".__init__")] = p
-    for p in (ROOT / "fixtures").rglob("*.py"):
-        parts = p.relative_to(ROOT / "fixtures").with_suffix("").parts
-        out[".".join(("hvlab", "fixtures", *parts)).removesuffix(".__init__")] = p
+    for root in SOURCE_ROOTS:
+        for p in root.rglob("*.py"):
+            parts = p.relative_to(root).with_suffix("").parts
+            out[".".join(parts).removesuffix(".__init__")] = p
     return out
 
 
@@ -42,7 +40,9 @@ def _imports(path: Path, known: set[str]) -> set[str]:
 
 
 def _package(mod: str) -> str:
-    return mod.split(".")[1]
+    """The layer's name: hvlab.<package>, or the plugin's own top-level package."""
+    parts = mod.split(".")
+    return parts[0] if parts[0] != "hvlab" else parts[1]
 
 
 def test_no_import_goes_up_a_layer() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from hvlab.backup import offhost, proxy
 from hvlab.backup.thinmeta import CHUNK, Mapping
-from hvlab.bench_report import OFFHOST_GOAL, offhost_summary
+from hvlab.bench.report import OFFHOST_GOAL, offhost_summary
 from hvlab.flow.explain import link_line
 from hvlab.lab import links
 from hvlab.lab.paths import Names

@@ -9,8 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from hvlab.fixtures.plugin import requires
 from hvlab.sys.programs import ESSENTIAL, PROGRAMS
+from hvlab_fixtures.plugin import requires
 
 REPO = Path(__file__).resolve().parents[2]
 # Calls whose first argument is an argv (the subprocess layer, subprocess itself, the lab VM's

@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from hvlab.fixtures.plugin import requires
+from hvlab_fixtures.plugin import requires
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hvlab.fixtures.pictures import check_png, check_svg
 from hvlab.flow import timeline
+from hvlab_fixtures.pictures import check_png, check_svg
 
 RID = "r20260101120000abcd"
 T = 1_700_000_000.0  # the run's registration: x = 0

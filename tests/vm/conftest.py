@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hvlab.fixtures.plugin import requires
+from hvlab_fixtures.plugin import requires
 
 
 @pytest.fixture

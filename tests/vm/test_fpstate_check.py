@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hvlab.fixtures.plugin import requires
 from hvlab.vm import xstate
+from hvlab_fixtures.plugin import requires
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[2]

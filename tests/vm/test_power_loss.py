@@ -141,7 +141,7 @@ def test_power_loss_after_step_11_loses_no_committed_transaction(vm_env: Path) -
 # LV, controller and mount of the definition there and nothing else), as JSON lines.
 IN_LAB = """
 import json, sys
-from hvlab.fixtures.plugin import LabHandle, lab_extras
+from hvlab_fixtures.plugin import LabHandle, lab_extras
 from hvlab.lab.paths import Names
 from hvlab.lab.state import State
 print(json.dumps(lab_extras(LabHandle(State.load(sys.argv[1]).definition, Names(sys.argv[1])))))

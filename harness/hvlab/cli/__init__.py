@@ -216,14 +216,13 @@ def vm_shell() -> None:
 
 
 def _register_flow_commands() -> None:
-    """backup, restore, verify, runs, explain live with the flow (harness/flow/commands.py);
-    the `guest` group in harness/guest_commands.py."""
-    from hvlab import guest_commands
-    from hvlab.flow import commands
+    """backup, restore, verify, runs, explain are in cli/flow.py; the `guest` group in
+    cli/guest.py."""
+    from hvlab.cli import flow, guest
 
-    for cmd in commands.COMMANDS:
+    for cmd in flow.COMMANDS:
         cli.add_command(cmd)
-    cli.add_command(guest_commands.guest)
+    cli.add_command(guest.guest)
 
 
 _register_flow_commands()
@@ -370,7 +369,3 @@ def main(argv: list[str] | None = None) -> None:
 
             traceback.print_exc()
         sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

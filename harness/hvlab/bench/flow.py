@@ -112,7 +112,7 @@ def window(counts: tuple[int, ...], floor: dict[str, Any] | None,
            points: list[dict[str, Any]]) -> None:
     """Per N: a lab `benchw<N>` of one VM of N disks, one backup of it, into points (what
     was measured stays there when a later N fails)."""
-    from hvlab.bench_report import floor_s
+    from hvlab.bench.report import floor_s
 
     for n in counts:
         defn = definition.parse(lab_doc(f"benchw{n}", [("vm01", n)]))
@@ -142,7 +142,7 @@ def jobs(counts: tuple[int, ...], points: list[dict[str, Any]], repeat: int = 3)
     """Per N: a lab `benchj<N>` of N one-disk VMs (N guests running, as many LVs), `repeat`
     jobs of all of them (the median is the job's time: one run varies by 10-15 % in the lab
     VM), then one more with the guests' writers paused."""
-    from hvlab.bench_report import median
+    from hvlab.bench.report import median
 
     for n in counts:
         vms = [f"vm{i + 1:02d}" for i in range(n)]

@@ -4,7 +4,7 @@ process, side by side with the same calls through the `dmsetup` command (one exe
 
 A scratch thin pool of its own (sparse files -> loops -> thin-pool -> N thin devices with some
 data mapped), owned by name prefix and uuid, removed afterwards and the removal checked.
-`make bench` calls measure(); `python -m hvlab.bench_floor` runs it alone.
+`make bench` calls measure(); `python -m hvlab.bench.floor` runs it alone.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from typing import Any
 from hvlab.backup import chain
 from hvlab.backup.reader import read_image
 from hvlab.backup.thinmeta import Mapping, metadata_snap
-from hvlab.bench_flow import lab_up, say
-from hvlab.bench_report import INCR_GOAL
+from hvlab.bench.flow import lab_up, say
+from hvlab.bench.report import INCR_GOAL
 from hvlab.lab import definition
 from hvlab.lab.paths import Names
 from hvlab.sys.lvm import Lvm

@@ -22,12 +22,12 @@ from typing import Any
 
 from hvlab.backup import restore, thinmeta
 from hvlab.errors import BadInput
-from hvlab.fixtures.plugin import LabHandle, lab_extras
 from hvlab.flow import engine, faults, recover
 from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient
 from hvlab.lab import definition, guests, runs, substrate
 from hvlab.lab.handle import Lab
+from hvlab_fixtures.plugin import LabHandle, lab_extras
 
 LAB = {"lab": {"name": "soak", "backing_size": "1G"},
        "vm": [{"name": "vm01", "profile": "windows",
@@ -123,7 +123,7 @@ def cycle(lab: Lab, rng: random.Random, base: set[str]) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="hvlab.soak")
+    ap = argparse.ArgumentParser(prog="hvlab.bench.soak")
     ap.add_argument("--cycles", type=int, default=15)
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args()

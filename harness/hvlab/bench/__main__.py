@@ -29,7 +29,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hvlab import bench_floor, bench_flow, bench_incr, bench_read, bench_report
+from hvlab.bench import floor as bench_floor
+from hvlab.bench import flow as bench_flow
+from hvlab.bench import incr as bench_incr
+from hvlab.bench import read as bench_read
+from hvlab.bench import report as bench_report
 from hvlab.lab import paths
 from hvlab.vm import runner
 
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HVLAB_HOME", "/var/tmp/hvlab-bench")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[3]  # harness/hvlab/bench/__main__.py
     res: dict[str, Any] = {
         "meta": {"kernel": os.uname().release, "runner": runner_name(),
                  "machine": bench_report.machine(),

@@ -22,8 +22,8 @@ from typing import Any
 from hvlab.backup import offhost
 from hvlab.backup.reader import read_image
 from hvlab.backup.thinmeta import metadata_snap
-from hvlab.bench_flow import lab_up, say
-from hvlab.bench_report import offhost_summary, reader_summary
+from hvlab.bench.flow import lab_up, say
+from hvlab.bench.report import offhost_summary, reader_summary
 from hvlab.lab import definition
 from hvlab.sys.lvm import Lvm
 
