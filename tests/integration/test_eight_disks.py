@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from hvlab.backup import restore as rst
+from hvlab.flow import consistency as C
 from hvlab.flow import engine
-from hvlab.flow import steps as S
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests
 from hvlab_fixtures.plugin import LabHandle
@@ -33,7 +33,7 @@ def test_a_vm_of_eight_disks(lab_factory: Callable[..., LabHandle]) -> None:
     assert run_.state == "done", run_.error
     vm = run_.vm["vm01"]
     # Inside the window: a window over 10 s, or a guest that thawed itself, fails the job.
-    assert vm.cls == S.APP and vm.window is not None and vm.window.thawed_at is not None
+    assert vm.cls == C.APP and vm.window is not None and vm.window.thawed_at is not None
     skews = [d.skew_s for d in vm.disks.values()]
     assert len(skews) == DISKS and all(s is not None and s >= 0 for s in skews)
     assert min(s or 0.0 for s in skews) == 0.0

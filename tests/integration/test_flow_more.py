@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from hvlab.backup import restore as rst
-from hvlab.flow import actions, engine
+from hvlab.flow import actions, engine, steps
 from hvlab.guest.client import GuestClient
 from hvlab.guest.supervise import stop_guest
 from hvlab.lab import guests, runs
@@ -60,13 +60,13 @@ def test_flush_and_hold_timeout_fails_and_unwinds(lab_factory: Callable[..., Lab
     pre = h.lv_names()
     # The host asks for a 0.2 s hold and step 7 takes longer, so the guest's watchdog thaws.
     monkeypatch.setattr(actions, "FLUSH_AND_HOLD_S", 0.2)
-    step_7 = actions.ACTIONS[7]
+    step_7 = steps.ACTIONS[7]
 
     def slow_step_7(ctx: Any, vm: str) -> Any:
         time.sleep(1.0)
         return step_7(ctx, vm)
 
-    monkeypatch.setitem(actions.ACTIONS, 7, slow_step_7)
+    monkeypatch.setitem(steps.ACTIONS, 7, slow_step_7)
     with pytest.raises(engine.FlowFailed, match="VSS_E_FLUSH_WRITES_TIMEOUT"):
         engine.start(h.defn.name, ["vm01"], fingerprints=False)
     (run_,) = runs.all_runs(h.names)

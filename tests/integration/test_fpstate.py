@@ -25,9 +25,14 @@ def test_vector_registers_survive_every_switch(tmp_path: Path) -> None:
     # The copies and hashes run beside the register test, so their tasks interleave with it.
     hashing = subprocess.Popen([sys.executable, str(HERE / "sha_workload.py"), "3", "2", "6",
                                 str(mib), expected], stdout=subprocess.PIPE, text=True)
-    regs = subprocess.run([str(exe), "4", "2", "3000"], capture_output=True, text=True,
-                          timeout=600)
-    hashed, _ = hashing.communicate(timeout=600)
+    try:
+        regs = subprocess.run([str(exe), "4", "2", "3000"], capture_output=True, text=True,
+                              timeout=600)
+        hashed, _ = hashing.communicate(timeout=600)
+    finally:
+        if hashing.poll() is None:
+            hashing.kill()
+            hashing.wait()
     assert regs.returncode == 0, regs.stdout + regs.stderr
     assert "every register kept" in regs.stdout
     assert any(k in regs.stdout for k in ("avx512,", "avx2,")), regs.stdout

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from hvlab.backup.thinmeta import merge, parse_delta, parse_dump
 from hvlab.errors import BadInput
+from hvlab.flow import consistency as C
 from hvlab.flow import explain
 from hvlab.flow import steps as S
 from hvlab.lab.record import Run
@@ -42,10 +43,10 @@ def test_pause_position() -> None:
 
 
 def test_consistency_classes() -> None:
-    assert S.consistency_for("windows", True) == S.APP
-    assert S.consistency_for("linux", True) == S.FS
-    assert S.consistency_for("windows", False) == S.CRASH
-    assert S.consistency_for("none", True) == S.CRASH
+    assert C.consistency_for("windows", True) == C.APP
+    assert C.consistency_for("linux", True) == C.FS
+    assert C.consistency_for("windows", False) == C.CRASH
+    assert C.consistency_for("none", True) == C.CRASH
 
 
 DUMP = """<superblock uuid="" time="2" transaction="3" flags="0" version="2"
@@ -80,7 +81,7 @@ def test_explain_renders_a_timeline() -> None:
     fp2 = {"sha256": "cd" * 32, "mapped_blocks": 4, "thin_id": 2}
     run = Run.from_dict({
         "id": "r1", "lab": "t", "vms": ["vm01"], "dest": "/x", "state": "done", "created": 0,
-        "vm": {"vm01": {"class": S.APP, "t0": 1.0, "profile": "windows",
+        "vm": {"vm01": {"class": C.APP, "t0": 1.0, "profile": "windows",
                         "window": {"freeze_start": 0.5, "seconds": 0.5},
                         "disks": {"disk0": {"B": "b", "ctl": "x", "size": 1, "fs": "ext4"}}}},
         "images": {"vm01/disk0": {"file": "vm01_disk0.img", "sha256": "ef" * 32,

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(platform.machine() != "x86_64",
 @pytest.mark.parametrize(("uml", "host", "action"), [
     (2696, 2696, "pass"),    # AVX-512 host without AMX: Debian's UML fits as it is
     (2696, 11008, "widen"),  # AMX host (tile data): the case that panicked
-    (2696, 832, "trim"),     # AVX host without AVX-512
+    (2696, 832, "pass"),     # AVX host without AVX-512: the kernel trims a larger buffer
     (2696, 0, "pass"),       # the host's size unknown: leave the call alone
 ])
 def test_size_decision(uml: int, host: int, action: str) -> None:
@@ -101,22 +101,21 @@ def test_setregset_of_any_size_lands_whole(shim: ctypes.CDLL, tracee: int, tmp_p
     assert json.loads(report.read_text()) == {"uml_bytes": LEGACY_AND_HEADER,
                                               "host_bytes": host, "action": "widen"}
 
-    # The host's own size passes through; a larger buffer is trimmed to it.
+    # The host's own size passes through, and so does a larger buffer: the kernel itself
+    # takes the first `host` bytes of it (with or without the shim).
     state[XMM0:XMM0 + 16] = bytes(range(101, 117))
     assert _call(shim.ptrace, PTRACE_SETREGSET, tracee, state, host)[:2] == (0, 0)
-    big = state + bytearray(64)
-    big[XMM0:XMM0 + 16] = bytes(range(201, 217))
-    assert _call(shim.ptrace, PTRACE_SETREGSET, tracee, big, host + 64)[:2] == (0, 0)
-    _call(libc.ptrace, PTRACE_GETREGSET, tracee, after, host)
-    assert after[XMM0:XMM0 + 16] == bytes(range(201, 217))
+    for fn, first in ((libc.ptrace, 201), (shim.ptrace, 221)):
+        big = state + bytearray(64)
+        big[XMM0:XMM0 + 16] = bytes(range(first, first + 16))
+        assert _call(fn, PTRACE_SETREGSET, tracee, big, host + 64)[:2] == (0, 0)
+        _call(libc.ptrace, PTRACE_GETREGSET, tracee, after, host)
+        assert after[XMM0:XMM0 + 16] == bytes(range(first, first + 16))
 
 
-def test_fit_reports_what_the_last_boot_saw(tmp_path: Path) -> None:
-    report = tmp_path / "xstate.json"
-    assumed = xstate.fit(tmp_path / "shim", report)
-    assert not assumed.seen and assumed.uml_bytes == xstate.UML_BYTES
-    assert assumed.action == xstate.decide(xstate.UML_BYTES, assumed.host_bytes)
-    report.write_text('{"uml_bytes": 2696, "host_bytes": 11008, "action": "widen"}\n')
-    seen = xstate.fit(tmp_path / "shim", report)
-    assert seen.seen and seen.action == "widen"
-    assert "widens UML's SETREGSET" in seen.line and "seen at the last boot" in seen.line
+def test_the_host_size_probe_is_the_kernel_s_regset_size(shim: ctypes.CDLL,
+                                                         tracee: int) -> None:
+    shim.hvlab_xstate_host_size.restype = ctypes.c_long
+    size = shim.hvlab_xstate_host_size()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert _call(libc.ptrace, PTRACE_GETREGSET, tracee, bytearray(1 << 16), 1 << 16)[2] == size

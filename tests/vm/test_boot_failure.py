@@ -44,8 +44,8 @@ def test_one_shot_vm_that_cannot_boot_says_why(vm_env: Path) -> None:
 
 
 def test_without_the_shim_an_amx_host_names_the_ptrace_failure(vm_env: Path) -> None:
-    """The failure the shim fixes, as a user would meet it. On a host whose XSAVE size is
-    UML's own, the lab VM needs no shim and boots without it."""
+    """The failure the shim fixes, as a user would meet it. On a host whose XSAVE size is no
+    larger than UML's buffer, the lab VM needs no shim and boots without it."""
     host = xstate.host_bytes(xstate.build(vm_env / "shim"))
     res = hvlab("vm", "up", HVLAB_XSTATE_SHIM="0")
     if xstate.decide(xstate.UML_BYTES, host) == "pass":

@@ -1,4 +1,4 @@
-"""Steps 1-10, one VM at a time: each action registered by its step number.
+"""Steps 1-10, one VM at a time (steps.ACTIONS names each step's function).
 
 An action returns its detail for the step's event; `made`/`removed` name artifacts explicitly
 ({vm, disk, artifact, lv}) so explain never parses names. Every action can run again after a
@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 from hvlab.errors import HvlabError
 from hvlab.flow import checkpoint, faults, holdguard, windowguard
-from hvlab.flow import steps as S
+from hvlab.flow import consistency as S
 from hvlab.flow.context import Ctx, ar_ctl, lv_name
 from hvlab.guest.client import GuestError, GuestTimeout, GuestUnavailable
 from hvlab.lab import live
@@ -29,31 +28,18 @@ FLUSH_AND_HOLD_S = 10.0
 WRITER_TIMEOUT_S = 60.0  # VSS's bound for writers to quiesce, unless the guest says otherwise
 ALLOCATE_S = 300.0  # LVM's allocation before the freeze (Lvm.batch's own bound)
 FREEZE_SLACK_S = 5.0  # the freeze itself, once the writers are quiet, and the round trip
-Action = Callable[[Ctx, Any], dict[str, Any]]
-ACTIONS: dict[int, Action] = {}
-
-
-def action(n: int) -> Callable[[Action], Action]:
-    def register(fn: Action) -> Action:
-        if n in ACTIONS:
-            raise RuntimeError(f"step {n} has two actions: {ACTIONS[n].__name__}, {fn.__name__}")
-        ACTIONS[n] = fn
-        return fn
-    return register
 
 
 def art(vm: str, disk: str, a: Artifact, lv: str | None) -> dict[str, Any]:
     return {"vm": vm, "disk": disk, "artifact": a, "lv": lv}
 
 
-@action(1)
 def request(ctx: Ctx, vm: str) -> dict[str, Any]:
     v = ctx.vm(vm)
     return {"disks": list(v.disks), "profile": v.profile,
             "locked": f"{ctx.names.runs_dir / 'locks' / vm}.lock"}
 
 
-@action(2)
 def pass_to_guest(ctx: Ctx, vm: str) -> dict[str, Any]:
     v = ctx.vm(vm)
     policy = ctx.run.app_aware
@@ -79,7 +65,6 @@ def pass_to_guest(ctx: Ctx, vm: str) -> dict[str, Any]:
     return {"answers": v.answers, "class": v.cls, "note": v.no_answer}
 
 
-@action(3)
 def guest_requestor(ctx: Ctx, vm: str) -> dict[str, Any]:
     if not ctx.vm(vm).answers:
         return {"skipped": "no integration services"}
@@ -87,7 +72,6 @@ def guest_requestor(ctx: Ctx, vm: str) -> dict[str, Any]:
     return {"state": rep.get("state")}
 
 
-@action(4)
 def quiesce(ctx: Ctx, vm: str) -> dict[str, Any]:
     v = ctx.vm(vm)
     # The guards first: a forked child's start-up (copy-on-write faults) costs 50-100 ms of
@@ -179,7 +163,6 @@ def _left(ctx: Ctx, vm: str) -> float:
     return max(FLUSH_AND_HOLD_S - (time.time() - w.freeze_start if w else 0.0), 1.0)
 
 
-@action(5)
 def backup_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
     """C of every disk at one instant: the VM's controllers, then their origins, suspended
     together; the pool snapshots each origin into its C; C goes live under every controller
@@ -236,7 +219,6 @@ def backup_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
     return {"made": made, "skew_s": {d: disk.skew_s for _, d, disk in ctx.disks(vm)}}
 
 
-@action(6)
 def auto_recovery_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
     """A of every disk: a second snapshot of B, a sibling of C. Nothing writes B since step 5;
     its origins are held anyway, as the pool asks of a snapshot's origin."""
@@ -260,7 +242,6 @@ def auto_recovery_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
     return {"made": made}
 
 
-@action(7)
 def internal_snapshot(ctx: Ctx, vm: str) -> dict[str, Any]:
     v = ctx.vm(vm)
     for _, _, disk in ctx.disks(vm):
@@ -270,7 +251,6 @@ def internal_snapshot(ctx: Ctx, vm: str) -> dict[str, Any]:
     return {"t0": v.t0}
 
 
-@action(8)
 def thaw(ctx: Ctx, vm: str) -> dict[str, Any]:
     v = ctx.vm(vm)
     if not v.answers or v.window is None:
@@ -322,7 +302,6 @@ def _lost_in_window(ctx: Ctx, vm: str, exc: GuestError) -> dict[str, Any]:
             "notes": notes}
 
 
-@action(9)
 def ready(ctx: Ctx, vm: str) -> dict[str, Any]:
     v = ctx.vm(vm)
     if not v.answers:
@@ -335,7 +314,6 @@ def ready(ctx: Ctx, vm: str) -> dict[str, Any]:
     return {"state": st.get("state"), "committed_txid": st.get("committed_txid")}
 
 
-@action(10)
 def auto_recovery(ctx: Ctx, vm: str) -> dict[str, Any]:
     v = ctx.vm(vm)
     if v.cls != S.APP or not v.auto_recovery:

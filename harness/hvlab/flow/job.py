@@ -1,4 +1,5 @@
-"""Steps 11-14, once for the whole job: the external snapshot set, the merges, the read."""
+"""Steps 11-14, once for the whole job: the external snapshot set, the merges, the read
+(steps.ACTIONS names each step's function)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 from hvlab.backup import chain, offhost, reader, thinmeta
 from hvlab.errors import HvlabError
 from hvlab.flow import dest, faults
-from hvlab.flow.actions import action, art
+from hvlab.flow.actions import art
 from hvlab.flow.context import ROLE_OF, Ctx, lv_name, thin_ids
 from hvlab.lab import links, live
 from hvlab.lab.record import Artifact, Disk
@@ -45,7 +46,6 @@ def writing_to(where: Path, what: str, done: Callable[[], str] = str) -> Iterato
                               f"{what}{done()}") from None
 
 
-@action(11)
 def external_snapshot(ctx: Ctx, _: None) -> dict[str, Any]:
     """S_B and S_A of every disk in one lvm batch, checked by one report. Resumed after a
     kill, only what is missing is made, and what a kill inside lvcreate left inactive is
@@ -80,7 +80,6 @@ def external_snapshot(ctx: Ctx, _: None) -> dict[str, Any]:
     return {"made": made}
 
 
-@action(12)
 def remove_auto_recovery(ctx: Ctx, _: None) -> dict[str, Any]:
     """Every A in one lvremove."""
     todo = [(v, d, disk) for v, d, disk in ctx.disks() if disk.A_exists and disk.A]
@@ -95,7 +94,6 @@ def remove_auto_recovery(ctx: Ctx, _: None) -> dict[str, Any]:
     return {"removed": removed}
 
 
-@action(13)
 def read(ctx: Ctx, _: None) -> dict[str, Any]:
     where = Path(ctx.run.dest)
     if not dest.owns(where, ctx.run.id):
@@ -251,7 +249,6 @@ def _read_off_host(ctx: Ctx, members: list[tuple[str, str, Disk, str, str]],
             for v, d, *_others in members}
 
 
-@action(14)
 def merge(ctx: Ctx, _: None) -> dict[str, Any]:
     """Every S removed, then every C merged into its B: one lvremove for the S and the B
     (where C is there to take its place), one lvm batch of renames, one of tags."""

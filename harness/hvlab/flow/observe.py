@@ -18,9 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hvlab.backup import thinmeta
-from hvlab.flow import job  # noqa: F401  (registers steps 11-14)
 from hvlab.flow import steps as S
-from hvlab.flow.actions import ACTIONS
 from hvlab.flow.context import Ctx, thin_ids
 from hvlab.lab import runs
 from hvlab.sys.run import program_log
@@ -51,7 +49,7 @@ def run_step(ctx: Ctx, n: int, vm: str | None) -> dict[str, Any]:
         with watch(settle=0.0) as rec, program_log() as commands:
             ctx.uevents = rec
             try:
-                ev["detail"] = ACTIONS[n](ctx, vm)
+                ev["detail"] = S.ACTIONS[n](ctx, vm)
                 ok = True
             except BaseException as exc:
                 ev["error"] = f"{type(exc).__name__}: {exc}"
@@ -208,10 +206,3 @@ def _content_hash(ctx: Ctx, dev: str, m: thinmeta.Mapping) -> dict[str, Any]:
         h.update(virtual.to_bytes(8, "little"))
         h.update(cache[data])
     return {"sha256": h.hexdigest(), "blocks_read": len(missing)}
-
-
-def check_registry() -> list[str]:
-    """Problems with the step registry: every step of the plan has exactly one action."""
-    want = {s.number for s in S.STEPS}
-    return ([f"step {n} has no action" for n in sorted(want - set(ACTIONS))]
-            + [f"action for unknown step {n}" for n in sorted(set(ACTIONS) - want)])

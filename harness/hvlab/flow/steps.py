@@ -1,4 +1,5 @@
-"""Veeam's 14 steps of a Hyper-V 2012 R2 on-host backup, as data, and the lab action of each.
+"""Veeam's 14 steps of a Hyper-V 2012 R2 on-host backup, as data, and the lab action of each
+(ACTIONS: one explicit table).
 
 The wording is Veeam's, as users quote it. Steps 1-10 run per VM (each VM its own
 freeze window, steps 4-7); 11-14 run once for the whole job (one external snapshot set).
@@ -6,9 +7,13 @@ freeze window, steps 4-7); 11-14 run once for the whole job (one external snapsh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from hvlab.errors import BadInput
+from hvlab.flow import actions, job
+from hvlab.flow.context import Ctx
 
 
 @dataclass(frozen=True)
@@ -94,24 +99,33 @@ STEPS: tuple[Step, ...] = (
          "maps C: no interruption)", False),
 )
 
+Action = Callable[[Ctx, Any], dict[str, Any]]
+# What the lab does at each step: steps 1-10 for one VM (actions.py), 11-14 for the job (job.py).
+ACTIONS: dict[int, Action] = {
+    1: actions.request,
+    2: actions.pass_to_guest,
+    3: actions.guest_requestor,
+    4: actions.quiesce,
+    5: actions.backup_checkpoint,
+    6: actions.auto_recovery_checkpoint,
+    7: actions.internal_snapshot,
+    8: actions.thaw,
+    9: actions.ready,
+    10: actions.auto_recovery,
+    11: job.external_snapshot,
+    12: job.remove_auto_recovery,
+    13: job.read,
+    14: job.merge,
+}
+
 BY_NUMBER = {s.number: s for s in STEPS}
 FREEZE_STEPS = frozenset(s.number for s in STEPS if s.in_freeze)
 LAST = STEPS[-1].number
 
-APP = "application-consistent"
-FS = "filesystem-consistent"
-CRASH = "crash-consistent"
 
 
 def step(number: int) -> Step:
     return BY_NUMBER[number]
-
-
-def consistency_for(profile: str, answers: bool) -> str:
-    """The class a disk gets: windows -> application, linux -> filesystem, else crash."""
-    if not answers or profile == "none":
-        return CRASH
-    return APP if profile == "windows" else FS
 
 
 def plan(vms: list[str]) -> list[tuple[int, str | None]]:

@@ -25,6 +25,7 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Annotation
 
 from hvlab.flow import steps as S
+from hvlab.flow.consistency import CRASH
 
 ARTS = ("B", "C", "A", "S_B", "S_A")
 ROLE = {"B": "live disk", "C": "backup checkpoint", "A": "auto-recovery ckpt",
@@ -226,7 +227,7 @@ def build(record: RunRecord, events: list[dict[str, Any]], state: str | None = N
         elif v.get("answers") is False:
             tl.guest_notes[vm] = (f"no freeze: {v.get('class') or 'crash-consistent'} "
                                   f"(the guest did not answer)")
-        elif v.get("class") == S.CRASH:
+        elif v.get("class") == CRASH:
             tl.guest_notes[vm] = "no freeze: crash-consistent"
     proxy = ((run.get("link") or {}).get("proxy") or {}).get("address")
     for key, img in (run.get("images") or {}).items():

@@ -80,9 +80,12 @@ def _fp_state(*, required: bool) -> Check:
     from hvlab.vm import control
 
     name = "lab VM FP state (XSAVE)"
+    if os.geteuid() != 0:
+        return Check(name, False, "not tried: building the shim in the lab VM folder needs root",
+                     "run as root", required=required)
     try:
         fit = xstate.fit(uml.shim_dir(), control.persistent_paths().xstate_report)
-    except HvlabError as exc:
+    except (HvlabError, OSError) as exc:
         return Check(name, False, str(exc), "make deps (gcc)", required=required)
     off = os.environ.get("HVLAB_XSTATE_SHIM") == "0"
     if off and fit.action != "pass":

@@ -17,7 +17,7 @@ class Program:
 
 # Debian's Essential packages: on every Debian system, never installed by provision.sh.
 ESSENTIAL = frozenset({"coreutils", "util-linux", "dash", "bash", "diffutils", "hostname",
-                       "dpkg"})
+                       "dpkg", "grep", "sed"})
 
 PROGRAMS: dict[str, Program] = {
     # storage: LVM, device-mapper, thin tools, loops, filesystems
@@ -48,8 +48,18 @@ PROGRAMS: dict[str, Program] = {
     "linux.uml": Program("user-mode-linux", optional="only where the kernel lacks dm-thin"),
     "uml_mconsole": Program("uml-utilities", optional="only where the kernel lacks dm-thin"),
     "cc": Program("gcc"),
+    "gcc": Program("gcc"),
+    # the lab VM's init script (uml.init_script) and a one-shot VM's console
+    "poweroff": Program("systemd-sysv", optional="the lab VM's init ends with it; without it "
+                                                 "PID 1 exits and the lab VM stops all the same"),
+    "stty": Program("coreutils"),
     # the make targets and the tests
     "make": Program("make"),
+    "python3": Program("python3"),
+    "runuser": Program("util-linux"),  # provision.sh builds the venv as the checkout's owner
+    "apt-get": Program("apt", optional="provision.sh's own installer: on every Debian system"),
+    "apt-cache": Program("apt", optional="provision.sh's own installer: on every Debian system"),
+    "sudo": Program("sudo", optional="only when `make` runs as another user than root"),
     "git": Program("git"),
     "vagrant": Program("vagrant"),
     # base system
@@ -62,8 +72,23 @@ PROGRAMS: dict[str, Program] = {
     "sleep": Program("coreutils"),
     "sync": Program("coreutils"),
     "tail": Program("coreutils"),
+    "cut": Program("coreutils"),
+    "date": Program("coreutils"),
+    "dirname": Program("coreutils"),
+    "env": Program("coreutils"),
+    "id": Program("coreutils"),
+    "ln": Program("coreutils"),
+    "readlink": Program("coreutils"),
+    "rm": Program("coreutils"),
+    "seq": Program("coreutils"),
+    "stat": Program("coreutils"),
+    "tee": Program("coreutils"),
+    "touch": Program("coreutils"),
+    "grep": Program("grep"),
+    "sed": Program("sed"),
     "cmp": Program("diffutils"),
     "diff": Program("diffutils"),
     "hostname": Program("hostname"),
+    "dpkg": Program("dpkg"),
     "dpkg-query": Program("dpkg"),
 }

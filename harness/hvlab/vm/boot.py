@@ -10,13 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import psutil
 
 from hvlab.errors import BadInput, HvlabError
-from hvlab.vm import bootlog, pin, uml, xstate
+from hvlab.vm import pin, uml, xstate
 from hvlab.vm.uml import VmPaths
 
 PASS_ENV = ("CI", "HVLAB_HOME", "PYTEST_ADDOPTS", "COLUMNS", "LINES", "TERM", "NO_COLOR",
@@ -55,15 +54,14 @@ def uml_env(paths: VmPaths) -> dict[str, str]:
     buffer to this host's XSAVE area (vm/xstate.py). HVLAB_XSTATE_SHIM=0 leaves it out;
     HVLAB_XSTATE_SHIM=FILE.so preloads that build instead (the tests' broken one)."""
     choice = os.environ.get("HVLAB_XSTATE_SHIM", "")
-    if choice == "0":
-        return dict(os.environ)
-    env = {**os.environ, **xstate.preload(uml.shim_dir(), paths.xstate_report)}
-    if choice:
-        if not Path(choice).is_file():
-            raise BadInput(f"HVLAB_XSTATE_SHIM={choice}: no such file; allowed: 0 (no shim) "
-                           f"or the path of a built shim (.so)")
-        env["LD_PRELOAD"] = os.path.abspath(choice)
-    return env
+    if choice in ("", "0"):
+        shim = None if choice == "0" or not xstate.needed() else xstate.build(uml.shim_dir())
+    elif Path(choice).is_file():
+        shim = Path(choice).resolve()
+    else:
+        raise BadInput(f"HVLAB_XSTATE_SHIM={choice}: no such file; allowed: 0 (no shim) or "
+                       f"the path of a built shim (.so)")
+    return xstate.preload(shim, paths.xstate_report, os.environ)
 
 
 def guest_env() -> dict[str, str]:
@@ -101,36 +99,6 @@ def read(path: Path) -> str:
         return path.read_text(errors="replace")
     except OSError:
         return ""
-
-
-def diagnose(mem: str = DEFAULT_MEM, timeout: float = 60.0) -> str:
-    """A one-shot VM that never reached its command: boot once more with the kernel's errors
-    kept in a log (a one-shot VM's console is the user's terminal, so it boots quiet), and
-    say why in one line. The log stays in the lab VM directory."""
-    root = uml.vm_root() / f"diag-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    paths = VmPaths(root)
-    log_path = uml.vm_root() / "failed-boot.log"
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        uml.prepare(paths)
-        paths.init.write_text(uml.init_script(paths, ["true"], {}))
-        paths.init.chmod(0o755)
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmdline(paths, root.name, mem, "con0=null,fd:1",
-                                             quiet=False),
-                                    stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=uml_env(paths))
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            halt(root.name, paths, proc.pid, timeout=5.0)
-        if (root / "rc").exists():
-            return ("the lab VM stopped before the command started, and a second boot came "
-                    f"up: see {log_path}")
-        return bootlog.failure(read(log_path), str(log_path))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def interrupt(signum: int, _frame: object) -> None:

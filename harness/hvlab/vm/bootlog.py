@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 
-# Lines every boot of Debian's UML prints at loglevel 4: not a cause.
+# Lines every boot of Debian's UML prints at loglevel 4: not a cause. (A self-check that did
+# not end in OK is kept: "Checking PROT_EXEC mmap in /dev/shm...Operation not permitted".)
 NOISE = ("mmapper_init - find_iomem failed", "Failed to initialize ubd device",
-         "SELinux:", "Checking ", "Core dump limits", "soft - ", "hard - ",
+         "SELinux:", "Core dump limits", "soft - ", "hard - ",
          "Adding ", "kmsg_dump", "Powering off", "reboot: System halted")
+PASSED_CHECK = re.compile(r"^Checking .*(\.\.\.OK|\.\.\.none found)$")
 PANIC = "Kernel panic - not syncing:"
 TROUBLE = re.compile(r"(?i)\b(fail(ed|s)?|error|errno|cannot|can't|unable|too few|"
                      r"not found|refused|denied|panic|bug:|oops)\b")
@@ -17,8 +19,9 @@ HINTS = (
      "this host's XSAVE area does not fit UML's FP buffer: `hvlab doctor` shows both sizes "
      "(the ptrace shim fixes it unless HVLAB_XSTATE_SHIM=0)"),
     ("Too few physical memory", "give the lab VM more memory (HVLAB_VM_MEM, e.g. 2G)"),
-    ("Unable to mount root", "the lab VM mounts this host's / through hostfs: check that "
-                             "the UML kernel has hostfs (`hvlab doctor`)"),
+    ("Unable to mount root", "the lab VM mounts this host's / through hostfs: reinstall "
+                             "user-mode-linux (`make deps`)"),
+    ("PROT_EXEC mmap", "UML needs /dev/shm on tmpfs, mountable with exec"),
 )
 
 
@@ -26,7 +29,8 @@ def _lines(text: str) -> list[str]:
     out = []
     for raw in text.splitlines():
         line = raw.strip()
-        if not line or line.startswith("[<") or any(line.startswith(n) for n in NOISE):
+        if (not line or line.startswith("[<") or any(line.startswith(n) for n in NOISE)
+                or PASSED_CHECK.match(line)):
             continue
         out.append(line)
     return out
@@ -37,7 +41,8 @@ def reason(text: str) -> str:
     else the last line that reads like trouble, else the last line."""
     lines = _lines(text)
     if not lines:
-        return "the kernel printed nothing (an empty console log)"
+        return ("the kernel printed no error (only the usual boot lines)" if text.strip()
+                else "the kernel printed nothing (an empty console log)")
     panics = [i for i, line in enumerate(lines) if PANIC in line]
     if panics:
         i = panics[0]

@@ -2,9 +2,9 @@
 
 Debian 12's user-mode-linux switches a guest task's FP/vector state with ptrace's
 NT_X86_XSTATE regset through a buffer fixed at build time (UML_BYTES). The host kernel's
-SETREGSET takes exactly its own size (11008 bytes with AMX tile data), so on such a host UML
-panics at its first user process. xstate_shim.c, preloaded into linux.uml alone, widens (or
-trims) that one call; the README's "Where the lab runs" says why this fix and not another.
+SETREGSET trims a larger buffer but refuses a smaller one (EFAULT), so on a host whose size is
+larger (11008 bytes with AMX tile data) UML panics at its first user process. xstate_shim.c,
+preloaded into linux.uml alone, widens that one call; docs/lab-vm.md says why this fix.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ import json
 import os
 import platform
 import shutil
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from hvlab.errors import HvlabError
+from hvlab.sys import private
 from hvlab.sys.run import run
 
 SOURCE = Path(__file__).with_name("xstate_shim.c")
@@ -27,11 +30,14 @@ SOURCE = Path(__file__).with_name("xstate_shim.c")
 UML_BYTES = 2696
 
 
+ACTIONS = ("pass", "widen")
+
+
 def decide(uml_bytes: int, host_bytes: int) -> str:
-    """What the shim does with UML's SETREGSET: the same rule as hvlab_xstate_decide()."""
-    if host_bytes <= 0 or uml_bytes == host_bytes:
-        return "pass"
-    return "widen" if uml_bytes < host_bytes else "trim"
+    """What the shim does with UML's SETREGSET: the same rule as hvlab_xstate_decide(). A
+    buffer as large as the host's or larger passes (the kernel trims it); a smaller one is
+    widened. An unknown host size (0) passes."""
+    return "widen" if host_bytes > 0 and uml_bytes < host_bytes else "pass"
 
 
 def needed() -> bool:
@@ -39,17 +45,27 @@ def needed() -> bool:
     return platform.machine() == "x86_64"
 
 
+def _ours(path: Path) -> bool:
+    """A cached build is preloaded into root's linux.uml: only one we made, that nobody else
+    could have changed, is used."""
+    st = path.lstat()
+    return (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
 def build(into: Path) -> Path:
-    """Compile the shim once per source version (cached under `into`)."""
+    """Compile the shim once per source version (cached under `into`, a 0700 folder)."""
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
     out = into / f"xstate-{digest}.so"
-    if out.exists():
-        return out
+    if out.exists() or out.is_symlink():
+        if _ours(out):
+            return out
+        out.unlink()  # not ours to trust: build it again
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise HvlabError("the lab VM needs a C compiler to build its ptrace shim "
                          "(harness/vm/xstate_shim.c): run `make deps` (apt-get install gcc)")
-    into.mkdir(parents=True, exist_ok=True)
+    private.make_dirs(into)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     res = run([cc, "-O2", "-Wall", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE), "-ldl"],
               check=False, noted=False)
@@ -57,16 +73,21 @@ def build(into: Path) -> Path:
         tmp.unlink(missing_ok=True)
         first = (res.stderr.strip().splitlines() or ["?"])[0]
         raise HvlabError(f"cannot build the lab VM's ptrace shim: {first}")
+    tmp.chmod(0o755)
     os.replace(tmp, out)
     return out
 
 
-def preload(shim_dir: Path, report: Path) -> dict[str, str]:
-    """The environment linux.uml starts with: the shim, and where it says what it did."""
-    if not needed():
-        return {}
+def preload(shim: Path | None, report: Path, env: Mapping[str, str]) -> dict[str, str]:
+    """The environment linux.uml starts with: env, the shim first in LD_PRELOAD (None: no
+    shim) and where it says what it did. The last boot's report goes either way."""
     report.unlink(missing_ok=True)
-    return {"LD_PRELOAD": str(build(shim_dir)), "HVLAB_XSTATE_REPORT": str(report)}
+    out = dict(env)
+    if shim is None or not needed():
+        return out
+    out["LD_PRELOAD"] = " ".join(p for p in (str(shim), env.get("LD_PRELOAD", "")) if p)
+    out["HVLAB_XSTATE_REPORT"] = str(report)
+    return out
 
 
 def host_bytes(shim: Path) -> int:
@@ -91,9 +112,8 @@ class Fit:
 
     @property
     def line(self) -> str:
-        how = {"pass": "sizes agree: ptrace passes through unchanged",
-               "widen": "the shim widens UML's SETREGSET to the host's size",
-               "trim": "the shim trims UML's SETREGSET to the host's size"}[self.action]
+        how = {"pass": "UML's buffer is large enough: ptrace passes through unchanged",
+               "widen": "the shim widens UML's SETREGSET to the host's size"}[self.action]
         src = "seen at the last boot" if self.seen else "Debian 12's UML"
         return (f"host XSAVE {self.host_bytes} bytes, UML {self.uml_bytes} ({src}): {how}")
 
@@ -102,6 +122,8 @@ def fit(shim_dir: Path, report: Path) -> Fit:
     host = host_bytes(build(shim_dir))
     try:
         seen = json.loads(report.read_text())
-        return Fit(host, int(seen["uml_bytes"]), str(seen["action"]), True)
+        if seen["action"] in ACTIONS:
+            return Fit(host, int(seen["uml_bytes"]), str(seen["action"]), True)
     except (OSError, ValueError, KeyError, TypeError):
-        return Fit(host, UML_BYTES, decide(UML_BYTES, host), False)
+        pass
+    return Fit(host, UML_BYTES, decide(UML_BYTES, host), False)

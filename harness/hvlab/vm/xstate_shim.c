@@ -1,22 +1,22 @@
 /* hvlab: let Debian 12's user-mode-linux (6.1) switch FP state on hosts whose XSAVE area is
- * larger (or smaller) than the buffer UML was built with.
+ * larger than the buffer UML was built with (hosts with AMX).
  *
  * UML saves and restores each guest task's FP/vector state with PTRACE_GETREGSET and
  * PTRACE_SETREGSET NT_X86_XSTATE, using a buffer of a size fixed at build time (2696 bytes:
- * x87 through AVX-512 and PKRU). The host kernel's SETREGSET accepts only a buffer of exactly
- * its own user XSAVE size (11008 bytes with AMX tile data) and answers EFAULT otherwise, so UML
- * panics at its first user process. Upstream UML later sized the buffer from the host at boot;
- * this does the same at the ptrace boundary, for UML's process only (LD_PRELOAD):
+ * x87 through AVX-512 and PKRU). The host kernel trims a larger buffer to its own size, but
+ * answers a smaller SETREGSET with EFAULT: on a host whose user XSAVE size is larger (11008
+ * bytes with AMX tile data) UML panics at its first user process. Upstream UML later sized
+ * the buffer from the host at boot; this does the same at the ptrace boundary, for UML's
+ * process only (LD_PRELOAD):
  *
- *   sizes agree       -> the call passes through unchanged
- *   UML's is smaller  -> read the task's full state, lay UML's bytes over its start, write the
- *                        full state back (what UML does not know of, AMX tiles, stays as it was)
- *   UML's is larger   -> write only the host's size (a GETREGSET is already trimmed by the kernel)
+ *   UML's buffer is the host's size or larger -> the call passes through unchanged
+ *   UML's buffer is smaller (widen)            -> read the task's full state, lay UML's bytes
+ *                                                 over its start, write the full state back
  *
- * Only the tile state is then not switched between UML's tasks, and no process can use AMX
- * without asking the host kernel for it (arch_prctl ARCH_REQ_XCOMP_PERM), which a UML guest
- * cannot do. HVLAB_XSTATE_REPORT=FILE: the sizes and the decision, written once, at the first
- * SETREGSET that is not passed through unchanged.
+ * What UML does not know of (AMX tiles) stays as the task had it: it is not switched between
+ * UML's tasks, and no process can use AMX without asking the host kernel for it (arch_prctl
+ * ARCH_REQ_XCOMP_PERM), which a UML guest cannot do. HVLAB_XSTATE_REPORT=FILE: the sizes and
+ * the decision, written once, at the first SETREGSET that is widened.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -34,13 +34,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define PROBE_BYTES 65536 /* far above any XSAVE area so far; the kernel trims to its size */
+#define PROBE_START 65536     /* far above any XSAVE area so far */
+#define PROBE_MAX (16 << 20)  /* a regset this large would be a kernel bug, not a CPU */
 
 typedef long (*ptrace_fn)(int, pid_t, void *, void *);
 
 static ptrace_fn real_ptrace;
-static size_t host_size;       /* the host kernel's NT_X86_XSTATE size, learnt once */
+static size_t host_size;  /* the host kernel's NT_X86_XSTATE size, learnt once */
 static __thread unsigned char *scratch;
+static __thread size_t scratch_size;
 static int reported;
 
 static ptrace_fn next_ptrace(void)
@@ -50,35 +52,45 @@ static ptrace_fn next_ptrace(void)
     return real_ptrace;
 }
 
-static unsigned char *buffer(void)
+static unsigned char *buffer(size_t size)
 {
-    if (!scratch)
-        scratch = aligned_alloc(64, PROBE_BYTES);
+    if (scratch_size < size) {
+        free(scratch);
+        scratch = aligned_alloc(64, size);
+        scratch_size = scratch ? size : 0;
+    }
     return scratch;
 }
 
-/* The kernel's own answer: GETREGSET of a stopped tracee with a large buffer sets iov_len to
- * the regset's size. Returns 0 and leaves errno when it cannot be asked. */
-static size_t learn_host_size(pid_t pid)
+/* GETREGSET of a stopped tracee into a buffer larger than the regset: the kernel sets iov_len
+ * to the regset's real size. A buffer filled to the brim may be too small: ask again, larger.
+ * Returns the size, or 0 with errno set. */
+static size_t regset_size(pid_t pid)
 {
-    struct iovec iov = { buffer(), PROBE_BYTES };
+    for (size_t want = PROBE_START; want <= PROBE_MAX; want *= 2) {
+        struct iovec iov = { buffer(want), want };
 
-    if (!host_size && iov.iov_base && next_ptrace()(PTRACE_GETREGSET, pid,
-                                                    (void *)NT_X86_XSTATE, &iov) == 0)
-        host_size = iov.iov_len;
-    return host_size;
+        if (!iov.iov_base) {
+            errno = ENOMEM;
+            return 0;
+        }
+        if (next_ptrace()(PTRACE_GETREGSET, pid, (void *)NT_X86_XSTATE, &iov) < 0)
+            return 0;
+        if (iov.iov_len < want)
+            return iov.iov_len;
+    }
+    errno = EOVERFLOW;
+    return 0;
 }
 
-/* What to do with a SETREGSET of `len` bytes when the host wants `host`. Mirrored in
- * hvlab/vm/xstate.py (decide), which `hvlab doctor` reports with. */
+/* What to do with a SETREGSET of `len` bytes when the host's regset is `host` bytes (0:
+ * unknown). Mirrored in hvlab/vm/xstate.py (decide), which `hvlab doctor` reports with. */
 const char *hvlab_xstate_decide(size_t len, size_t host)
 {
-    if (!host || len == host)
-        return "pass";
-    return len < host ? "widen" : "trim";
+    return host && len < host ? "widen" : "pass";
 }
 
-static void report(size_t len, const char *what)
+static void report(size_t len)
 {
     const char *path = getenv("HVLAB_XSTATE_REPORT");
     char line[160];
@@ -88,8 +100,8 @@ static void report(size_t len, const char *what)
         return;
     reported = 1;
     n = snprintf(line, sizeof line, "{\"uml_bytes\": %zu, \"host_bytes\": %zu, "
-                 "\"action\": \"%s\"}\n", len, host_size, what);
-    fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+                 "\"action\": \"widen\"}\n", len, host_size);
+    fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
     if (fd >= 0) {
         if (write(fd, line, (size_t)n) < 0) { /* a report never fails a switch */ }
         close(fd);
@@ -98,29 +110,27 @@ static void report(size_t len, const char *what)
 
 static long set_xstate(pid_t pid, struct iovec *iov)
 {
-    struct iovec full = { buffer(), 0 };
     size_t len = iov->iov_len;
-    const char *what;
+    struct iovec full;
 
-    if (!learn_host_size(pid) || !full.iov_base || host_size > PROBE_BYTES)
-        return next_ptrace()(PTRACE_SETREGSET, pid, (void *)NT_X86_XSTATE, iov);
-    what = hvlab_xstate_decide(len, host_size);
+    if (!host_size)
+        host_size = regset_size(pid);
 #ifdef HVLAB_TEST_SWITCH_ONLY
     /* Built so by tests/vm/test_fpstate_check.py alone: switch only the first N bytes, so the
      * upper vector state leaks from task to task, and the FP test must see it. */
-    what = "widen";
     if (len > HVLAB_TEST_SWITCH_ONLY)
         len = HVLAB_TEST_SWITCH_ONLY;
-#endif
-    if (strcmp(what, "pass") == 0)
+#else
+    if (strcmp(hvlab_xstate_decide(len, host_size), "pass") == 0)
         return next_ptrace()(PTRACE_SETREGSET, pid, (void *)NT_X86_XSTATE, iov);
-    report(len, what);
-    if (strcmp(what, "trim") == 0) {
-        full.iov_base = iov->iov_base;
-        full.iov_len = host_size;
-        return next_ptrace()(PTRACE_SETREGSET, pid, (void *)NT_X86_XSTATE, &full);
+#endif
+    report(len);
+    full.iov_base = buffer(host_size);
+    full.iov_len = host_size;
+    if (!full.iov_base) {
+        errno = ENOMEM;
+        return -1;
     }
-    full.iov_len = PROBE_BYTES;
     if (next_ptrace()(PTRACE_GETREGSET, pid, (void *)NT_X86_XSTATE, &full) < 0)
         return -1;
     if (full.iov_len != host_size) {
@@ -152,30 +162,35 @@ long ptrace(enum __ptrace_request request, ...)
 }
 
 /* For `hvlab doctor` and the tests: the host kernel's NT_X86_XSTATE size, asked of a child
- * stopped under ptrace. Returns the size, or -errno. */
+ * stopped under ptrace. Returns the size, or -errno (never waits on a child it cannot trace). */
 long hvlab_xstate_host_size(void)
 {
-    struct iovec iov;
+    ptrace_fn trace = next_ptrace();
     int status;
     long size;
-    pid_t child = fork();
+    pid_t child;
 
+    if (!trace)
+        return -ENOSYS;
+    child = fork();
     if (child < 0)
         return -errno;
     if (child == 0) {
-        next_ptrace()(PTRACE_TRACEME, 0, NULL, NULL);
+        if (trace(PTRACE_TRACEME, 0, NULL, NULL) != 0)
+            _exit(127);
         raise(SIGSTOP);
         _exit(0);
     }
-    if (waitpid(child, &status, 0) != child) {
+    if (waitpid(child, &status, WUNTRACED | __WALL) != child)
         size = -errno;
-    } else {
-        iov.iov_base = buffer();
-        iov.iov_len = PROBE_BYTES;
-        size = next_ptrace()(PTRACE_GETREGSET, child, (void *)NT_X86_XSTATE, &iov) == 0
-            ? (long)iov.iov_len : -errno;
+    else if (!WIFSTOPPED(status))
+        size = -EPERM; /* it could not be traced (Yama, seccomp, a tracer of its own) */
+    else {
+        size_t n = regset_size(child);
+
+        size = n ? (long)n : -errno;
     }
     kill(child, SIGKILL);
-    waitpid(child, &status, 0);
+    waitpid(child, &status, __WALL);
     return size;
 }
