@@ -16,6 +16,7 @@ from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, runs
 from hvlab.lab.handle import Lab
+from hvlab.lab.record import Event
 from hvlab.sys import dm, fs
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
@@ -40,8 +41,8 @@ def _mount_ro(dev: str, fstype: str, mp: Path) -> None:
     fs.mount(dev, mp, fstype, read_only=True, extra=opts)
 
 
-def _by_step(evs: list[dict[str, Any]], vm: str | None = None) -> dict[int, dict[str, Any]]:
-    return {e["step"]: e for e in evs if e.get("step") and e.get("vm") in (vm, None)}
+def _by_step(evs: list[Event], vm: str | None = None) -> dict[int, Event]:
+    return {e.step: e for e in evs if e.step and e.vm in (vm, None)}
 
 
 def test_an_abort_before_a_vms_step_4_removes_what_the_first_allocated(
@@ -111,7 +112,7 @@ def test_backup_two_vms_pause_resume_invariants(lab_with_guests: LabHandle,
 
     evs = runs.events(names, rid)
     # 6: step order, per-VM 1-10 then the job's 11-14.
-    order = [(e["step"], e["vm"]) for e in evs]
+    order = [(e.step, e.vm) for e in evs]
     assert order == ([(n, "vm01") for n in range(1, 11)] + [(n, "vm02") for n in range(1, 11)]
                      + [(n, None) for n in range(11, 15)])
     for vm in ("vm01", "vm02"):
@@ -123,12 +124,12 @@ def test_backup_two_vms_pause_resume_invariants(lab_with_guests: LabHandle,
             assert w.frozen_at <= (info.c_created_at or 0) <= w.thawed_at
         assert w.seconds < 10
         st = _by_step(evs, vm)
-        assert st[8]["detail"]["window_s"] < 10
+        assert st[8].detail["window_s"] < 10
         # content is hashed where the invariants need it, and nowhere else
-        assert all(e["fingerprints"] is None for n, e in st.items() if n not in (8, 10, 13))
+        assert all(e.fingerprints is None for n, e in st.items() if n not in (8, 10, 13))
         for d in v.disks:
             key = f"{vm}/{d}"
-            fp = {n: st[n]["fingerprints"][key] for n in (8, 10, 13)}
+            fp = {n: (st[n].fingerprints or {})[key] for n in (8, 10, 13)}
             # 2: B does not change between T0 and the merge.
             assert fp[8]["B"]["sha256"] == fp[10]["B"]["sha256"] == fp[13]["B"]["sha256"]
             # 4: A derives from B@T0.
@@ -136,19 +137,19 @@ def test_backup_two_vms_pause_resume_invariants(lab_with_guests: LabHandle,
             assert fp[13]["S_B"]["sha256"] == fp[8]["B"]["sha256"]
             assert fp[8]["C"].get("live") and "sha256" not in fp[8]["C"]
             # live writes went to C after T0, to B before
-            assert st[3]["writes_to"][key]["artifact"] == "B"
-            assert st[9]["writes_to"][key]["artifact"] == "C"
-            assert st[14]["writes_to"][key]["artifact"] == "B"
+            assert st[3].writes(key) == "B"
+            assert st[9].writes(key) == "C"
+            assert st[14].writes(key) == "B"
         # each step reports the devices the kernel made and removed (uevents)
-        assert any("_c_" in x for x in st[5]["devices_created"]), st[5]["devices_created"]
-        assert any("_a_" in x for x in st[6]["devices_created"]), st[6]["devices_created"]
+        assert any("_c_" in x for x in st[5].devices_created), st[5].devices_created
+        assert any("_a_" in x for x in st[6].devices_created), st[6].devices_created
     # The job's first step 4 allocated every VM's C and A; vm02's ran no LVM command.
-    made = {a["lv"] for a in _by_step(evs, "vm01")[4]["detail"]["allocated"]}
+    made = {a["lv"] for a in _by_step(evs, "vm01")[4].detail["allocated"]}
     assert made == {f"{vm}_{d}_{k}_{rid}" for vm, d in (("vm01", "disk0"), ("vm01", "disk1"),
                                                        ("vm02", "disk0")) for k in "ca"}
     st4 = _by_step(evs, "vm02")[4]
-    assert st4["detail"]["allocated"] == [] and len(st4["detail"]["allocated_before"]) == 2
-    assert not [c for c in st4["commands"] if c["argv"][0] == "lvm"], st4["commands"]
+    assert st4.detail["allocated"] == [] and len(st4.detail["allocated_before"]) == 2
+    assert not [c for c in st4.commands or [] if c.argv[0] == "lvm"], st4.commands
     assert run_.vm["vm01"].cls == "application-consistent"
     assert run_.vm["vm02"].cls == "filesystem-consistent"
     # 8: the LV set is back (pool usage grows only by what the guests wrote).
@@ -223,7 +224,7 @@ def test_failure_thaws_and_unwinds_then_clean_run(lab_with_guests: LabHandle,
     (h.mountpoint("vm02", "disk0") / "still_writable").write_text("ok\n")
     failed = [r for r in runs.all_runs(names) if r.state == "failed"]
     evs = runs.events(names, failed[0].id)
-    assert [e["step"] for e in evs][-2:] == [6, None] and "injected" in evs[-2]["error"]
+    assert [e.step for e in evs][-2:] == [6, None] and "injected" in (evs[-2].error or "")
     assert len(failed) == 1 and "merged C" in " ".join(failed[0].unwound or [])
     # 8: a clean run of a quiet guest returns LV set and pool usage to the pre-backup state.
     run_ = engine.start(lab, ["vm02"])

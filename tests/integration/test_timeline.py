@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from hvlab.flow import engine, timeline
+from hvlab.flow import engine
+from hvlab.lab.record import Event, Run
+from hvlab.report import geometry
 from hvlab_fixtures.pictures import check_png, check_svg
 from hvlab_fixtures.plugin import LabHandle
 
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.integration
 def test_explain_draws_a_real_run(lab_with_guests: LabHandle, tmp_path: Path) -> None:
     h = lab_with_guests
     n = h.defn.name
-    run_ = timeline.as_dict(engine.start(n, ["vm01"]))  # the record as run.json has it
+    run_ = engine.start(n, ["vm01"]).to_dict()  # the record as run.json has it
     assert run_["state"] == "done"
     rid = run_["id"]
     work = tmp_path / "work"
@@ -49,7 +51,7 @@ def test_explain_draws_a_real_run(lab_with_guests: LabHandle, tmp_path: Path) ->
     raw = subprocess.run([sys.executable, "-m", "hvlab.cli", "explain", "-n", n, rid, "--json"],
                          capture_output=True, text=True, env=os.environ, timeout=300, check=True)
     rec = json.loads(raw.stdout)
-    tl = timeline.build(rec["run"], rec["events"])
+    tl = geometry.build(Run.from_dict(rec["run"]), [Event.from_dict(e) for e in rec["events"]])
     by_step = {m.label: m for m in tl.steps}
     bars = {sp.lane: sp for sp in tl.artifacts}
     for disk in ("disk0", "disk1"):

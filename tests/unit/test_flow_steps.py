@@ -10,9 +10,9 @@ from rich.console import Console
 from hvlab.backup.thinmeta import merge, parse_delta, parse_dump
 from hvlab.errors import BadInput
 from hvlab.flow import consistency as C
-from hvlab.flow import explain
 from hvlab.flow import steps as S
-from hvlab.lab.record import Run
+from hvlab.lab.record import Event, Run
+from hvlab.report import explain
 
 
 def test_step_table_is_veeams_fourteen() -> None:
@@ -86,7 +86,7 @@ def test_explain_renders_a_timeline() -> None:
                         "disks": {"disk0": {"B": "b", "ctl": "x", "size": 1, "fs": "ext4"}}}},
         "images": {"vm01/disk0": {"file": "vm01_disk0.img", "sha256": "ef" * 32,
                                      "auto_recovery_ranges": [{"length": 65536}]}}})
-    evs = [
+    evs = [Event.from_dict(e) for e in (
         {"step": 3, "vm": "vm01", "name": "guest requestor", "start": 0, "end": 1,
          "writes_to": {"vm01/disk0": {"artifact": "B", "lv": "vm01_disk0"}},
          "fingerprints": {"vm01/disk0": {"B": fp}}},
@@ -95,7 +95,7 @@ def test_explain_renders_a_timeline() -> None:
         {"step": 8, "vm": "vm01", "name": "snapshot to HV-IC", "start": 2, "end": 3,
          "writes_to": {"vm01/disk0": {"artifact": "C", "lv": "c"}},
          "fingerprints": {"vm01/disk0": {"B": fp2, "C": fp2, "A": fp2}}},
-    ]
+    )]
     buf = io.StringIO()
     explain.render_explain(run, evs, Console(file=buf, width=220))
     out = buf.getvalue()

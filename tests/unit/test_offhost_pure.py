@@ -11,9 +11,9 @@ import pytest
 from hvlab.backup import offhost, proxy
 from hvlab.backup.thinmeta import CHUNK, Mapping
 from hvlab.bench.report import OFFHOST_GOAL, offhost_summary
-from hvlab.flow.explain import link_line
 from hvlab.lab import links
 from hvlab.lab.paths import Names
+from hvlab.report.explain import link_line
 from hvlab.sys import netns
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hvlab.flow import timeline
+from hvlab.lab.record import Event, Run
+from hvlab.report import draw, geometry
 from hvlab_fixtures.pictures import check_png, check_svg
 
 RID = "r20260101120000abcd"
@@ -77,8 +78,18 @@ def make_events() -> list[dict[str, Any]]:
     return out
 
 
+def build(run: dict[str, Any], events: list[dict[str, Any]], state: str | None = None
+          ) -> geometry.Timeline:
+    """The fixtures are in run.json's and events.jsonl's shapes: typed as the loaders do."""
+    return geometry.build(Run.from_dict(run), [Event.from_dict(e) for e in events], state)
+
+
+def save(run: dict[str, Any], events: list[dict[str, Any]], path: Path) -> Path:
+    return draw.save(Run.from_dict(run), [Event.from_dict(e) for e in events], path)
+
+
 def test_build_places_bars_writes_and_window() -> None:
-    tl = timeline.build(make_run(), make_events())
+    tl = build(make_run(), make_events())
     bars = {sp.lane: (sp.start, sp.end) for sp in tl.artifacts}
     assert bars["vm01/disk0 B"] == (0.0, tl.t_end)
     assert abs(bars["vm01/disk0 C"][0] - 10.63) < 1e-6  # made by step 5
@@ -99,9 +110,9 @@ def test_build_places_bars_writes_and_window() -> None:
 
 def test_png_and_svg_are_real_pictures(tmp_path: Path) -> None:
     run, events = make_run(), make_events()
-    png = timeline.save(run, events, tmp_path / "t.png")
+    png = save(run, events, tmp_path / "t.png")
     check_png(png)
-    svg = timeline.save(run, events, tmp_path / "t.svg")
+    svg = save(run, events, tmp_path / "t.svg")
     # each step label is a group with its id, its text as a comment
     check_svg(svg, [f'<g id="step-{n}">\n    <!-- {n} -->' for n in range(1, 15)] + [
         '<g id="end">\n    <!-- done -->', "frozen 3.73 s of the 10 s flush-and-hold limit",
@@ -125,11 +136,11 @@ def test_paused_failed_and_two_vm_runs_draw(tmp_path: Path) -> None:
     s11["detail"] = {"made": [lv(d, k, v) for v in ("vm01", "vm02") for d in ("disk0", "disk1")
                               for k in ("sb", "sa")]}
     events = one + two + [s11]
-    tl = timeline.build(run, events)
+    tl = build(run, events)
     assert any(sp.open_end and sp.lane == "vm02/disk1 S_A" for sp in tl.artifacts)
     assert "crash-consistent" in tl.guest_notes["vm02"]
     assert [w.vm for w in tl.windows] == ["vm01"]
-    check_png(timeline.save(run, events, tmp_path / "paused.png"))
+    check_png(save(run, events, tmp_path / "paused.png"))
     # Failed in step 6 and unwound: C and A end at the unwind, no thaw recorded.
     run = make_run()
     run["state"] = "failed"
@@ -140,18 +151,15 @@ def test_paused_failed_and_two_vm_runs_draw(tmp_path: Path) -> None:
                               "writes_to": {f"vm01/{d}": {"lv": lv(d, ""), "artifact": "B"}
                                             for d in ("disk0", "disk1")}}
     events = [*make_events()[:5], unwind]
-    tl = timeline.build(run, events)
+    tl = build(run, events)
     assert {sp.lane: sp.end for sp in tl.artifacts}["vm01/disk1 C"] == 15.0
     assert tl.windows[0].seconds is None and tl.steps[-1].label == "U"
-    check_png(timeline.save(run, events, tmp_path / "failed.png"))
+    check_png(save(run, events, tmp_path / "failed.png"))
 
 
-def test_a_typed_record_and_a_state_override() -> None:
-    class Typed:  # what a dataclass record with to_dict() (run.json's shape) looks like
-        def to_dict(self) -> dict[str, Any]:
-            return make_run()
-
-    tl = timeline.build(Typed(), make_events(), state="interrupted")
+def test_a_state_override() -> None:
+    """A run whose process died is drawn as `interrupted`, whatever its record says."""
+    tl = build(make_run(), make_events(), state="interrupted")
     assert tl.end_label == "interrupted" and "interrupted" in tl.title
     assert all(sp.open_end for sp in tl.artifacts if sp.lane.endswith(" B"))
-    assert timeline.as_dict(make_run())["state"] == "done"
+    assert build(make_run(), make_events()).end_label == "done"

@@ -42,7 +42,8 @@ def build(names: Names, run: Run) -> dict[str, Any]:
     return {"version": 1, "lab": run.lab, "run": run.id, "mode": run.mode,
             "created": run.created, "vms": vms, "snapshot_set": run.snapshot_set,
             "link": run.link,
-            "pre": run.pre, "post": run.post, "events": runs.events(names, run.id)}
+            "pre": run.pre, "post": run.post,
+            "events": [ev.to_dict() for ev in runs.events(names, run.id)]}
 
 
 def write(names: Names, run: Run) -> Path:

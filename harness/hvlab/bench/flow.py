@@ -23,6 +23,7 @@ from hvlab.flow import engine
 from hvlab.lab import definition, runs, substrate
 from hvlab.lab.definition import LabDef
 from hvlab.lab.paths import Names
+from hvlab.lab.record import Event
 
 DISK_SIZE = "64M"
 DISK_FS = "ext4"
@@ -70,10 +71,9 @@ def skew_of(vm_rec: dict[str, Any]) -> dict[str, Any] | None:
     return out or None
 
 
-def step_times(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"step": e["step"], "name": e["name"], "vm": e.get("vm"),
-             "seconds": round(float(e["end"]) - float(e["start"]), 4)}
-            for e in events if "end" in e and "start" in e and "step" in e]
+def step_times(events: list[Event]) -> list[dict[str, Any]]:
+    return [{"step": e.step, "name": e.name, "vm": e.vm, "seconds": round(e.seconds, 4)}
+            for e in events]
 
 
 def backup(lab: str, vms: list[str]) -> dict[str, Any]:
@@ -95,8 +95,7 @@ def backup(lab: str, vms: list[str]) -> dict[str, Any]:
     evs = runs.events(names, run.id)
     return {
         "run": run.id, "state": run.state, "error": error or run.error, "wall_s": wall,
-        "events_s": (max(e["end"] for e in evs if "end" in e)
-                     - min(e["start"] for e in evs if "start" in e)) if evs else None,
+        "events_s": (max(e.end for e in evs) - min(e.start for e in evs)) if evs else None,
         "windows_s": {v: w.seconds if (w := run.vm[v].window) else None for v in run.vms},
         "class": {v: run.vm[v].cls for v in run.vms},
         "skew": {v: skew_of(raw["vm"][v]) for v in run.vms},

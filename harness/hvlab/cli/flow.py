@@ -215,9 +215,9 @@ def runs_cmd(lab_name: str | None, as_json: bool) -> None:
     """Backup runs: id, VMs, mode, state, consistency."""
     from rich.console import Console
 
-    from hvlab.flow import explain
     from hvlab.lab import runs
     from hvlab.lab.paths import Names
+    from hvlab.report import explain
 
     rows = runs.all_runs(Names(_lab(lab_name)))
     if as_json:
@@ -258,9 +258,9 @@ def explain(run_id: str, lab_name: str | None, as_json: bool, show_commands: boo
     """The timeline of a run: what B, C, A, S held at each step, and where writes went."""
     from rich.console import Console
 
-    from hvlab.flow import explain as ex
     from hvlab.lab import runs
     from hvlab.lab.paths import Names
+    from hvlab.report import explain as ex
 
     png, svg = _out_path("--png", png), _out_path("--svg", svg)
     table_svg = _out_path("--table-svg", table_svg)
@@ -268,10 +268,10 @@ def explain(run_id: str, lab_name: str | None, as_json: bool, show_commands: boo
         raise BadInput("--json prints the raw events; use it alone")
     names = Names(_lab(lab_name))
     record = runs.load(names, run_id)
-    run = record.to_dict()
     evs = runs.events(names, run_id)
     if as_json:
-        click.echo(json.dumps({"run": run, "events": evs}, indent=2))
+        click.echo(json.dumps({"run": record.to_dict(), "events": [e.to_dict() for e in evs]},
+                              indent=2))
         return
     if show_commands:
         for line in ex.command_lines(record, evs):
@@ -289,10 +289,10 @@ def explain(run_id: str, lab_name: str | None, as_json: bool, show_commands: boo
         saved.append(table_svg)
     for fmt, path in (("png", png), ("svg", svg)):
         if path is not None:
-            from hvlab.flow import timeline
+            from hvlab.report import draw
 
             try:
-                timeline.save(run, evs, path, fmt, state=runs.effective_state(record))
+                draw.save(record, evs, path, fmt, state=runs.effective_state(record))
             except OSError as exc:
                 raise BadInput(f"cannot write --{fmt} {path}: {exc.strerror or exc}") from None
             saved.append(path)

@@ -16,7 +16,7 @@ from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, live, runs
 from hvlab.lab.handle import Lab
 from hvlab.lab.paths import Names
-from hvlab.lab.record import Artifact, Disk, Run, Vm
+from hvlab.lab.record import Artifact, Disk, Event, Run, Vm
 from hvlab.sys import dm, fs
 from hvlab.sys.lvm import Lvm, LvRow
 from hvlab.sys.run import Result
@@ -92,7 +92,7 @@ class Ctx:
         self.block_digests: dict[int, bytes] = {}  # data block -> sha256 of its content
         self.thin_ids: dict[str, int] = {}  # an LV's thin id never changes
         self.last_dump: thinmeta.Dump | None = None  # step 13's metadata, for its hashes
-        self.pending: tuple[dict[str, Any], Any] | None = None  # (event, pool) hashing
+        self.pending: tuple[Event, Any] | None = None  # (event, pool) hashing
         self.pending_future: Any = None
 
     def save(self) -> None:

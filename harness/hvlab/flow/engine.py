@@ -27,7 +27,7 @@ from hvlab.flow.context import ROLE_OF, Ctx, Say, quiet
 from hvlab.lab import runs
 from hvlab.lab.handle import Lab
 from hvlab.lab.paths import Names
-from hvlab.lab.record import Disk, Run, Vm
+from hvlab.lab.record import Disk, Event, Run, Vm
 from hvlab.lab.state import locked
 from hvlab.sys.lvm import LvRow
 
@@ -43,9 +43,9 @@ class FlowFailed(HvlabError):
     """A step failed; the run was unwound (thawed, artifacts removed, C merged if live)."""
 
 
-def _say_event(ctx: Ctx, ev: dict[str, Any]) -> None:
-    d = ev.get("detail") or {}
-    who = ev["vm"] or "job"
+def _say_event(ctx: Ctx, ev: Event) -> None:
+    d = ev.detail
+    who = ev.vm or "job"
 
     def fmt(v: Any) -> str:
         if isinstance(v, list):
@@ -55,9 +55,9 @@ def _say_event(ctx: Ctx, ev: dict[str, Any]) -> None:
     extra = d.get("skipped") or ", ".join(f"{k}={fmt(v)}" for k, v in d.items()
                                           if k in ("class", "made", "removed", "merged",
                                                    "window_s", "consistent_after"))
-    w = ", ".join(f"{k}->{x['artifact']}" for k, x in ev["writes_to"].items()
-                  if ev["vm"] is None or k.startswith(f"{ev['vm']}/"))
-    ctx.say(f"[{ev['step']:02d}] {who:5} {ev['name']:<24} {ev['end'] - ev['start']:6.2f}s  "
+    w = ", ".join(f"{k}->{ev.writes(k)}" for k in ev.writes_to
+                  if ev.vm is None or k.startswith(f"{ev.vm}/"))
+    ctx.say(f"[{ev.step or 0:02d}] {who:5} {ev.name:<24} {ev.seconds:6.2f}s  "
             f"{extra}  writes: {w}")
 
 

@@ -21,6 +21,7 @@ from hvlab.backup import thinmeta
 from hvlab.flow import steps as S
 from hvlab.flow.context import Ctx, thin_ids
 from hvlab.lab import runs
+from hvlab.lab.record import Command, Event
 from hvlab.sys.run import program_log
 from hvlab.sys.uevents import watch
 
@@ -36,12 +37,11 @@ BACKGROUND = {8, 10}
 FLUSH_BEFORE = {4, 11}
 
 
-def run_step(ctx: Ctx, n: int, vm: str | None) -> dict[str, Any]:
+def run_step(ctx: Ctx, n: int, vm: str | None) -> Event:
     """Run step n's action for vm (None: the job) and record its event, also on failure."""
     st = S.step(n)
-    ev: dict[str, Any] = {"run": ctx.run.id, "step": n, "name": st.name, "vm": vm,
-                          "veeam": st.veeam, "lab": st.lab, "in_freeze": st.in_freeze,
-                          "start": time.time()}
+    ev = Event(run=ctx.run.id, step=n, name=st.name, vm=vm, veeam=st.veeam, lab=st.lab,
+               in_freeze=st.in_freeze, start=time.time(), end=0.0)
     ok = False
     if n in FLUSH_BEFORE:
         flush(ctx)
@@ -49,35 +49,33 @@ def run_step(ctx: Ctx, n: int, vm: str | None) -> dict[str, Any]:
         with watch(settle=0.0) as rec, program_log() as commands:
             ctx.uevents = rec
             try:
-                ev["detail"] = S.ACTIONS[n](ctx, vm)
+                ev.detail = S.ACTIONS[n](ctx, vm)
                 ok = True
             except BaseException as exc:
-                ev["error"] = f"{type(exc).__name__}: {exc}"
+                ev.error = f"{type(exc).__name__}: {exc}"
                 raise
             finally:
-                ev["end"] = time.time()
+                ev.end = time.time()
     finally:
-        ev["devices_created"] = rec.created()
-        ev["devices_removed"] = rec.removed()
-        ev["commands"] = [{"argv": c.argv, "rc": c.returncode, "seconds": c.seconds}
-                          for c in commands]
-        ev["writes_to"] = writes_to(ctx, vm)
-        ev["fingerprints"] = None
+        ev.devices_created = rec.created()
+        ev.devices_removed = rec.removed()
+        ev.commands = [Command(c.argv, c.returncode, c.seconds) for c in commands]
+        ev.writes_to = writes_to(ctx, vm)
         if ok and ctx.fingerprints and n in FINGERPRINT_AFTER:
             flush(ctx)  # a hash still running in the background fills the cache first
             if n in BACKGROUND:
-                ev["fingerprints_note"] = f"{FINGERPRINT_AFTER[n]}: hashed in the background"
+                ev.fingerprints_note = f"{FINGERPRINT_AFTER[n]}: hashed in the background"
                 in_background(ctx, ev, vm)
             else:
-                ev["fingerprints"] = fingerprints(ctx, vm)
-                ev["fingerprints_note"] = FINGERPRINT_AFTER[n]
+                ev.fingerprints = fingerprints(ctx, vm)
+                ev.fingerprints_note = FINGERPRINT_AFTER[n]
         ctx.last_dump = None
-        ev["observed_s"] = round(time.time() - ev["end"], 4)
+        ev.observed_s = round(time.time() - ev.end, 4)
         runs.append_event(ctx.names, ctx.run.id, ev, durable=not ctx.in_window)
     return ev
 
 
-def in_background(ctx: Ctx, ev: dict[str, Any], vm: str | None) -> None:
+def in_background(ctx: Ctx, ev: Event, vm: str | None) -> None:
     """Fingerprint what exists now, later: which artifacts exist and which is live are read
     now, and the pool's metadata snapshot is taken now (one message); reading it, and the
     blocks it maps, happen in a thread while the next steps run (`flush` waits for it)."""
@@ -107,13 +105,13 @@ def flush(ctx: Ctx) -> None:
     (ev, pool), future = ctx.pending, ctx.pending_future
     ctx.pending, ctx.pending_future = None, None
     try:
-        fps, note = future.result(), FINGERPRINT_AFTER[ev["step"]]
+        fps, note = future.result(), FINGERPRINT_AFTER[ev.step or 0]
     except Exception as exc:  # the run goes on; the event says why it has no hash
         fps, note = None, f"not hashed: {type(exc).__name__}: {exc}"
     finally:
         pool.shutdown()
     runs.append_event(ctx.names, ctx.run.id, {
-        "run": ctx.run.id, "step": ev["step"], "vm": ev["vm"], "supplement": "fingerprints",
+        "run": ctx.run.id, "step": ev.step, "vm": ev.vm, "supplement": "fingerprints",
         "fingerprints": fps, "fingerprints_note": note, "at": time.time()})
 
 

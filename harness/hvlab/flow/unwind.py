@@ -19,7 +19,7 @@ from hvlab.errors import HvlabError
 from hvlab.flow import dest, windowguard
 from hvlab.flow.context import Ctx, ar_ctl
 from hvlab.lab import links, live, runs
-from hvlab.lab.record import Artifact, Run
+from hvlab.lab.record import Artifact, Command, Event, Run
 from hvlab.sys import dm
 from hvlab.sys.run import program_log
 
@@ -184,13 +184,12 @@ def unwind(ctx: Ctx, final: str, *, record: bool = True,
     ctx.save()
     if not record:
         return notes
-    runs.append_event(ctx.names, run.id, {
-        "run": run.id, "step": None, "name": f"unwind ({final})", "vm": None,
-        "start": start, "end": time.time(), "detail": {"notes": notes},
-        "commands": [{"argv": c.argv, "rc": c.returncode, "seconds": c.seconds}
-                     for c in commands],
-        "writes_to": {f"{v}/{d}": {"lv": ctx.mapped_lv(disk), "artifact": "B"}
-                      for v, d, disk in ctx.disks()}})
+    runs.append_event(ctx.names, run.id, Event(
+        run=run.id, step=None, name=f"unwind ({final})", vm=None, start=start, end=time.time(),
+        detail={"notes": notes},
+        commands=[Command(c.argv, c.returncode, c.seconds) for c in commands],
+        writes_to={f"{v}/{d}": {"lv": ctx.mapped_lv(disk), "artifact": "B"}
+                   for v, d, disk in ctx.disks()}))
     for note in notes:
         ctx.say(f"  {note}")
     return notes

@@ -171,3 +171,78 @@ class Run:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)
+
+
+@dataclass
+class Command:
+    """One external command a step ran (the program log), or an ioctl named `dm-ioctl`."""
+
+    argv: list[str]
+    rc: int
+    seconds: float
+
+
+@dataclass
+class Event:
+    """What one step did, as `flow/observe.py` records it (one line of `events.jsonl`).
+
+    `step` is None for an unwind's event. `detail` is the step's own report (its action's
+    return value; `made`/`removed`/`merged` list artifacts as {vm, disk, artifact, lv}).
+    `writes_to` is, per disk key "vm/disk", the LV the guest's controller maps after the
+    step and its role letter. `fingerprints` (per disk key, per artifact) are there at T0,
+    after auto-recovery and before the merge; None where the step was not hashed.
+    `commands` is None for runs recorded before the program log.
+    """
+
+    run: str
+    step: int | None
+    name: str
+    vm: str | None
+    start: float
+    end: float
+    veeam: str = ""
+    lab: str = ""
+    in_freeze: bool = False
+    detail: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    devices_created: list[str] = field(default_factory=list)
+    devices_removed: list[str] = field(default_factory=list)
+    commands: list[Command] | None = None
+    writes_to: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    fingerprints: dict[str, dict[str, Any]] | None = None
+    fingerprints_note: str | None = None
+    observed_s: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+    def writes(self, key: str) -> str | None:
+        """The role letter the guest's writes on disk `key` go to after this step."""
+        return (self.writes_to.get(key) or {}).get("artifact")
+
+    def artifacts(self, what: str) -> list[tuple[str, str]]:
+        """(disk key, artifact) of the detail's explicit list `what` (made/removed/merged)."""
+        return [(f"{x['vm']}/{x['disk']}", str(x["artifact"]))
+                for x in self.detail.get(what) or [] if isinstance(x, dict)]
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Event:
+        cmds = d.get("commands")
+        known = _pick(Event, {k: v for k, v in d.items() if k != "commands"})
+        known["detail"] = known.get("detail") or {}
+        known["writes_to"] = known.get("writes_to") or {}
+        known["devices_created"] = known.get("devices_created") or []
+        known["devices_removed"] = known.get("devices_removed") or []
+        for key, default in (("run", ""), ("step", None), ("name", "?"), ("vm", None),
+                             ("start", 0.0)):
+            known.setdefault(key, default)  # a record older than these fields
+        known.setdefault("end", known["start"])
+        return Event(**known, commands=None if cmds is None else [
+            Command(list(c["argv"]), int(c["rc"]), float(c["seconds"])) for c in cmds])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = _plain(self)
+        if self.commands is not None:
+            d["commands"] = [_plain(c) for c in self.commands]
+        return d

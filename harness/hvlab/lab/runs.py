@@ -19,7 +19,7 @@ import psutil
 from hvlab.errors import BadInput, HvlabError
 from hvlab.lab.definition import shown
 from hvlab.lab.paths import Names, refuse_links
-from hvlab.lab.record import ACTIVE, FINAL, Run
+from hvlab.lab.record import ACTIVE, FINAL, Event, Run
 from hvlab.lab.state import write_json_atomic
 from hvlab.sys import private
 
@@ -106,23 +106,26 @@ def active_runs(names: Names) -> list[Run]:
     return [r for r in all_runs(names) if r.state in ACTIVE]
 
 
-def append_event(names: Names, run_id: str, event: dict[str, Any], *,
+def append_event(names: Names, run_id: str, event: Event | dict[str, Any], *,
                  durable: bool = True) -> None:
+    """One line of the run's events.jsonl: a step's Event, or a supplement (a dict) that
+    `events` folds into an earlier event (fingerprints hashed after their step)."""
+    data = event.to_dict() if isinstance(event, Event) else event
     path = run_dir(names, run_id) / "events.jsonl"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     with os.fdopen(fd, "a") as f:
-        f.write(json.dumps(event, sort_keys=True) + "\n")
+        f.write(json.dumps(data, sort_keys=True) + "\n")
         f.flush()
         if durable:
             os.fsync(f.fileno())
 
 
-def events(names: Names, run_id: str) -> list[dict[str, Any]]:
+def events(names: Names, run_id: str) -> list[Event]:
     path = run_dir(names, run_id) / "events.jsonl"
     if not path.exists():
         return []
-    out: list[dict[str, Any]] = []
+    out: list[Event] = []
     for line in path.read_text().splitlines():
         try:
             ev = json.loads(line)
@@ -130,12 +133,12 @@ def events(names: Names, run_id: str) -> list[dict[str, Any]]:
             continue  # the half-written last line of a killed run
         if ev.get("supplement") == "fingerprints":  # hashed after its step: fold it in
             for earlier in reversed(out):
-                if (earlier.get("step"), earlier.get("vm")) == (ev.get("step"), ev.get("vm")):
-                    earlier["fingerprints"] = ev.get("fingerprints")
-                    earlier["fingerprints_note"] = ev.get("fingerprints_note")
+                if (earlier.step, earlier.vm) == (ev.get("step"), ev.get("vm")):
+                    earlier.fingerprints = ev.get("fingerprints")
+                    earlier.fingerprints_note = ev.get("fingerprints_note")
                     break
             continue
-        out.append(ev)
+        out.append(Event.from_dict(ev))
     return out
 
 

@@ -1,20 +1,14 @@
-"""`hvlab explain RUN --png/--svg`: a run as a timeline picture (matplotlib, Agg; no display).
-
-x = seconds since the job started (the run's registration). Per VM a lane for the guest (its
-freeze window against the flush-and-hold limit), per disk a lane per artifact (B, C, A, S_B,
-S_A) with a bar over its lifetime: from the start of the step that made it to the end of the
-step that removed or merged it (or to the end of the record). A red band inside the B or C bar
-is where the guest's writes go (the controller's target after each step, `writes_to`). Step
-starts are dotted lines labelled 1-14 (U: unwind). Pure functions of the run record and its
-events: `build` computes the geometry, `figure` draws it, `save` writes PNG or SVG.
+"""`hvlab explain RUN --png/--svg`: a run's geometry (report/geometry.py) drawn with
+matplotlib (Agg; no display). A red band inside the B or C bar is where the guest's writes go;
+each VM's freeze window is shaded against the flush-and-hold limit and magnified below; step
+starts are dotted lines. `figure` draws, `save` writes PNG or SVG.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
@@ -25,11 +19,9 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Annotation
 
 from hvlab.flow import steps as S
-from hvlab.flow.consistency import CRASH
+from hvlab.lab.record import ARTIFACTS, Event, Run
+from hvlab.report.geometry import ROLE, Timeline, Window, build, stack
 
-ARTS = ("B", "C", "A", "S_B", "S_A")
-ROLE = {"B": "live disk", "C": "backup checkpoint", "A": "auto-recovery ckpt",
-        "S_B": "host snapshot of B", "S_A": "host snapshot of A"}
 COLOR = {"B": "#2e7d32", "C": "#ef8f00", "A": "#8e24aa", "S_B": "#1565c0", "S_A": "#4f9fe8"}
 WRITES = "#d32f2f"
 FROZEN = "#26c6da"
@@ -38,221 +30,7 @@ LIMIT = "#00838f"
 RECOVERY = "#4a148c"
 READ = "#0d47a1"
 ZOOM_STEPS = {"4": "0.6", "5": "#f7c77f", "6": "#c692d4", "7": "0.6", "8": "0.6"}  # C, A colours
-FLUSH_AND_HOLD_S = 10.0  # Hyper-V's flush-and-hold limit, when the run did not record it
 FORMATS = ("png", "svg")
-
-
-@dataclass(frozen=True)
-class Span:
-    """Something on a lane from start to end (seconds since the job started)."""
-
-    lane: str
-    start: float
-    end: float
-    open_end: bool = False  # still there when the record ends
-
-
-@dataclass(frozen=True)
-class StepMark:
-    start: float
-    end: float
-    label: str  # "1".."14", "U" for an unwind
-    vm: str | None
-    failed: bool = False
-    skipped: bool = False
-
-
-@dataclass(frozen=True)
-class Window:
-    """A VM's freeze window (step 4 to the thaw in step 8)."""
-
-    vm: str
-    start: float
-    end: float
-    seconds: float | None  # the measured length; None: never thawed by step 8
-    limit: float
-    t0: float | None = None  # step 7: the last C made (the backup's point in time)
-
-
-@dataclass
-class Timeline:
-    title: str
-    t_end: float
-    lanes: list[tuple[str, str]]  # (key, label), top to bottom
-    artifacts: list[Span] = field(default_factory=list)
-    writes: list[Span] = field(default_factory=list)
-    recovery: list[Span] = field(default_factory=list)  # step 10 writing A
-    reads: list[Span] = field(default_factory=list)  # step 13 reading S_A
-    steps: list[StepMark] = field(default_factory=list)
-    windows: list[Window] = field(default_factory=list)
-    notes: dict[str, str] = field(default_factory=dict)  # lane -> text after its last bar
-    guest_notes: dict[str, str] = field(default_factory=dict)  # vm -> text (no freeze)
-    merged: list[Span] = field(default_factory=list)  # C lanes merged into B at `end`
-    end_label: str = "end"  # the run's state where the record ends
-
-
-def _lanes(detail: dict[str, Any], key: str, art_of: dict[str, str]) -> list[str]:
-    """Lanes of the explicit artifact list `key` ({vm, disk, artifact, lv}); records made
-    before artifacts were explicit name LVs ("c -> b" for a merge)."""
-    out = []
-    for x in detail.get(key) or []:
-        if isinstance(x, dict):
-            out.append(f"{x['vm']}/{x['disk']} {x['artifact']}")
-        elif (lv := str(x).split(" -> ")[0]) in art_of:
-            out.append(art_of[lv])
-    return out
-
-
-def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
-
-
-def disk_keys(run: dict[str, Any]) -> list[tuple[str, str]]:
-    """(vm, disk) of every disk in the run, in the run's order."""
-    return [(vm, d) for vm in run["vms"] for d in run["vm"][vm]["disks"]]
-
-
-class Record(Protocol):
-    """A typed run record that converts to the JSON shape of run.json."""
-
-    def to_dict(self) -> dict[str, Any]: ...
-
-
-RunRecord = Mapping[str, Any] | Record
-
-
-def as_dict(run: RunRecord, state: str | None = None) -> dict[str, Any]:
-    """The run in run.json's shape (keys as stored, "class" for the consistency class),
-    with state replaced when given (e.g. `interrupted` for a run whose process died)."""
-    out = dict(run) if isinstance(run, Mapping) else run.to_dict()
-    if state is not None:
-        out["state"] = state
-    return out
-
-
-def title_of(run: dict[str, Any]) -> str:
-    vms = ", ".join(f"{vm} ({run['vm'][vm].get('class') or 'class not decided'})"
-                    for vm in run["vms"])
-    return (f"hvlab run {run.get('id', '?')}  -  lab {run.get('lab', '?')}  -  {vms}  -  "
-            f"{run.get('mode', 'on-host')}, {run.get('state', '?')}")
-
-
-def build(record: RunRecord, events: list[dict[str, Any]], state: str | None = None
-          ) -> Timeline:
-    """Where every artifact, write target, freeze window and step lies in time."""
-    run = as_dict(record, state)
-    starts = [x for ev in events if (x := _num(ev.get("start"))) is not None]
-    origin = _num(run.get("created")) or (min(starts) if starts else 0.0)
-
-    def t(x: Any) -> float:
-        v = _num(x)
-        return 0.0 if v is None else max(0.0, v - origin)
-
-    t_end = max([t(ev.get("end")) for ev in events] + [1e-3])
-    lanes: list[tuple[str, str]] = [("steps", "job steps")]
-    art_of: dict[str, str] = {}  # LV name -> lane
-    for vm in run["vms"]:
-        v = run["vm"][vm]
-        lanes.append((f"{vm} guest", f"{vm} guest ({v.get('profile', '?')})"))
-        for disk, info in v["disks"].items():
-            for a in ARTS:
-                lanes.append((f"{vm}/{disk} {a}", f"{disk}  {a}  {ROLE[a]}"))
-                if info.get(a):
-                    art_of[str(info[a])] = f"{vm}/{disk} {a}"
-    tl = Timeline(title=title_of(run), t_end=t_end, lanes=lanes,
-                  end_label=str(run.get("state") or "end"))
-    keys = [f"{vm}/{d}" for vm, d in disk_keys(run)]
-    born: dict[str, float] = {f"{k} B": 0.0 for k in keys}  # lane -> start of its bar
-    target = {k: ("B", 0.0) for k in keys}  # disk -> (artifact the guest writes, since)
-
-    def close(lane: str, end: float, open_end: bool = False) -> None:
-        if lane in born:
-            tl.artifacts.append(Span(lane, born.pop(lane), end, open_end))
-
-    for ev in events:
-        s, e = t(ev.get("start")), t(ev.get("end"))
-        detail = ev.get("detail") or {}
-        step = ev.get("step")
-        tl.steps.append(StepMark(s, e, str(step) if step else "U", ev.get("vm"),
-                                 failed=bool(ev.get("error")),
-                                 skipped=bool(detail.get("skipped"))))
-        for lane in _lanes(detail, "made", art_of):
-            born.setdefault(lane, s)
-        for fp_key, fps in (ev.get("fingerprints") or {}).items():  # made by a killed step
-            for a in fps or {}:
-                lane = f"{fp_key} {a}"
-                if lane not in born and not any(x.lane == lane for x in tl.artifacts):
-                    born[lane] = s
-        for lane in _lanes(detail, "removed", art_of):
-            close(lane, e)
-        for lane in _lanes(detail, "merged", art_of):
-            close(lane, e)
-            tl.merged.append(Span(lane, s, e))
-        if step is None:  # an unwind leaves only the live disks
-            for lane in [x for x in born if not x.endswith(" B")]:
-                close(lane, e)
-        for k, where in (ev.get("writes_to") or {}).items():
-            if k not in target:
-                continue
-            now = (where or {}).get("artifact", "?")
-            cur, since = target[k]
-            if now != cur:
-                if cur in ("B", "C"):
-                    tl.writes.append(Span(f"{k} {cur}", since, e))
-                target[k] = (now, e)
-        if step == 10 and not detail.get("skipped") and not ev.get("error"):
-            tl.recovery += [Span(f"{k} A", s, e) for k in keys if k.startswith(f"{ev['vm']}/")]
-        if step == 13 and not ev.get("error"):
-            tl.reads += [Span(f"{k} S_A", s, e) for k in keys]
-    for lane in list(born):
-        close(lane, t_end, open_end=run.get("state") != "done")
-    for k, (cur, since) in target.items():
-        if cur in ("B", "C"):
-            tl.writes.append(Span(f"{k} {cur}", since, t_end, open_end=True))
-    for vm in run["vms"]:
-        v = run["vm"][vm]
-        w = v.get("window") or {}
-        fs = _num(w.get("freeze_start"))
-        limit = _num((v.get("freeze_reply") or {}).get("timeout_s")) or FLUSH_AND_HOLD_S
-        if fs is not None:
-            secs = _num(w.get("seconds"))
-            if secs is not None:
-                end = t(fs + secs)
-            else:  # failed inside the window: the guest stayed frozen until the unwind
-                after = [m.end for m in tl.steps if m.start >= t(fs) and m.label == "U"]
-                end = min(after) if after else t_end
-            t0 = _num(v.get("t0"))
-            tl.windows.append(Window(vm, t(fs), end, secs, limit,
-                                     t(t0) if t0 is not None else None))
-        elif v.get("answers") is False:
-            tl.guest_notes[vm] = (f"no freeze: {v.get('class') or 'crash-consistent'} "
-                                  f"(the guest did not answer)")
-        elif v.get("class") == CRASH:
-            tl.guest_notes[vm] = "no freeze: crash-consistent"
-    proxy = ((run.get("link") or {}).get("proxy") or {}).get("address")
-    for key, img in (run.get("images") or {}).items():
-        if proxy:
-            tl.notes[f"{key} S_A"] = f"read off-host over NBD by the proxy at {proxy}"
-        ranges = img.get("auto_recovery_ranges") or []
-        n = sum(int(r.get("length", 0)) for r in ranges)
-        tl.notes[f"{key} A"] = (f"auto-recovery changed {n / 1024:,.0f} KiB in {len(ranges)} "
-                                f"range{'s' if len(ranges) != 1 else ''}")
-    return tl
-
-
-def stack(spans: list[tuple[float, float]], gap: float = 6.0) -> list[int]:
-    """A row for each (left, right) span so that no two spans in a row overlap (greedy,
-    left to right); rows count up from 0."""
-    right: list[float] = []  # per row: where its last span ends
-    rows = [0] * len(spans)
-    for i in sorted(range(len(spans)), key=lambda i: spans[i][0]):
-        left, end = spans[i]
-        row = next((r for r, e in enumerate(right) if left > e + gap), len(right))
-        if row == len(right):
-            right.append(end)
-        right[row] = end
-        rows[i] = row
-    return rows
 
 
 def _text_px(text: str, fontsize: float) -> float:
@@ -466,7 +244,7 @@ def figure(tl: Timeline) -> Figure:
         labels.append(_draw_zoom(fig.add_subplot(grid[1 + i]), tl, w, width_px))
 
     handles: list[Artist] = [Patch(color=COLOR[a], alpha=0.5, label=f"{a}: {ROLE[a]}")
-                             for a in ARTS]
+                             for a in ARTIFACTS]
     handles += [
         Patch(color=WRITES, label="the guest's writes go here (controller's target)"),
         Patch(color=FROZEN, label="guest frozen (flush-and-hold, steps 4-8)"),
@@ -488,7 +266,7 @@ def figure(tl: Timeline) -> Figure:
     return fig
 
 
-def save(run: RunRecord, events: list[dict[str, Any]], path: Path, fmt: str | None = None,
+def save(run: Run, events: list[Event], path: Path, fmt: str | None = None,
          state: str | None = None) -> Path:
     """Draw the run and write it to path (PNG or SVG, from fmt or the suffix)."""
     kind = fmt or path.suffix.lstrip(".").lower() or "png"

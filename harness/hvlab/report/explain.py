@@ -1,4 +1,5 @@
-"""`hvlab runs` and `hvlab explain RUN`: the timeline of a real run as rich tables."""
+"""`hvlab runs` and `hvlab explain RUN`: the timeline of a real run as rich tables, and the
+commands each step ran."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from rich.table import Table
 
 from hvlab.lab import runs
 from hvlab.lab.paths import Names
-from hvlab.lab.record import ARTIFACTS, Run
+from hvlab.lab.record import ARTIFACTS, Event, Run
 
 ARTS = ARTIFACTS
 
@@ -42,7 +43,7 @@ def cell(fp: dict[str, Any] | None, prev: dict[str, Any] | None) -> str:
     return f"{str(fp['sha256'])[:8]}/{fp['mapped_blocks']}{mark}"
 
 
-def timeline(run: Run, events: list[dict[str, Any]]) -> list[Table]:
+def timeline(run: Run, events: list[Event]) -> list[Table]:
     """One table per disk: per step, what B, C, A, S held and where the guest's writes went."""
     tables = []
     for vm, disk, _ in run.disks():
@@ -59,12 +60,10 @@ def timeline(run: Run, events: list[dict[str, Any]]) -> list[Table]:
             t.add_column(col, no_wrap=col != "what", min_width=18 if col == "what" else None)
         last: dict[str, dict[str, Any]] = {}
         for ev in events:
-            if ev.get("vm") not in (None, vm):
+            if ev.vm not in (None, vm):
                 continue
-            dur = f"{ev['end'] - ev['start']:.2f}"
-            wt = (ev.get("writes_to") or {}).get(key, {})
-            fps = ev.get("fingerprints")
-            if fps is None and ev.get("step") is not None:
+            fps = ev.fingerprints
+            if fps is None and ev.step is not None:
                 cells = ["~"] * len(ARTS)
             else:
                 mine = (fps or {}).get(key, {})
@@ -73,20 +72,20 @@ def timeline(run: Run, events: list[dict[str, Any]]) -> list[Table]:
                     cells.append(cell(mine.get(a), last.get(a)))
                     if mine.get(a):
                         last[a] = mine[a]
-            name = ev["name"] + (" [red]FAILED[/]" if ev.get("error") else "")
-            skipped = (ev.get("detail") or {}).get("skipped")
+            name = ev.name + (" [red]FAILED[/]" if ev.error else "")
+            skipped = ev.detail.get("skipped")
             if skipped:
                 name += f" [dim](skipped: {skipped})[/]"
             kernel = kernel_note(ev, vm, disk)
             if kernel:
                 name += f" [dim]kernel: {kernel}[/]"
-            t.add_row(str(ev.get("step") or "-"), ev.get("vm") or "job", name, dur,
-                      str(wt.get("artifact", "?")), *cells)
+            t.add_row(str(ev.step or "-"), ev.vm or "job", name, f"{ev.seconds:.2f}",
+                      ev.writes(key) or "?", *cells)
         tables.append(t)
     return tables
 
 
-def kernel_note(ev: dict[str, Any], vm: str, disk: str) -> str:
+def kernel_note(ev: Event, vm: str, disk: str) -> str:
     """The block devices of this disk the kernel added (+) and removed (-) in a step, by LV or
     device name without the lab prefix (from the step's uevents)."""
     mine = f"{vm}_{disk}"
@@ -95,42 +94,35 @@ def kernel_note(ev: dict[str, Any], vm: str, disk: str) -> str:
         # hvlab_<lab>-<lv> (LVM) or hvlab_<lab>_<ours>: keep what names the object
         return name.split("-", 1)[1] if "-" in name else name.split("_", 2)[-1]
 
-    out = [f"+{short(n)}" for n in ev.get("devices_created") or [] if mine in n]
-    out += [f"-{short(n)}" for n in ev.get("devices_removed") or [] if mine in n]
+    out = [f"+{short(n)}" for n in ev.devices_created if mine in n]
+    out += [f"-{short(n)}" for n in ev.devices_removed if mine in n]
     return " ".join(out)
 
 
 LANE_STYLE = {"B": "green", "C": "yellow", "A": "magenta", "S_B": "blue", "S_A": "blue"}
 
 
-def artifacts_in(detail: dict[str, Any], key: str) -> list[tuple[str, str]]:
-    """(disk key, artifact) of the explicit artifact list `key` (made/removed/merged)."""
-    return [(f"{x['vm']}/{x['disk']}", str(x["artifact"])) for x in detail.get(key) or []
-            if isinstance(x, dict)]
-
-
-def lanes(run: Run, events: list[dict[str, Any]]) -> list[Table]:
+def lanes(run: Run, events: list[Event]) -> list[Table]:
     """The picture, one per VM: a column per step (the VM's own 1-10, then the job's 11-14),
     per disk a lane for each artifact (present; * = changed since last measured), the guest's
     freeze and where its writes went."""
     out = []
     for vm in run.vms:
-        evs = [ev for ev in events if ev.get("vm") in (None, vm)]
+        evs = [ev for ev in events if ev.vm in (None, vm)]
         t = Table(title=f"{vm}: what exists after each step", box=None,
                   caption="[green]██[/] B  [yellow]██[/] C  [magenta]██[/] A  [blue]██[/] S  "
                           "[bold]*[/] changed  [cyan]❄[/] guest frozen  U unwind; writes: "
                           "what the guest's controller maps")
         t.add_column("", no_wrap=True)
         for ev in evs:
-            t.add_column(str(ev.get("step") or "U"), justify="center", no_wrap=True)
+            t.add_column(str(ev.step or "U"), justify="center", no_wrap=True)
         for label, cells in lane_rows(run, evs, vm).items():
             t.add_row(label, *cells)
         out.append(t)
     return out
 
 
-def lane_rows(run: Run, events: list[dict[str, Any]], vm: str | None = None
-              ) -> dict[str, list[str]]:
+def lane_rows(run: Run, events: list[Event], vm: str | None = None) -> dict[str, list[str]]:
     """Row label -> one rich-markup cell per event (empty: absent / not frozen), for one VM's
     disks or all of them."""
     vms = [vm] if vm else run.vms
@@ -139,25 +131,22 @@ def lane_rows(run: Run, events: list[dict[str, Any]], vm: str | None = None
     last: dict[tuple[str, str], Any] = {}
     writes = {f"{v}/{d}": "B" for v, d, _ in run.disks(vm)}  # until a step moves them
     for i, ev in enumerate(events):
-        detail = ev.get("detail") or {}
-        present.update(artifacts_in(detail, "made"))
-        present.difference_update(artifacts_in(detail, "removed")
-                                  + artifacts_in(detail, "merged"))
-        if ev.get("step") is None:  # unwind: only the live disks are left
+        present.update(ev.artifacts("made"))
+        present.difference_update(ev.artifacts("removed") + ev.artifacts("merged"))
+        if ev.step is None:  # unwind: only the live disks are left
             present = {p for p in present if p[1] == "B"}
         for v in vms:
-            frozen = (ev.get("in_freeze") and ev.get("vm") == v
+            frozen = (ev.in_freeze and ev.vm == v
                       and run.vm[v].answers is not False)  # crash-consistent: never
             rows.setdefault(f"{v} guest", [""] * len(events))[i] = "[cyan]❄[/]" if frozen else ""
             for disk in run.vm[v].disks:
                 key = f"{v}/{disk}"
                 # a VM's step records its own disks only: the others' stay as they were
-                wt = ((ev.get("writes_to") or {}).get(key) or {}).get("artifact") \
-                    or writes.get(key, "?")
+                wt = ev.writes(key) or writes.get(key, "?")
                 writes[key] = wt
                 rows.setdefault(f"{key} writes", [""] * len(events))[i] = (
                     f"[{LANE_STYLE.get(wt, 'white')}]{wt}[/]")
-                fps = ((ev.get("fingerprints") or {}).get(key)) or {}
+                fps = (ev.fingerprints or {}).get(key) or {}
                 for a in ARTS:
                     cell = ""
                     if (key, a) in present:
@@ -170,8 +159,7 @@ def lane_rows(run: Run, events: list[dict[str, Any]], vm: str | None = None
     return {label: cells for label, cells in rows.items() if any(cells)}
 
 
-def render_explain(run: Run, events: list[dict[str, Any]],
-                   console: Console | None = None) -> None:
+def render_explain(run: Run, events: list[Event], console: Console | None = None) -> None:
     con = console or Console()
     con.print(f"[bold]run {run.id}[/]  lab {run.lab}  VMs {' '.join(run.vms)}  "
               f"state {runs.effective_state(run)}  backup {run.dest}")
@@ -220,7 +208,7 @@ def link_line(link: dict[str, Any]) -> str:
             f"read-only, one export per disk){moved}")
 
 
-def command_lines(run: Run, events: list[dict[str, Any]]) -> list[str]:
+def command_lines(run: Run, events: list[Event]) -> list[str]:
     """Per step, the external commands it ran, shell-quoted (exit code and seconds after a
     #), with the lab's private LVM config so a person can run them by hand."""
     from shlex import join
@@ -228,14 +216,13 @@ def command_lines(run: Run, events: list[dict[str, Any]]) -> list[str]:
     lvm_dir = f"LVM_SYSTEM_DIR={Names(run.lab).lvm_dir}"
     out = [f"# run {run.id}: LVM commands need {lvm_dir}"]
     for ev in events:
-        cmds = ev.get("commands")
-        head = f"# [{ev.get('step') or 'U'}] {ev.get('vm') or 'job'} {ev.get('name')}"
-        if cmds is None:
+        head = f"# [{ev.step or 'U'}] {ev.vm or 'job'} {ev.name}"
+        if ev.commands is None:
             out.append(f"{head}: not recorded (a run from before the program log)")
             continue
-        out.append(f"{head}: {len(cmds)} command(s)" + (" FAILED" if ev.get("error") else ""))
-        for c in cmds:
-            argv, cost = c["argv"], f"rc {c['rc']}, {c['seconds']:.3f} s"
+        out.append(f"{head}: {len(ev.commands)} command(s)" + (" FAILED" if ev.error else ""))
+        for c in ev.commands:
+            argv, cost = c.argv, f"rc {c.rc}, {c.seconds:.3f} s"
             if argv[:1] == ["dm-ioctl"]:  # no command to copy: the backup's own ioctl
                 out.append(f"# ioctl: {' '.join(argv[1:])}  ({cost})")
             else:
@@ -243,15 +230,15 @@ def command_lines(run: Run, events: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def time_cost(events: list[dict[str, Any]], pauses: list[list[float]] | None = None) -> str:
+def time_cost(events: list[Event], pauses: list[list[float]] | None = None) -> str:
     """The steps' own time against the job's wall time from the first step's start to the
     last step's end, less the time it stood paused: what observation and bookkeeping
     between the steps cost."""
-    steps = [e for e in events if e.get("step") and "end" in e and "start" in e]
+    steps = [e for e in events if e.step]
     if not steps:
         return ""
-    own = sum(e["end"] - e["start"] for e in steps)
-    wall = max(e["end"] for e in steps) - min(e["start"] for e in steps)
+    own = sum(e.seconds for e in steps)
+    wall = max(e.end for e in steps) - min(e.start for e in steps)
     wall -= sum(b - a for a, b in pauses or [] if b > a)
     ratio = f" ({wall / own:.2f}x)" if own > 0 else ""
     return f"time: steps' own {own:.1f} s, wall {wall:.1f} s{ratio}"
