@@ -213,7 +213,7 @@ def test_pool_snapshots_by_message_with_metadata_clean_and_lvm_intact(
     lv = n.lv("vm01", "disk0")
     origin_dm, ctl = n.dm_lv_name(lv), n.ctl("vm01", "disk0")
     pool_dm = f"{n.dm_lv_name(n.pool)}-tpool"
-    rows = lvm.rows(n.vg)
+    rows = lvm.lvs(n.vg)
     origin_id = rows[lv].thin_id
     assert origin_id is not None
     new_id = max(r.thin_id for r in rows.values() if r.thin_id is not None) + 1
@@ -252,7 +252,7 @@ def test_pool_snapshots_by_message_with_metadata_clean_and_lvm_intact(
 
     # LVM allocates (name, thin id, tags, metadata) before the window; the pool fills it in.
     lvm("lvcreate", "-q", "-s", "-ky", "-n", "dmtest_c", f"{n.vg}/{lv}", "--addtag", n.tag)
-    c = lvm.rows(n.vg)["dmtest_c"]
+    c = lvm.lvs(n.vg)["dmtest_c"]
     assert c.thin_id is not None and c.major is None  # allocated, not active
     tid = thinmeta.pool_transaction_id(n)  # LVM's lvcreate moved it once
     with dmioctl.suspended(ctl, timeout=10):
@@ -270,7 +270,7 @@ def test_pool_snapshots_by_message_with_metadata_clean_and_lvm_intact(
         assert _sha(n.lv_path("dmtest_c")) == at_t0 != at_lvcreate
     finally:
         lvm("lvremove", "-q", "-y", f"{n.vg}/dmtest_c")
-    assert "dmtest_c" not in lvm.rows(n.vg) and thinmeta.check(n) == ""
+    assert "dmtest_c" not in lvm.lvs(n.vg) and thinmeta.check(n) == ""
     assert not [d for d in dmioctl.list_names() if "dmtest" in d.name]
 
 

@@ -25,14 +25,14 @@ from hvlab_fixtures.plugin import LabHandle
 pytestmark = pytest.mark.integration
 
 
-def _lvs(h: LabHandle) -> dict[str, str]:
-    return {r["lv_name"]: r["lv_tags"] for r in Lvm(h.names.lvm_dir).lvs(h.names.vg)}
+def _lvs(h: LabHandle) -> dict[str, frozenset[str]]:
+    return {n: r.tags for n, r in Lvm(h.names.lvm_dir).lvs(h.names.vg).items()}
 
 
 def _ctl_lv(h: LabHandle, vm: str, disk: str) -> str:
     """The LV the disk's controller maps, from its dm table (not the sysfs path hvlab uses)."""
     majmin = dm.target_of(h.names.ctl(vm, disk))
-    rows = Lvm(h.names.lvm_dir).rows(h.names.vg)
+    rows = Lvm(h.names.lvm_dir).lvs(h.names.vg)
     return next(r.name for r in rows.values() if f"{r.major}:{r.minor}" == majmin)
 
 
@@ -54,7 +54,7 @@ def test_an_abort_before_a_vms_step_4_removes_what_the_first_allocated(
     paused = engine.start(lab, ["vm01", "vm02"], pause_after=3, fingerprints=False)
     rid = paused.id
     assert paused.state == "paused"
-    rows = Lvm(h.names.lvm_dir).rows(h.names.vg)
+    rows = Lvm(h.names.lvm_dir).lvs(h.names.vg)
     for k, role in (("c", "role_checkpoint"), ("a", "role_autorecovery")):
         r = rows[f"vm02_disk0_{k}_{rid}"]
         assert r.major is None and r.origin == "vm02_disk0" and role in r.tags

@@ -51,7 +51,7 @@ def _chain(r: Run) -> dict[str, Any]:
 
 
 def _references(h: LabHandle) -> list[str]:
-    return chain.references(Lvm(h.names.lvm_dir).rows(h.names.vg), "vm01", "disk0")
+    return chain.references(Lvm(h.names.lvm_dir).lvs(h.names.vg), "vm01", "disk0")
 
 
 def _restored_equals(h: LabHandle, r: Run, copy: Path, name: str) -> None:
@@ -114,7 +114,7 @@ def test_a_chain_of_a_full_and_three_incrementals_restores_each_point(
     assert man["vms"][0]["disks"][0]["chain"]["parent"]["run"] == inc2.id
     # Step 13 computes deltas from its dump: the same answer as thin_delta, on this pool
     # (the live disk moved on from the reference: changed, new and discarded blocks).
-    rows = Lvm(h.names.lvm_dir).rows(h.names.vg)
+    rows = Lvm(h.names.lvm_dir).lvs(h.names.vg)
     ref, live = (rows[x].thin_id for x in (_references(h)[0], "vm01_disk0"))
     assert ref is not None and live is not None
     with thinmeta.metadata_snap(h.names) as ms:

@@ -37,14 +37,14 @@ def hvlab(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
 
 def test_up_builds_the_whole_stack(lab: LabHandle) -> None:
     names = lab.names
-    lvs = {r["lv_name"]: r for r in Lvm(names.lvm_dir).lvs(names.vg)}
+    lvs = Lvm(names.lvm_dir).lvs(names.vg)
     assert {"pool", "vm01_disk0", "vm01_disk1", "vm02_disk0"} <= set(lvs)
     for vm, disk in lab.defn.disks():
-        assert names.tag in lvs[f"{vm.name}_{disk.name}"]["lv_tags"]
+        assert names.tag in lvs[f"{vm.name}_{disk.name}"].tags
         ctl = names.ctl(vm.name, disk.name)
         # The guest mounts the controller, never the LV, and it maps exactly the LV.
         lv = lvs[names.lv(vm.name, disk.name)]
-        assert dm.target_of(ctl) == f"{lv['lv_kernel_major']}:{lv['lv_kernel_minor']}"
+        assert dm.target_of(ctl) == lv.majmin
         mounted = {m.target: m for m in fs.mounts()}
         m = mounted[str(names.mountpoint(vm.name, disk.name))]
         assert m.source == f"/dev/mapper/{ctl}" and m.fstype == disk.fs

@@ -134,7 +134,7 @@ def test_read_errors_below_the_snapshot(lab_factory: Callable[..., LabHandle]) -
         f.flush()
         os.fsync(f.fileno())  # a flush: the pool commits the mapping
     lv = h.names.lv("vm01", "disk0")
-    thin_id = Lvm(h.names.lvm_dir).rows(h.names.vg)[lv].thin_id
+    thin_id = Lvm(h.names.lvm_dir).lvs(h.names.vg)[lv].thin_id
     assert thin_id is not None
     with thinmeta.metadata_snap(h.names) as ms:
         block_bytes, _ = ms.dump()

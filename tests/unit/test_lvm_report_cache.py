@@ -20,8 +20,8 @@ from hvlab.sys.run import Result
 
 
 def _row(name: str, active: bool = True) -> LvRow:
-    return LvRow(name, "Vwi-a-tz--", "", "pool", frozenset(), 253 if active else None,
-                 1 if active else None, 1)
+    return LvRow(name, attr="Vwi-a-tz--", pool="pool", active=active,
+                 major=253 if active else None, minor=1 if active else None, thin_id=1)
 
 
 class FakeLab:

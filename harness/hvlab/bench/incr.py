@@ -37,8 +37,8 @@ RUN = 1 << 20
 def _snap(names: Names, lvm: Lvm, name: str) -> tuple[int, int]:
     lvm("lvcreate", "-q", "-s", "-kn", "-n", name, f"{names.vg}/vm01_disk0",
         "--addtag", names.tag)
-    row = {r["lv_name"]: r for r in lvm.lvs(names.vg)}[name]
-    return int(row["thin_id"]), int(row["lv_size"])
+    row = lvm.lvs(names.vg)[name]
+    return row.thin_id or 0, row.size or 0
 
 
 def _overwrite(mnt: Path, nbytes: int, rng: random.Random) -> int:

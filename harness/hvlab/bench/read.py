@@ -66,10 +66,10 @@ def measure(repeat: int, work: Path) -> dict[str, Any]:
         lvm("lvcreate", "-q", "-s", "-kn", "-n", "benchsnap", f"{names.vg}/vm01_disk0",
             "--addtag", names.tag)
         snap = names.lv_path("benchsnap")
-        row = {r["lv_name"]: r for r in lvm.lvs(names.vg)}["benchsnap"]
-        size = int(row["lv_size"])
+        row = lvm.lvs(names.vg)["benchsnap"]
+        size = row.size or 0
         with metadata_snap(names) as ms:
-            m = ms.mapping(int(row["thin_id"]))
+            m = ms.mapping(row.thin_id or 0)
         extents = [(first * m.block_bytes, n * m.block_bytes) for first, n in m.ranges]
         mapped = sum(n for _, n in extents)
         work.mkdir(parents=True, exist_ok=True)

@@ -16,13 +16,12 @@ import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from hvlab.errors import HvlabError
 from hvlab.flow.context import ROLE_OF, Ctx
 from hvlab.lab.record import Artifact
 from hvlab.sys import dmioctl as D
-from hvlab.sys.lvm import udev_running
+from hvlab.sys.lvm import LvRow, udev_running
 
 
 @dataclass(frozen=True)
@@ -63,15 +62,14 @@ def allocate(ctx: Ctx, wants: Sequence[Want]) -> dict[str, Slot]:
     return got
 
 
-def slots(rows: list[dict[str, Any]], lvs: Sequence[str]) -> dict[str, Slot]:
-    """lvs' thin ids and dm uuids, from an lvs report's rows."""
+def slots(rows: dict[str, LvRow], lvs: Sequence[str]) -> dict[str, Slot]:
+    """lvs' thin ids and dm uuids (what LVM names the kernel device by), from a report."""
     out = {}
-    for r in rows:
-        name = str(r.get("lv_name"))
-        if name in lvs and str(r.get("thin_id", "")).isdigit():
-            uuid = "LVM-" + str(r["vg_uuid"]).replace("-", "") + str(r["lv_uuid"]).replace("-",
-                                                                                           "")
-            out[name] = Slot(name, int(r["thin_id"]), uuid)
+    for name in lvs:
+        r = rows.get(name)
+        if r is not None and r.thin_id is not None:
+            uuid = "LVM-" + r.vg_uuid.replace("-", "") + r.uuid.replace("-", "")
+            out[name] = Slot(name, r.thin_id, uuid)
     return out
 
 

@@ -152,11 +152,11 @@ class Ctx:
             return
         row = rows[lv]
         attr = row.attr[:4] + "a" + row.attr[5:] if len(row.attr) > 4 else row.attr
-        rows[lv] = replace(row, attr=attr, major=major, minor=minor)
+        rows[lv] = replace(row, attr=attr, active=True, major=major, minor=minor)
 
-    def take(self, report: list[dict[str, Any]]) -> dict[str, LvRow]:
+    def take(self, rows: dict[str, LvRow]) -> dict[str, LvRow]:
         """Keep a full `lvs` report read some other way (at the end of a batch)."""
-        self._rows = {r.name: r for r in map(LvRow.from_report, report)}
+        self._rows = dict(rows)
         return self._rows
 
     def exists(self, lv: str) -> bool:

@@ -215,12 +215,11 @@ def _register(lab: Lab, run_id: str, vmdefs: list[Any], where: Path, pause_at: i
         if busy:
             raise BadInput(f"VM {busy[0]} is already in a running backup "
                            f"({r.id}, {runs.effective_state(r)})")
-    report = lab.lvm.lvs(names.vg)  # one scan: leftovers, the pool's room, the state before
-    rows = {r.name: r for r in map(LvRow.from_report, report)}
+    rows = lab.lvs()  # one scan: leftovers, the pool's room, the state before
     left = leftovers(lab, vms, set(active), rows)
     if left:
         raise BadInput("; ".join(left) + " - `hvlab recover` cleans up after dead runs")
-    preflight.check(report, names.vg, names.pool,
+    preflight.check(rows, names.vg, names.pool,
                     [names.lv(vd.name, d.name) for vd in vmdefs for d in vd.disks],
                     metadata_limit)
     run = Run(id=run_id, lab=lab.name, vms=vms, dest=str(where), created=time.time(),
@@ -231,7 +230,7 @@ def _register(lab: Lab, run_id: str, vmdefs: list[Any], where: Path, pause_at: i
                   for vd in vmdefs})
     runs.mark_self(run)
     ctx = Ctx(lab, run, say, fingerprints)
-    ctx.take(report)  # nothing changes LVM before step 4, which asks it again otherwise
+    ctx.take(rows)  # nothing changes LVM before step 4, which asks it again otherwise
     run.pre = snapshot_state(ctx, rows)
     backup_dir.claim(where, run_id)
     run.dest_made = True

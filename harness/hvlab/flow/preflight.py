@@ -5,7 +5,7 @@ too, until `lvconvert --repair`. So a job refuses to start, with one line and no
 when the pool's metadata is at or above a limit (80 % by default, where lvm users commonly set
 `thin_pool_autoextend_threshold`), when the worst case of this backup would take it past
 100 %, when its data space is already full, or when LVM reports the pool out of data,
-read-only or failed (`lv_health_status`). Every figure comes from one `lvs` JSON report.
+read-only or failed (`lv_health_status`). Every figure comes from one `lvs` report.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from hvlab.errors import BadInput
+from hvlab.sys.lvm import LvRow
 
 DEFAULT_METADATA_LIMIT = 80  # percent
 META_BLOCK = 4096  # dm-thin metadata block size, fixed by the kernel
@@ -45,35 +45,30 @@ class Pool:
         return math.ceil(self.metadata_percent * self.metadata_blocks / 100)
 
 
-def _number(row: Mapping[str, Any], key: str) -> float:
-    try:
-        value = float(str(row.get(key, "")))
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise BadInput(f"thin pool {row.get('vg_name')}/{row.get('lv_name')}: LVM reports no "
-                       f"{key} ({row.get(key)!r}); the pool may have failed - not starting")
-    return value
+def _figure(row: LvRow, what: str, value: float | None) -> float:
+    if value is None or not math.isfinite(value) or value < 0:
+        raise BadInput(f"thin pool {row.vg}/{row.name}: LVM reports no {what}; the pool may "
+                       f"have failed - not starting")
+    return float(value)
 
 
-def pool_of(rows: Sequence[Mapping[str, Any]], vg: str, pool: str) -> Pool:
-    row = next((r for r in rows if r.get("lv_name") == pool), None)
+def pool_of(rows: Mapping[str, LvRow], vg: str, pool: str) -> Pool:
+    row = rows.get(pool)
     if row is None:
         raise BadInput(f"thin pool {vg}/{pool} is missing: not starting the backup")
-    health = str(row.get("lv_health_status", "")).strip()
-    if health:  # its percentages may be stale or absent: say what LVM says first
-        return Pool(f"{vg}/{pool}", 0.0, 0.0, 0, 0, health)
-    return Pool(f"{vg}/{pool}", _number(row, "data_percent"), _number(row, "metadata_percent"),
-                int(_number(row, "lv_metadata_size")) // META_BLOCK,
-                int(_number(row, "chunk_size")), "")
+    if row.health:  # its percentages may be stale or absent: say what LVM says first
+        return Pool(f"{vg}/{pool}", 0.0, 0.0, 0, 0, row.health)
+    meta = _figure(row, "lv_metadata_size", row.metadata_size)
+    return Pool(f"{vg}/{pool}", _figure(row, "data_percent", row.data_percent),
+                _figure(row, "metadata_percent", row.metadata_percent),
+                int(meta) // META_BLOCK, int(_figure(row, "chunk_size", row.chunk_size)), "")
 
 
-def mapped_chunks(row: Mapping[str, Any], chunk_bytes: int) -> int:
+def mapped_chunks(row: LvRow | None, chunk_bytes: int) -> int:
     """Pool chunks a thin LV maps, from LVM's data_percent of its size (rounded up)."""
-    try:
-        pct, size = float(str(row.get("data_percent", ""))), int(str(row.get("lv_size", "")))
-    except ValueError:
+    if row is None or row.data_percent is None or row.size is None:
         return 0
+    pct, size = row.data_percent, row.size
     if not math.isfinite(pct) or pct <= 0 or size <= 0 or chunk_bytes <= 0:
         return 0
     return math.ceil(pct / 100 * size / chunk_bytes)
@@ -127,12 +122,11 @@ def check_limit(limit: object) -> int:
     return limit
 
 
-def check(rows: Sequence[Mapping[str, Any]], vg: str, pool: str, disks: Sequence[str],
+def check(rows: Mapping[str, LvRow], vg: str, pool: str, disks: Sequence[str],
           limit: int) -> None:
     """Refuse (BadInput, exit 2) a backup of the live LVs `disks` that the pool cannot take."""
     p = pool_of(rows, vg, pool)
-    by_name = {str(r.get("lv_name")): r for r in rows}
-    mapped = [mapped_chunks(by_name.get(lv, {}), p.chunk_bytes) for lv in disks]
+    mapped = [mapped_chunks(rows.get(lv), p.chunk_bytes) for lv in disks]
     why = refusal(p, mapped, limit)
     if why:
         raise BadInput(why)

@@ -32,4 +32,4 @@ class Lab:
         return self.names.lab
 
     def lvs(self) -> dict[str, LvRow]:
-        return self.lvm.rows(self.names.vg)
+        return self.lvm.lvs(self.names.vg)

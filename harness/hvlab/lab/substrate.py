@@ -241,7 +241,7 @@ def _restart(st: State, names: Names, start_guests: bool, progress: Progress) ->
         progress(f"re-attached {' '.join(devs)}")
         lvm = lvm_for(names)
         lvm.write_config(devs)
-        existing = {r["lv_name"] for r in lvm.lvs(names.vg)}
+        existing = set(lvm.lvs(names.vg))
         undo.push(f"deactivate VG {names.vg}", lambda: _deactivate(names))
         targets = {}
         for vm, disk in defn.disks():
@@ -268,13 +268,13 @@ def _batch(names: Names, lvm: Lvm, commands: list[list[str]], active: list[str],
     of `active` must exist and be active (and the pool error_when_full set so), else one
     error naming them and what LVM said."""
     try:
-        res, report = lvm.batch_report(commands, names.vg)
-        rows = {r["lv_name"]: r for r in report}
+        res, rows = lvm.batch_report(commands, names.vg)
     except CommandError as exc:
         rows, res = {}, Result(exc.argv, exc.returncode, exc.stdout, exc.stderr)
     short = [f"{lv} missing" if lv not in rows else f"{lv} inactive" for lv in active
-             if rows.get(lv, {}).get("lv_active") != "active"]
-    if error_when_full and rows.get(error_when_full, {}).get("lv_when_full") != "error":
+             if lv not in rows or not rows[lv].active]
+    if error_when_full and (error_when_full not in rows
+                            or rows[error_when_full].when_full != "error"):
         short.append(f"{error_when_full} not set to fail writes when full")
     if short:
         said = " | ".join(ln.strip() for ln in res.stderr.splitlines() if ln.strip())

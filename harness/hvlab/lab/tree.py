@@ -48,13 +48,6 @@ def holders(path: str) -> list[str]:
     return out
 
 
-def _fnum(v: Any) -> float | None:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
 def build(lab: str) -> dict[str, Any]:
     names = Names(lab)
     st = State.load(lab)
@@ -75,23 +68,23 @@ def build(lab: str) -> dict[str, Any]:
                              "pv": pv.path if pv else None})
     if loops:
         lvm = Lvm(names.lvm_dir)
-        rows = lvm.lvs(names.vg) if (names.lvm_dir / "lvm.conf").exists() else []
+        rows = list(lvm.lvs(names.vg).values()) if (names.lvm_dir / "lvm.conf").exists() else []
         for r in rows:
-            if r["lv_name"] == names.pool:
-                out["pool"] = {"name": f"{names.vg}/{names.pool}", "size": int(r["lv_size"]),
-                               "data_percent": _fnum(r["data_percent"]),
-                               "metadata_percent": _fnum(r["metadata_percent"]),
+            if r.name == names.pool:
+                out["pool"] = {"name": f"{names.vg}/{names.pool}", "size": r.size or 0,
+                               "data_percent": r.data_percent,
+                               "metadata_percent": r.metadata_percent,
                                "vg": names.vg, "pvs": substrate_pvs(names)}
-            elif r["lv_name"].startswith("["):
+            elif r.hidden:
                 continue  # hidden pool internals
             else:
-                out["lvs"].append({"name": r["lv_name"], "size": int(r["lv_size"]),
-                                   "allocated_percent": _fnum(r["data_percent"]),
-                                   "origin": r["origin"], "role": _role(r["lv_tags"]),
-                                   "tags": r["lv_tags"], "active": r["lv_active"],
-                                   "path": names.lv_path(r["lv_name"])})
-        by_majmin = {f"{r['lv_kernel_major']}:{r['lv_kernel_minor']}": r["lv_name"]
-                     for r in rows}
+                tags = ",".join(sorted(r.tags))
+                out["lvs"].append({"name": r.name, "size": r.size or 0,
+                                   "allocated_percent": r.data_percent,
+                                   "origin": r.origin, "role": _role(tags),
+                                   "tags": tags, "active": "active" if r.active else "",
+                                   "path": names.lv_path(r.name)})
+        by_majmin = {r.majmin: r.name for r in rows if r.majmin}
         for d in dms.values():
             if d.uuid.startswith(f"{names.uuid_prefix}pv-"):
                 continue  # shown with its backing file

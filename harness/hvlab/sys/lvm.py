@@ -103,20 +103,40 @@ def parse_prefixed(text: str) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class LvRow:
-    """One LV as LVM reports it (libblockdev's BDLVMLVdata, trimmed to what we use)."""
+    """One LV as LVM reports it: every field of LVS_FIELDS, typed (libblockdev's
+    BDLVMLVdata). Sizes in bytes; a number LVM leaves blank (an LV it does not know the
+    figure of, an inactive LV's major) is None."""
 
     name: str
-    attr: str
-    origin: str
-    pool: str
-    tags: frozenset[str]
-    major: int | None
-    minor: int | None
-    thin_id: int | None
+    vg: str = ""
+    size: int | None = None
+    attr: str = ""
+    pool: str = ""
+    origin: str = ""
+    data_percent: float | None = None
+    metadata_percent: float | None = None
+    tags: frozenset[str] = frozenset()
+    dm_path: str = ""
+    active: bool = False
+    major: int | None = None
+    minor: int | None = None
+    thin_id: int | None = None
+    time: str = ""
+    transaction_id: int | None = None
+    health: str = ""
+    metadata_size: int | None = None
+    chunk_size: int | None = None
+    when_full: str = ""
+    uuid: str = ""
+    vg_uuid: str = ""
 
     @property
     def hidden(self) -> bool:
         return self.name.startswith("[")
+
+    @property
+    def majmin(self) -> str | None:
+        return f"{self.major}:{self.minor}" if self.major is not None else None
 
     def tag_value(self, prefix: str) -> str | None:
         """The part after prefix of the first tag that has it (vm_, disk_, run_)."""
@@ -124,17 +144,33 @@ class LvRow:
 
     @staticmethod
     def from_report(r: dict[str, Any]) -> LvRow:
+        def text(key: str) -> str:
+            return str(r.get(key, "")).strip()
+
         def num(key: str) -> int | None:
             try:
-                v = int(str(r.get(key, "")))
+                v = int(text(key))
             except ValueError:
                 return None
             return v if v >= 0 else None
 
-        tags = frozenset(t for t in str(r.get("lv_tags", "")).split(",") if t)
-        return LvRow(str(r["lv_name"]), str(r.get("lv_attr", "")), str(r.get("origin", "")),
-                     str(r.get("pool_lv", "")), tags, num("lv_kernel_major"),
-                     num("lv_kernel_minor"), num("thin_id"))
+        def pct(key: str) -> float | None:
+            try:
+                return float(text(key))
+            except ValueError:
+                return None
+
+        return LvRow(
+            name=text("lv_name"), vg=text("vg_name"), size=num("lv_size"), attr=text("lv_attr"),
+            pool=text("pool_lv"), origin=text("origin"), data_percent=pct("data_percent"),
+            metadata_percent=pct("metadata_percent"),
+            tags=frozenset(t for t in text("lv_tags").split(",") if t),
+            dm_path=text("lv_dm_path"), active=text("lv_active") == "active",
+            major=num("lv_kernel_major"), minor=num("lv_kernel_minor"), thin_id=num("thin_id"),
+            time=text("lv_time"), transaction_id=num("transaction_id"),
+            health=text("lv_health_status"), metadata_size=num("lv_metadata_size"),
+            chunk_size=num("chunk_size"), when_full=text("lv_when_full"),
+            uuid=text("lv_uuid"), vg_uuid=text("vg_uuid"))
 
 
 @dataclass
@@ -160,7 +196,7 @@ class Lvm:
         return run(["lvm", *args], env=self.env, check=check, timeout=timeout)
 
     def batch_report(self, commands: Sequence[Sequence[str]], vg: str
-                     ) -> tuple[Result, list[dict[str, Any]]]:
+                     ) -> tuple[Result, dict[str, LvRow]]:
         """commands, then an `lvs` of vg (the rows `lvs()` gives), in one lvm process: the
         report that checks a batch costs no process of its own (0.15-0.5 s in the lab VM).
         Inside LVM's shell `--reportformat json` is not honoured: the report is read as
@@ -168,7 +204,7 @@ class Lvm:
         report with no row means the lvs failed."""
         res = self.batch([*commands, ["lvs", "-a", "--nameprefixes", "--noheadings", "--units",
                                       "b", "--nosuffix", "-o", LVS_FIELDS, vg]])
-        rows = parse_prefixed(res.stdout)
+        rows = {r.name: r for r in map(LvRow.from_report, parse_prefixed(res.stdout))}
         if not rows:
             said = " | ".join(ln.strip() for ln in res.stderr.splitlines() if ln.strip())
             raise CommandError(res.argv, res.returncode,
@@ -217,12 +253,10 @@ class Lvm:
         """Any LVM report (lvs, pvs, vgs, with their options) as rows; sizes in bytes."""
         return self._report(cmd, fields, *select)
 
-    def lvs(self, vg: str) -> list[dict[str, Any]]:
-        return self._report("lvs", LVS_FIELDS, "-a", vg)
-
-    def rows(self, vg: str) -> dict[str, LvRow]:
+    def lvs(self, vg: str) -> dict[str, LvRow]:
         """Every LV of vg (hidden ones included), typed, by name."""
-        return {r.name: r for r in map(LvRow.from_report, self.lvs(vg))}
+        return {r.name: r for r in map(LvRow.from_report,
+                                       self._report("lvs", LVS_FIELDS, "-a", vg))}
 
     def vgs(self) -> list[dict[str, Any]]:
         return self._report("vgs", "vg_name,vg_size,vg_free,vg_tags,pv_count,lv_count")
