@@ -7,8 +7,8 @@ target and back. The pool and the LVs above see only what a failing disk would s
     with pvfault.bad_blocks(names, 0, [1234]):          # reads of those 4 KiB blocks fail
         ...
 
-The swap suspends the PV with a bound (dm.suspend): from a thread other than the main one,
-call dmioctl.prepare_interrupts() in the main thread first.
+The swap suspends the PV with a bound (dmioctl.suspended): from a thread other than the main
+one, call dmioctl.prepare_interrupts() in the main thread first.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from hvlab.errors import HvlabError
 from hvlab.lab.paths import Names
 from hvlab.lab.substrate import pv_devices
 from hvlab.sys import dm, dmioctl
+from hvlab.sys.dmioctl import Target
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
 
@@ -35,13 +36,14 @@ def _require_target(kind: str) -> None:
             raise HvlabError(f"the kernel has no dm {kind} target (modprobe dm-{kind} failed)")
 
 
-def _swap(pv: str, table: str) -> None:
-    # A plain suspend flushes what is in flight (dm-delay lets its held I/O go at once).
-    dm.suspend(pv)
-    try:
-        dm.reload(pv, table)
-    finally:
-        dm.run_resume(pv)
+SUSPEND_S = 120.0  # a PV whose I/O never completes costs this much, not a hang
+
+
+def _swap(pv: str, table: list[Target]) -> None:
+    # A plain suspend flushes what is in flight (dm-delay lets its held I/O go at once); the
+    # resume puts the loaded table live, or the old one back if the load failed.
+    with dmioctl.suspended(pv, nolockfs=True, timeout=SUSPEND_S):
+        dmioctl.load(pv, table)
 
 
 @contextmanager
@@ -52,9 +54,8 @@ def fault(names: Names, i: int, kind: str, args: str) -> Iterator[str]:
     if not any(d.name == pv and d.uuid == names.pv_uuid(i) for d in dm.list_devices()):
         raise HvlabError(f"lab {names.lab!r} has no PV {pv} (is it up?)")
     _require_target(kind)
-    linear = dm.table(pv).strip()
-    size = linear.split()[1]
-    _swap(pv, f"0 {size} {kind} {args}")
+    linear = dmioctl.table(pv)
+    _swap(pv, [Target(0, sum(t.length for t in linear), kind, args)])
     try:
         yield pv
     finally:

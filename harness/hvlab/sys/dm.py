@@ -23,8 +23,8 @@ from hvlab.sys.dmioctl import DmError, SuspendTimeout, Target
 
 __all__ = ["DmDevice", "DmError", "SuspendTimeout", "available", "block_size_sectors",
            "create", "create_linear", "devices_with_prefix", "leaves", "linear_table",
-           "list_devices", "majmin", "message", "parse_table", "reload", "remove",
-           "run_resume", "slave_name", "status", "suspend", "table", "table_text",
+           "list_devices", "majmin", "message", "parse_table", "remove",
+           "run_resume", "slave_name", "status", "table", "table_text",
            "target_of"]
 
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
@@ -122,21 +122,6 @@ def create(name: str, table: str, *, uuid: str) -> str:
 
 def create_linear(name: str, target_dev: str, *, uuid: str) -> str:
     return create(name, linear_table(target_dev), uuid=uuid)
-
-
-def suspend(name: str, *, timeout: float = 120.0) -> None:
-    """Suspend (--nolockfs: the guest may hold fsfreeze, and a lockfs suspend would fail with
-    EBUSY on 6.1). The kernel waits interruptibly for in-flight I/O: dmioctl interrupts the
-    wait at the timeout, the kernel gives up and leaves the device running (SuspendTimeout),
-    so a device below that never completes its I/O costs at most `timeout`, not a hang.
-    From a thread other than the main one, dmioctl.prepare_interrupts() must have run in the
-    main thread first."""
-    dmioctl.suspend(name, nolockfs=True, timeout=timeout)
-
-
-def reload(name: str, table: str) -> None:
-    """Load a table; it becomes live at the next resume."""
-    dmioctl.load(name, parse_table(table))
 
 
 def message(name: str, *words: str) -> str:
