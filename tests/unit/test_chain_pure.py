@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from hvlab.backup import chain, thinmeta
+from hvlab.lab.paths import REFERENCE_TAG
 from hvlab.sys.lvm import LvRow
 
 REF = "vm01_disk0_ref_r1"
@@ -26,7 +27,7 @@ def _rec(tmp_path: Path, **over: Any) -> dict[str, Any]:
 
 
 def _rows(*tags: str) -> dict[str, LvRow]:
-    return {REF: _row(REF, chain.ROLE, "vm_vm01", "disk_disk0", *tags)}
+    return {REF: _row(REF, REFERENCE_TAG, "vm_vm01", "disk_disk0", *tags)}
 
 
 def test_incremental_when_every_link_holds(tmp_path: Path) -> None:

@@ -301,8 +301,7 @@ def test_accepted_names_make_only_names_lvm_and_the_lab_allow() -> None:
     """Every (VM, disk) pair the validation accepts: the LVs the lab and a backup run make
     (B, C, A, S_B, S_A) and its controller and auto-recovery devices pass LVM's rules, and
     none equals an LV LVM or the lab makes for itself."""
-    from hvlab.flow.context import KIND, ar_ctl, lv_name
-    from hvlab.lab.paths import Names
+    from hvlab.lab.paths import KIND, Names
 
     names = Names("t")
     lvm_own = {"pool", "pool_tdata", "pool_tmeta", "lvol0_pmspare",
@@ -316,14 +315,14 @@ def test_accepted_names_make_only_names_lvm_and_the_lab_allow() -> None:
             except BadInput:
                 continue
             accepted += 1
-            lvs = [names.lv(vm, disk), *(lv_name(vm, disk, a, "r20250101000000abcd")
+            lvs = [names.lv(vm, disk), *(names.artifact_lv(vm, disk, a, "r20250101000000abcd")
                                          for a in KIND)]
             for lv in lvs:
                 assert not lv.startswith(LVM_PREFIXES), (vm, disk, lv)
                 assert not any(s in lv for s in LVM_STRINGS), (vm, disk, lv)
                 assert lv not in lvm_own, (vm, disk, lv)
                 assert len(lv) < 128
-            for dev in (names.ctl(vm, disk), ar_ctl(names, vm, disk),
+            for dev in (names.ctl(vm, disk), names.ar_ctl(vm, disk),
                         names.dm_lv_name(names.lv(vm, disk))):
                 assert len(dev) < 128 and dev.startswith(names.dm_prefixes)
     assert accepted > 20

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from hvlab.backup.thinmeta import Range, merge
-from hvlab.lab.paths import Names
+from hvlab.lab.paths import REFERENCE_TAG, Names
 from hvlab.lab.state import write_json_atomic
 from hvlab.sys.lvm import LvRow
 
-ROLE = "role_reference"
 FILE = "chains.json"
 
 
@@ -60,7 +59,7 @@ def updating(names: Names) -> Iterator[dict[str, dict[str, Any]]]:
 
 def references(rows: dict[str, LvRow], vm: str, disk: str) -> list[str]:
     """The disk's reference LVs (normally one; more only after a killed step 14)."""
-    return sorted(n for n, r in rows.items() if ROLE in r.tags
+    return sorted(n for n, r in rows.items() if REFERENCE_TAG in r.tags
                   and r.tag_value("vm_") == vm and r.tag_value("disk_") == disk)
 
 
@@ -94,7 +93,7 @@ def decide(rec: dict[str, Any] | None, rows: dict[str, LvRow], size: int,
     ref, gen = str(rec.get("reference", "")), str(rec.get("generation", ""))
     if ref not in rows:
         return full(f"the reference snapshot {ref} is gone (lost or removed)")
-    if ROLE not in rows[ref].tags or f"gen_{gen}" not in rows[ref].tags:
+    if REFERENCE_TAG not in rows[ref].tags or f"gen_{gen}" not in rows[ref].tags:
         have = rows[ref].tag_value("gen_")
         return full(f"the reference snapshot {ref} belongs to another chain (generation "
                     f"{have}, the chain's is {gen}): reset or foreign")

@@ -16,6 +16,7 @@ from hvlab.errors import BadInput, HvlabError
 from hvlab.guest import ledger
 from hvlab.lab.definition import check_name
 from hvlab.lab.handle import Lab
+from hvlab.lab.paths import ROLE_TAG
 from hvlab.lab.state import write_json_atomic
 from hvlab.sys import dm, fs, private
 from hvlab.sys.uevents import wait_node
@@ -128,7 +129,7 @@ def restore_disks(lab: Lab, path: Path, vmrec: dict[str, Any], as_name: str,
     try:
         for d in vmrec["disks"]:
             lv = names.lv(as_name, d["name"])
-            tags = [names.tag, "role_base", f"vm_{as_name}", f"disk_{d['name']}",
+            tags = [names.tag, ROLE_TAG["B"], f"vm_{as_name}", f"disk_{d['name']}",
                     f"run_{run_id}", *extra_tags]
             lvm("lvcreate", "-q", "-V", f"{d['size']}b", "-T", f"{names.vg}/{names.pool}",
                 "-n", lv, *[x for t in tags for x in ("--addtag", t)])

@@ -15,7 +15,7 @@ from typing import Any
 from hvlab.errors import HvlabError
 from hvlab.flow import checkpoint, faults, holdguard, windowguard
 from hvlab.flow import consistency as S
-from hvlab.flow.context import Ctx, ar_ctl, lv_name
+from hvlab.flow.context import Ctx
 from hvlab.guest.client import GuestError, GuestTimeout, GuestUnavailable
 from hvlab.lab import live
 from hvlab.lab.record import Artifact, Disk, Window
@@ -131,8 +131,8 @@ def allocate_checkpoints(ctx: Ctx, vm: str) -> dict[str, Any]:
     todo = [x for x in ctx.disks() if x[0] == vm or not x[2].slots]
     wants = []
     for v, d, disk in todo:
-        disk.C = disk.C or lv_name(v, d, "C", ctx.run.id)
-        disk.A = disk.A or lv_name(v, d, "A", ctx.run.id)
+        disk.C = disk.C or ctx.names.artifact_lv(v, d, "C", ctx.run.id)
+        disk.A = disk.A or ctx.names.artifact_lv(v, d, "A", ctx.run.id)
         wants += [checkpoint.Want(v, d, "C", disk.C, disk.B),
                   checkpoint.Want(v, d, "A", disk.A, disk.B)]
     ctx.save()  # names first: an unwind finds them (and by tags) whatever happens next
@@ -321,7 +321,7 @@ def auto_recovery(ctx: Ctx, vm: str) -> dict[str, Any]:
     devices: dict[str, str] = {}
     try:
         for _, d, disk in ctx.disks(vm):
-            name = ar_ctl(ctx.names, vm, d)
+            name = ctx.names.ar_ctl(vm, d)
             disk.ar_ctl = name
             ctx.save()
             ctx.detach_ar(name)  # left by a killed run: attach afresh
@@ -333,7 +333,7 @@ def auto_recovery(ctx: Ctx, vm: str) -> dict[str, Any]:
         faults.point("s10-recovered")
     finally:
         for _, d, _disk in ctx.disks(vm):
-            ctx.detach_ar(ar_ctl(ctx.names, vm, d))
+            ctx.detach_ar(ctx.names.ar_ctl(vm, d))
     v.auto_recovery_result = {k: rep.get(k) for k in ("auto_recovery", "repaired", "check")}
     check = rep.get("check") or {}
     if check and not check.get("consistent"):

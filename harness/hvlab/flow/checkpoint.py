@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hvlab.errors import HvlabError
-from hvlab.flow.context import ROLE_OF, Ctx
+from hvlab.flow.context import Ctx
+from hvlab.lab.paths import ROLE_TAG
 from hvlab.lab.record import Artifact
 from hvlab.sys import dmioctl as D
 from hvlab.sys.lvm import LvRow, udev_running
@@ -51,7 +52,7 @@ def allocate(ctx: Ctx, wants: Sequence[Want]) -> dict[str, Slot]:
     todo = [w for w in wants if w.lv not in have]
     res, report = ctx.lvm.batch_report(
         [["lvcreate", "-q", "-s", "-kn", "-an", "-n", w.lv,
-          *ctx.tags(ROLE_OF[w.art], w.vm, w.disk), ctx.vg_lv(w.origin)] for w in todo],
+          *ctx.tags(ROLE_TAG[w.art], w.vm, w.disk), ctx.vg_lv(w.origin)] for w in todo],
         ctx.names.vg)
     ctx.take(report)
     got = slots(report, [w.lv for w in wants])

@@ -15,7 +15,7 @@ from hvlab.errors import HvlabError
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, live, runs
 from hvlab.lab.handle import Lab
-from hvlab.lab.paths import Names
+from hvlab.lab.paths import ROLE_TAG, Names
 from hvlab.lab.record import Artifact, Disk, Event, Run, Vm
 from hvlab.sys import dm, fs
 from hvlab.sys.lvm import Lvm, LvRow
@@ -23,10 +23,6 @@ from hvlab.sys.run import Result
 from hvlab.sys.uevents import Recorder, wait_node
 
 Say = Callable[[str], None]
-ROLE_OF: dict[Artifact, str] = {"B": "role_base", "C": "role_checkpoint",
-                                "A": "role_autorecovery", "S_B": "role_external",
-                                "S_A": "role_external"}
-KIND: dict[Artifact, str] = {"C": "c", "A": "a", "S_B": "sb", "S_A": "sa"}
 
 
 def quiet(_: str) -> None:
@@ -60,15 +56,6 @@ class TrackedLvm(Lvm):
 
 class BatchFailed(HvlabError):
     """An lvm batch left LVM short of what it was to make or remove."""
-
-
-def lv_name(vm: str, disk: str, art: Artifact, run_id: str) -> str:
-    return f"{vm}_{disk}_{KIND[art]}_{run_id}"
-
-
-def ar_ctl(names: Names, vm: str, disk: str) -> str:
-    """The device that attaches A to the guest in step 10."""
-    return f"{names.vg}_ar_{vm}_{disk}"
 
 
 class Ctx:
@@ -123,7 +110,7 @@ class Ctx:
                       read_only: bool = False) -> list[str]:
         """lvcreate of a thin snapshot of origin, tagged with its role, active (-kn)."""
         return ["lvcreate", "-q", "-s", "-kn", *(["-pr"] if read_only else []),
-                "-n", name, *self.tags(ROLE_OF[art], vm, disk), self.vg_lv(origin)]
+                "-n", name, *self.tags(ROLE_TAG[art], vm, disk), self.vg_lv(origin)]
 
     def snapshot(self, origin: str, name: str, art: Artifact, vm: str, disk: str,
                  read_only: bool = False) -> None:
@@ -219,7 +206,7 @@ class Ctx:
             lv = self.mapped_lv(disk)
             # C by its name, not the record: the step-5 guard runs this in a copy of the
             # process forked before C was named.
-            if lv is not None and lv in (disk.B, lv_name(v, d, "C", self.run.id)):
+            if lv is not None and lv in (disk.B, Names.artifact_lv(v, d, "C", self.run.id)):
                 live.record(self.names, v, d, lv)
 
     def detach_ar(self, name: str) -> bool:

@@ -23,20 +23,20 @@ from hvlab.errors import BadInput, HvlabError
 from hvlab.flow import dest as backup_dir
 from hvlab.flow import faults, holdguard, observe, preflight, unwind, windowguard
 from hvlab.flow import steps as S
-from hvlab.flow.context import ROLE_OF, Ctx, Say, quiet
+from hvlab.flow.context import Ctx, Say, quiet
 from hvlab.lab import runs
 from hvlab.lab.handle import Lab
-from hvlab.lab.paths import Names
+from hvlab.lab.paths import ROLE_TAG, Names
 from hvlab.lab.record import Disk, Event, Run, Vm
 from hvlab.lab.state import locked
 from hvlab.sys.lvm import LvRow
 
 # What Hyper-V answers when a backup finds an orphan of an earlier one (it never reuses it).
 LEFTOVER_TEXT = {
-    ROLE_OF["C"]: "the VM has a backup checkpoint {lv} (run {run}) that must be merged first",
-    ROLE_OF["A"]: "the auto-recovery checkpoint {lv} exists (run {run}): 'the file exists', "
+    ROLE_TAG["C"]: "the VM has a backup checkpoint {lv} (run {run}) that must be merged first",
+    ROLE_TAG["A"]: "the auto-recovery checkpoint {lv} exists (run {run}): 'the file exists', "
                   "0x800423FB (KB3175561)",
-    ROLE_OF["S_B"]: "an external snapshot {lv} of run {run} still exists"}
+    ROLE_TAG["S_B"]: "an external snapshot {lv} of run {run} still exists"}
 
 
 class FlowFailed(HvlabError):

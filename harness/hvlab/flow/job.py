@@ -16,8 +16,9 @@ from hvlab.backup import chain, offhost, reader, thinmeta
 from hvlab.errors import HvlabError
 from hvlab.flow import dest, faults
 from hvlab.flow.actions import art
-from hvlab.flow.context import ROLE_OF, Ctx, lv_name, thin_ids
+from hvlab.flow.context import Ctx, thin_ids
 from hvlab.lab import links, live
+from hvlab.lab.paths import REFERENCE_TAG, ROLE_TAG
 from hvlab.lab.record import Artifact, Disk
 from hvlab.sys.uevents import wait_node
 
@@ -58,7 +59,7 @@ def external_snapshot(ctx: Ctx, _: None) -> dict[str, Any]:
     for v, d, disk in ctx.disks():
         pairs: tuple[tuple[Artifact, str | None], ...] = (("S_B", disk.B), ("S_A", disk.A))
         for a, origin in pairs:
-            name = lv_name(v, d, a, ctx.run.id)
+            name = ctx.names.artifact_lv(v, d, a, ctx.run.id)
             setattr(disk, a, name)
             members.append((v, d, a, name, origin or ""))
     ctx.save()  # names first: an unwind finds them (and by tags) whatever happens next
@@ -285,9 +286,9 @@ def keep_references(ctx: Ctx) -> list[dict[str, Any]]:
             cmds.append(["lvremove", "-q", "-y", *map(ctx.vg_lv, old)])
         if disk.S_A and disk.S_A in rows and new not in rows and gen:
             cmds.append(["lvrename", "-q", ctx.names.vg, disk.S_A, new])
-        if gen and (new not in rows or {chain.ROLE, f"gen_{gen}"} - rows[new].tags):
+        if gen and (new not in rows or {REFERENCE_TAG, f"gen_{gen}"} - rows[new].tags):
             # also when a killed run renamed it but did not retag it
-            cmds.append(["lvchange", "-q", "--deltag", ROLE_OF["S_A"], "--addtag", chain.ROLE,
+            cmds.append(["lvchange", "-q", "--deltag", ROLE_TAG["S_A"], "--addtag", REFERENCE_TAG,
                          "--addtag", f"gen_{gen}", ctx.vg_lv(new)])
         if gen:
             new_refs.append(new)
@@ -295,7 +296,7 @@ def keep_references(ctx: Ctx) -> list[dict[str, Any]]:
             out.append({"vm": v, "disk": d, "lv": new, "generation": gen, "replaced": old})
     rows = ctx.batch(cmds, present=new_refs, absent=old_refs)
     untagged = [r for r, o in zip(new_refs, out, strict=True)
-                if {chain.ROLE, f"gen_{o['generation']}"} - rows[r].tags]
+                if {REFERENCE_TAG, f"gen_{o['generation']}"} - rows[r].tags]
     if untagged:  # the lvm shell exits 0 whatever happened
         raise HvlabError(f"reference points not tagged as such: {', '.join(untagged)}")
     ctx.save()
@@ -346,22 +347,22 @@ def retag_bases(ctx: Ctx, lvs: list[str]) -> None:
     """A renamed C still carries its checkpoint tags: make it the live disk (idempotent). One
     lvchange per set of stale tags (all of a run's renamed Cs share theirs)."""
     def stale(tags: frozenset[str]) -> tuple[str, ...]:
-        return tuple(sorted(t for t in tags if t == "role_checkpoint" or t.startswith("run_")))
+        return tuple(sorted(t for t in tags if t == ROLE_TAG["C"] or t.startswith("run_")))
 
     rows = ctx.lvs()
     groups: dict[tuple[str, ...], list[str]] = {}
     for lv in dict.fromkeys(lvs):
-        if stale(rows[lv].tags) or "role_base" not in rows[lv].tags:
+        if stale(rows[lv].tags) or ROLE_TAG["B"] not in rows[lv].tags:
             groups.setdefault(stale(rows[lv].tags), []).append(lv)
     if not groups:
         return
     # One lvm process, its report kept: the run's next question costs no `lvs`.
     rows = ctx.batch([["lvchange", "-q", *[x for t in old for x in ("--deltag", t)],
-                       "--addtag", "role_base", *map(ctx.vg_lv, group)]
+                       "--addtag", ROLE_TAG["B"], *map(ctx.vg_lv, group)]
                       for old, group in groups.items()],
                      present=[lv for g in groups.values() for lv in g], active=False)
     left = [lv for g in groups.values() for lv in g
-            if stale(rows[lv].tags) or "role_base" not in rows[lv].tags]
+            if stale(rows[lv].tags) or ROLE_TAG["B"] not in rows[lv].tags]
     if left:
         raise HvlabError(f"lvchange left the checkpoint tags on {', '.join(left)}")
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 from hvlab.backup import chain, thinmeta
 from hvlab.flow import engine, unwind
-from hvlab.flow.context import ROLE_OF, Ctx, Say, ar_ctl, lv_name, quiet
+from hvlab.flow.context import Ctx, Say, quiet
 from hvlab.guest.quiesce import recover_after_crash
 from hvlab.lab import links, runs
 from hvlab.lab.handle import Lab
+from hvlab.lab.paths import REFERENCE_TAG, ROLE_TAG, Names
 from hvlab.lab.record import Artifact, Disk, Run, Vm
 from hvlab.sys import dm
 from hvlab.sys.lvm import LvRow
@@ -25,8 +26,8 @@ HYPERV = {"C": "lingering backup checkpoint (GUID.avhdx): merged if the guest wr
           "A": "leftover auto-recovery checkpoint (GUID-AutoRecovery.avhdx, KB3175561)",
           "S_B": "external snapshot (host shadow copy) of B",
           "S_A": "external snapshot (host shadow copy) of A"}
-ROLE_ART: dict[str, list[Artifact]] = {ROLE_OF["C"]: ["C"], ROLE_OF["A"]: ["A"],
-                                       ROLE_OF["S_B"]: ["S_B", "S_A"]}
+ROLE_ART: dict[str, list[Artifact]] = {ROLE_TAG["C"]: ["C"], ROLE_TAG["A"]: ["A"],
+                                       ROLE_TAG["S_B"]: ["S_B", "S_A"]}
 
 
 @dataclass
@@ -89,13 +90,13 @@ def _orphans(lab: Lab, pending: set[str], rep: Report, say: Say) -> None:
         rep.done.append(f"{vm}/{disk}: {row.name}: {HYPERV[art]}")
     for r in by_run.values():
         for v, name, rec in r.disks():
-            rec.ar_ctl = ar_ctl(lab.names, v, name)
+            rec.ar_ctl = lab.names.ar_ctl(v, name)
         with runs.VmLocks(lab.names, r.vms):
             notes = unwind.unwind(_Orphans(lab, r, say, fingerprints=False), final="aborted",
                                   record=False)
         rep.done += [f"  {n}" for n in notes]
     # attach devices of step 10 whose run is gone
-    ours = {ar_ctl(lab.names, v.name, d.name) for v in lab.state.definition.vms
+    ours = {lab.names.ar_ctl(v.name, d.name) for v in lab.state.definition.vms
             for d in v.disks}
     for dev in dm.list_devices():
         if dev.name in ours and dev.uuid.startswith(lab.names.uuid_prefix):  # by uuid
@@ -108,7 +109,7 @@ def _orphans(lab: Lab, pending: set[str], rep: Report, say: Say) -> None:
 
 def _artifact(row: LvRow, arts: list[Artifact], vm: str, disk: str, run_id: str) -> Artifact:
     """Which artifact of its role an LV is (S_B and S_A share role_external)."""
-    return next((a for a in arts if row.name == lv_name(vm, disk, a, run_id)), arts[0])
+    return next((a for a in arts if row.name == Names.artifact_lv(vm, disk, a, run_id)), arts[0])
 
 
 def _links(lab: Lab, pending: set[str], rep: Report) -> None:
@@ -122,7 +123,7 @@ def _stray_references(lab: Lab, pending: set[str], rep: Report) -> None:
     """Reference points no chain names (a run killed in step 14, then aborted): of no use,
     and they pin the blocks they map."""
     named = {str(c.get("reference")) for c in chain.load(lab.names).values()}
-    stray = [n for n, r in lab.lvs().items() if chain.ROLE in r.tags and n not in named
+    stray = [n for n, r in lab.lvs().items() if REFERENCE_TAG in r.tags and n not in named
              and r.tag_value("run_") not in pending]
     if stray:
         lab.lvm("lvremove", "-q", "-y", *[f"{lab.names.vg}/{n}" for n in stray])

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from hvlab.backup import chain
 from hvlab.errors import HvlabError
 from hvlab.flow import dest, windowguard
-from hvlab.flow.context import Ctx, ar_ctl
+from hvlab.flow.context import Ctx
 from hvlab.lab import links, live, runs
 from hvlab.lab.record import Artifact, Command, Event, Run
 from hvlab.sys import dm
@@ -93,7 +93,7 @@ def facts(ctx: Ctx) -> Facts:
         live={f"{v}/{d}": live.recorded(ctx.names, v, d) for v, d, _ in disks},
         ar_devices=frozenset(x.name for x in dm.list_devices()
                              if x.uuid.startswith(ctx.names.uuid_prefix)
-                             and any(x.name == ar_ctl(ctx.names, v, d) for v, d, _ in disks)),
+                             and any(x.name == ctx.names.ar_ctl(v, d) for v, d, _ in disks)),
         base_tags={disk.B: rows[disk.B].tags for _, _, disk in disks if disk.B in rows},
         dest_owned=dest.owns(Path(ctx.run.dest), ctx.run.id),
         dest_exists=Path(ctx.run.dest).exists())

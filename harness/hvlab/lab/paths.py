@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvlab.errors import BadInput
+from hvlab.lab.record import Artifact
 
 
 def home() -> Path:
@@ -97,6 +98,32 @@ def refuse_links_in_lab(names: Names) -> None:
 # must not take its backups with it (`hvlab down --purge` does).
 BACKUPS = "backups"
 
+# What each LV is, as its LVM tag says (every LV of a lab has exactly one role tag).
+ROLE_TAG: dict[Artifact, str] = {"B": "role_base", "C": "role_checkpoint",
+                                 "A": "role_autorecovery", "S_B": "role_external",
+                                 "S_A": "role_external"}
+REFERENCE_TAG = "role_reference"  # an incremental chain's reference point (hvlab's RCT)
+ROLE_LABEL: dict[str, str] = {
+    "role_base": "live disk (B)",
+    "role_checkpoint": "backup checkpoint (C)",
+    "role_autorecovery": "auto-recovery checkpoint (A)",
+    "role_external": "external snapshot (S)",
+    REFERENCE_TAG: "reference point of an incremental chain (RCT)",
+}
+# Each artifact of a disk, in a few words (the explain picture's lanes).
+ARTIFACT_ROLE: dict[Artifact, str] = {"B": "live disk", "C": "backup checkpoint",
+                                      "A": "auto-recovery ckpt", "S_B": "host snapshot of B",
+                                      "S_A": "host snapshot of A"}
+# The roles only a backup run gives (a lab between runs has none of them).
+RUN_ROLES = ("role_checkpoint", "role_autorecovery", "role_external")
+# A run's artifact LV: <vm>_<disk>_<kind>_<run id>.
+KIND: dict[Artifact, str] = {"C": "c", "A": "a", "S_B": "sb", "S_A": "sa"}
+
+
+def role_of(tags: frozenset[str] | set[str]) -> str:
+    """The label of the role these LVM tags give an LV, or ''."""
+    return next((ROLE_LABEL[t] for t in sorted(tags) if t in ROLE_LABEL), "")
+
 
 def backups_root() -> Path:
     return home() / BACKUPS
@@ -163,6 +190,15 @@ class Names:
     @staticmethod
     def lv(vm: str, disk: str) -> str:
         return f"{vm}_{disk}"
+
+    @staticmethod
+    def artifact_lv(vm: str, disk: str, art: Artifact, run_id: str) -> str:
+        """A backup run's C, A, S_B or S_A of one disk."""
+        return f"{vm}_{disk}_{KIND[art]}_{run_id}"
+
+    def ar_ctl(self, vm: str, disk: str) -> str:
+        """The device that attaches A to the guest in step 10."""
+        return f"{self.vg}_ar_{vm}_{disk}"
 
     @property
     def dm_prefixes(self) -> tuple[str, str]:

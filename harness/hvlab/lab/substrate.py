@@ -18,7 +18,7 @@ from typing import TypeVar
 from hvlab.errors import BadInput, CommandError, HvlabError, LeakError
 from hvlab.lab import guests, links, live
 from hvlab.lab.definition import LabDef
-from hvlab.lab.paths import Names, refuse_links, refuse_links_in_lab
+from hvlab.lab.paths import ROLE_TAG, Names, refuse_links, refuse_links_in_lab
 from hvlab.lab.state import State, locked
 from hvlab.sys import dm, fs, loop, private
 from hvlab.sys.lvm import Lvm
@@ -199,7 +199,7 @@ def _create(defn: LabDef, names: Names, start_guests: bool, progress: Progress) 
                              f"{names.vg}/{names.pool}"],
                             *[["lvcreate", "-q", "-V", f"{disk.size}b", "-T",
                                f"{names.vg}/{names.pool}", "-n", lv, "--addtag", names.tag,
-                               "--addtag", "role_base", "--addtag", f"vm_{vm.name}",
+                               "--addtag", ROLE_TAG["B"], "--addtag", f"vm_{vm.name}",
                                "--addtag", f"disk_{disk.name}"] for vm, disk, lv in disks]],
                [names.pool] + [lv for *_, lv in disks], error_when_full=names.pool)
         progress(f"thin pool {names.vg}/{names.pool}")

@@ -10,26 +10,11 @@ from rich.console import Console
 from rich.tree import Tree
 
 from hvlab.lab import guests
-from hvlab.lab.paths import Names
+from hvlab.lab.paths import Names, role_of
 from hvlab.lab.state import State
 from hvlab.lab.substrate import pv_devices as substrate_pvs
 from hvlab.sys import dm, fs, loop
 from hvlab.sys.lvm import Lvm
-
-ROLE_TAGS = {
-    "role_base": "live disk (B)",
-    "role_checkpoint": "backup checkpoint (C)",
-    "role_autorecovery": "auto-recovery checkpoint (A)",
-    "role_external": "external snapshot (S)",
-    "role_reference": "reference point of an incremental chain (RCT)",
-}
-
-
-def _role(tags: str) -> str:
-    for t in tags.split(","):
-        if t in ROLE_TAGS:
-            return ROLE_TAGS[t]
-    return ""
 
 
 def holders(path: str) -> list[str]:
@@ -81,7 +66,7 @@ def build(lab: str) -> dict[str, Any]:
                 tags = ",".join(sorted(r.tags))
                 out["lvs"].append({"name": r.name, "size": r.size or 0,
                                    "allocated_percent": r.data_percent,
-                                   "origin": r.origin, "role": _role(tags),
+                                   "origin": r.origin, "role": role_of(r.tags),
                                    "tags": tags, "active": "active" if r.active else "",
                                    "path": names.lv_path(r.name)})
         by_majmin = {r.majmin: r.name for r in rows if r.majmin}

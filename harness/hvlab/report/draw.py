@@ -19,8 +19,9 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Annotation
 
 from hvlab.flow import steps as S
+from hvlab.lab.paths import ARTIFACT_ROLE
 from hvlab.lab.record import ARTIFACTS, Event, Run
-from hvlab.report.geometry import ROLE, Timeline, Window, build, stack
+from hvlab.report.geometry import Timeline, Window, build, stack
 
 COLOR = {"B": "#2e7d32", "C": "#ef8f00", "A": "#8e24aa", "S_B": "#1565c0", "S_A": "#4f9fe8"}
 WRITES = "#d32f2f"
@@ -243,7 +244,7 @@ def figure(tl: Timeline) -> Figure:
     for i, w in enumerate(tl.windows):
         labels.append(_draw_zoom(fig.add_subplot(grid[1 + i]), tl, w, width_px))
 
-    handles: list[Artist] = [Patch(color=COLOR[a], alpha=0.5, label=f"{a}: {ROLE[a]}")
+    handles: list[Artist] = [Patch(color=COLOR[a], alpha=0.5, label=f"{a}: {ARTIFACT_ROLE[a]}")
                              for a in ARTIFACTS]
     handles += [
         Patch(color=WRITES, label="the guest's writes go here (controller's target)"),

@@ -15,10 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hvlab.flow.consistency import CRASH
+from hvlab.lab.paths import ARTIFACT_ROLE
 from hvlab.lab.record import ARTIFACTS, Event, Run
 
-ROLE = {"B": "live disk", "C": "backup checkpoint", "A": "auto-recovery ckpt",
-        "S_B": "host snapshot of B", "S_A": "host snapshot of A"}
 FLUSH_AND_HOLD_S = 10.0  # Hyper-V's flush-and-hold limit, when the run did not record it
 
 
@@ -103,7 +102,7 @@ def build(run: Run, events: list[Event], state: str | None = None) -> Timeline:
         lanes.append((f"{vm} guest", f"{vm} guest ({v.profile})"))
         for disk, info in v.disks.items():
             for a in ARTIFACTS:
-                lanes.append((f"{vm}/{disk} {a}", f"{disk}  {a}  {ROLE[a]}"))
+                lanes.append((f"{vm}/{disk} {a}", f"{disk}  {a}  {ARTIFACT_ROLE[a]}"))
                 if lv := info.lv(a):
                     art_of[lv] = f"{vm}/{disk} {a}"
     tl = Timeline(title=title_of(run, state), t_end=t_end, lanes=lanes, end_label=state)
