@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -236,11 +237,11 @@ def _prevalidate(args: list[str], *, forwarded: bool) -> None:
     if cmd is None:
         return
     parent = click.Context(cli)
-    if isinstance(cmd, click.Group):  # guest SUB ...: its subcommand's arguments
-        gctx = cmd.make_context(args[0], args[1:], parent=parent, resilient_parsing=False)
-        rest = [*gctx._protected_args, *gctx.args]
-        if not rest:
-            return
+    if isinstance(cmd, click.Group):  # guest SUB ...: the group has no options of its own
+        rest = list(args[1:])
+        if not rest or rest[0].startswith("-"):
+            return  # --help, or nothing: the command itself says so
+        gctx = click.Context(cmd, info_name=args[0], parent=parent)
         _, sub, _ = cmd.resolve_command(gctx, rest)  # a UsageError names an unknown one
         if sub is None:
             return
@@ -279,23 +280,10 @@ def _check_values(command: str, params: dict[str, object]) -> None:
         _check_backup(params)
 
 
-def _check_backup(params: dict[str, object]) -> None:
-    from hvlab.flow import dest, faults, steps
-    from hvlab.lab.definition import check_name
+def _check_backup(params: dict[str, Any]) -> None:
+    from hvlab.cli.flow import request_of
 
-    given = params.get("vms")
-    vms = [str(v) for v in given] if isinstance(given, tuple) else []
-    for v in vms:
-        check_name("VM", v)
-    if sum(bool(x) for x in (vms, params.get("resume_id"), params.get("abort_id"))) != 1:
-        raise BadInput("give VMs to back up, or --resume RUN, or --abort RUN (one of them)")
-    after = params.get("pause_after")
-    steps.pause_position(vms or ["vm"], after if isinstance(after, int) else None)
-    if isinstance(params.get("inject"), str):
-        faults.parse(str(params["inject"]))
-    where = params.get("dest")
-    if isinstance(where, Path) and vms:
-        dest.check(Path(os.path.abspath(where)))  # again when the run starts
+    request_of(**params).check()
 
 
 def _check_paths(cmd: click.Command, params: dict[str, object]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from hvlab.errors import BadInput
+from hvlab.flow.request import BackupRequest
 from hvlab.lab.record import Run
 
 
@@ -33,6 +34,18 @@ def _paused(run: Run, lab: str) -> None:
         click.echo(f"  {path:<60} {role}{'  (' + note + ')' if note else ''}")
     click.echo(f"continue: hvlab backup --resume {run.id}    "
                f"unwind: hvlab backup --abort {run.id}")
+
+
+def request_of(vms: tuple[str, ...], dest: Path | None, pause_after: int | None,
+               resume_id: str | None, abort_id: str | None, no_fingerprints: bool,
+               app_aware: str, metadata_limit: int | None, mode: str | None,
+               incremental: bool, inject: str | None, **_: object) -> BackupRequest:
+    """`hvlab backup`'s options as the engine's request (checked by the caller: the command
+    itself, and the pre-check on the host before a lab VM is booted)."""
+    return BackupRequest(vms=tuple(vms), resume=resume_id, abort=abort_id, dest=dest,
+                         pause_after=pause_after, fingerprints=not no_fingerprints,
+                         app_aware=app_aware, mode=mode, incremental=incremental,
+                         metadata_limit=metadata_limit, inject=inject)
 
 
 def _unwind_on_signals() -> None:
@@ -88,26 +101,15 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
     """Back up VMs through Hyper-V 2012 R2's 14 steps on real thin snapshots."""
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
-    from hvlab.flow import engine, faults, preflight
+    from hvlab.flow import engine, faults
 
+    req = request_of(vms, dest, pause_after, resume_id, abort_id, no_fingerprints,
+                     app_aware, metadata_limit, mode, incremental, inject).check()
     if inject is not None:
-        faults.parse(inject)  # one line naming a bad point or action
         os.environ[faults.ENV] = inject
     _unwind_on_signals()
 
     lab = _lab(lab_name)
-    if sum(bool(x) for x in (vms, resume_id, abort_id)) != 1:
-        raise BadInput("give VMs to back up, or --resume RUN, or --abort RUN (one of them)")
-    if abort_id and (dest or pause_after is not None or no_fingerprints):
-        raise BadInput("--abort takes no other option (--dest, --pause-after, --no-fingerprints)")
-    if resume_id and dest:
-        raise BadInput("--dest is fixed when a run starts; --resume cannot change it")
-    if (resume_id or abort_id) and (mode is not None or incremental):
-        raise BadInput("--mode and --incremental are fixed when a run starts; not with "
-                       "--resume or --abort")
-    if (resume_id or abort_id) and metadata_limit is not None:
-        raise BadInput("--metadata-limit is checked when a run starts; not with --resume or "
-                       "--abort")
     if abort_id:
         run = engine.abort(lab, abort_id, say=click.echo)
         click.echo(f"run {abort_id} aborted; live disks whole")
@@ -120,12 +122,11 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
                                 fingerprints=not no_fingerprints, progress=prog,
                                 pause_after=pause_after)
         else:
-            run = engine.start(lab, list(vms), dest=dest, pause_after=pause_after,
-                               say=prog.console.print, fingerprints=not no_fingerprints,
-                               progress=prog, app_aware=app_aware, mode=mode or "on-host",
-                               incremental=incremental,
-                               metadata_limit=(preflight.DEFAULT_METADATA_LIMIT
-                                               if metadata_limit is None else metadata_limit))
+            run = engine.start(lab, list(req.vms), dest=req.dest, pause_after=req.pause_after,
+                               say=prog.console.print, fingerprints=req.fingerprints,
+                               progress=prog, app_aware=req.app_aware,
+                               mode=req.mode or "on-host", incremental=req.incremental,
+                               metadata_limit=req.limit)
     if run.state == "paused":
         _paused(run, lab)
         return

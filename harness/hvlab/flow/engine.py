@@ -24,6 +24,7 @@ from hvlab.flow import dest as backup_dir
 from hvlab.flow import faults, holdguard, observe, preflight, unwind, windowguard
 from hvlab.flow import steps as S
 from hvlab.flow.context import Ctx, Say, quiet
+from hvlab.flow.request import BackupRequest
 from hvlab.lab import runs
 from hvlab.lab.handle import Lab
 from hvlab.lab.paths import ROLE_TAG, Names
@@ -162,28 +163,18 @@ def leftovers(lab: Lab, vms: list[str], live_runs: set[str],
     return out
 
 
-APP_AWARE = ("require", "try", "off")
-MODES = ("on-host", "off-host")  # Veeam's two backup modes of step 13
-
-
 def start(lab_name: str, vms: list[str], *, dest: Path | None = None,
           pause_after: int | None = None, say: Say = quiet, fingerprints: bool = True,
           progress: Any = None, app_aware: str = "try",
           metadata_limit: int = preflight.DEFAULT_METADATA_LIMIT, mode: str = "on-host",
           incremental: bool = False) -> Run:
     """`hvlab backup VM [VM ...]`: validate everything, register the run, execute."""
-    if app_aware not in APP_AWARE:
-        raise BadInput(f"invalid --app-aware {app_aware!r}: one of {', '.join(APP_AWARE)}")
-    if mode not in MODES:
-        raise BadInput(f"invalid --mode {mode!r}: one of {', '.join(MODES)}")
+    BackupRequest(vms=tuple(vms), dest=dest, pause_after=pause_after,
+                  fingerprints=fingerprints, app_aware=app_aware, mode=mode,
+                  incremental=incremental, metadata_limit=metadata_limit).check()
     if mode == "off-host" and (lacking := offhost.missing()):
         raise HvlabError(f"off-host mode needs {'; '.join(lacking)} (`make deps` installs them)")
-    preflight.check_limit(metadata_limit)
     lab = Lab.open(lab_name)
-    if not vms:
-        raise BadInput("name at least one VM to back up")
-    if len(set(vms)) != len(vms):
-        raise BadInput("a VM is named twice")
     vmdefs = [lab.state.definition.vm(v) for v in vms]  # BadInput for an unknown VM
     run_id = runs.new_id()
     pause_at = S.pause_position(vms, pause_after)
@@ -240,6 +231,7 @@ def _register(lab: Lab, run_id: str, vmdefs: list[Any], where: Path, pause_at: i
 
 def resume(lab_name: str, run_id: str, *, say: Say = quiet, fingerprints: bool = True,
            progress: Any = None, pause_after: int | None = None) -> Run:
+    BackupRequest(resume=run_id, pause_after=pause_after, fingerprints=fingerprints).check()
     names = Names(lab_name)
     run = runs.load(names, run_id)
     state = runs.effective_state(run)
@@ -279,6 +271,7 @@ def resume(lab_name: str, run_id: str, *, say: Say = quiet, fingerprints: bool =
 
 
 def abort(lab_name: str, run_id: str, *, say: Say = quiet) -> Run:
+    BackupRequest(abort=run_id).check()
     names = Names(lab_name)
     run = runs.load(names, run_id)
     state = runs.effective_state(run)
