@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from hvlab_fixtures.plugin import LabHandle
+from hvlab_fixtures.plugin import LabHandle, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +33,12 @@ def _guests(n: str) -> dict[str, Any]:
     return out
 
 
+def _status(n: str, vm: str = "vm01") -> dict[str, Any]:
+    return dict(_guests(n)[vm]["status"] or {"clock": 0.0, "writers": []})
+
+
 def _txid(n: str, vm: str) -> int:
-    return int((_guests(n)[vm]["status"] or {}).get("committed_txid") or 0)
+    return int(_status(n, vm).get("committed_txid") or 0)
 
 
 def test_status_and_guests_commit(lab_with_guests: LabHandle) -> None:
@@ -46,8 +50,7 @@ def test_status_and_guests_commit(lab_with_guests: LabHandle) -> None:
     first = _guests(n)
     assert set(first) == {"vm01", "vm02"} and all(r["alive"] for r in first.values())
     tx0 = _txid(n, "vm01")
-    time.sleep(3)
-    assert _txid(n, "vm01") > tx0, "vm01's ledger writer is not committing"
+    wait_for(lambda: _txid(n, "vm01") > tx0, 30, "vm01's ledger writer commits")
     table = hvlab("guest", "status", "-n", n).stdout
     assert "vm01" in table and "windows" in table and "linux" in table
     # doctor may fail a check here (inside the lab VM some host tools are missing): it must
@@ -60,11 +63,16 @@ def test_status_and_guests_commit(lab_with_guests: LabHandle) -> None:
 def test_workload_knobs(lab_with_guests: LabHandle) -> None:
     lab = lab_with_guests
     n = lab.defn.name
+    wait_for(lambda: _txid(n, "vm01") > 0, 30, "vm01's ledger writer commits")
+    asked = time.time()
     out = hvlab("guest", "workload", "vm01", "-n", n, "--pause").stdout
     assert "paused" in out
-    time.sleep(1.5)  # status.json is rewritten every second
-    tx0 = _txid(n, "vm01")
-    time.sleep(2.5)
+    # status.json is rewritten every second: one written after the pause says it is paused...
+    wait_for(lambda: _status(n)["clock"] > asked
+             and all(w["state"] == "paused" for w in _status(n)["writers"]), 30, "paused")
+    tx0, since = _txid(n, "vm01"), _status(n)["clock"]
+    # ... and two seconds of statuses later (20 transactions at the lab's rate) no more commit
+    wait_for(lambda: _status(n)["clock"] > since + 2, 30, "two more seconds of status")
     assert _txid(n, "vm01") == tx0, "a paused writer still commits"
     out = hvlab("guest", "workload", "vm01", "-n", n, "--resume", "--ops-per-s", "40").stdout
     assert "target 40.0 ops/s" in out and "paused" not in out

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, suppress
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,15 +20,11 @@ from hvlab.sys import dmioctl, loop, uevents
 from hvlab.sys.dmioctl import DmError, Target
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
-from hvlab_fixtures.plugin import LabHandle, requires
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab, requires
 
 pytestmark = pytest.mark.integration
 
-ONE_DISK: dict[str, Any] = {
-    "lab": {"name": "x", "backing_size": "512M"},
-    "vm": [{"name": "vm01", "profile": "windows",
-            "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}],
-}
+ONE_DISK = one_vm_lab()
 PREFIX = f"hvlabtest{os.getpid()}_"
 CHUNK = 4 << 20
 

@@ -4,7 +4,6 @@ every disk at one instant (its origins held together), and the backup verifies."
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -13,16 +12,12 @@ from hvlab.flow import consistency as C
 from hvlab.flow import engine
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests
-from hvlab_fixtures.plugin import LabHandle
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab
 
 pytestmark = pytest.mark.integration
 
 DISKS = 8
-EIGHT: dict[str, Any] = {
-    "lab": {"name": "x", "backing_size": "1536M"},
-    "vm": [{"name": "vm01", "profile": "windows",
-            "disk": [{"name": f"disk{i}", "size": "64M", "fs": "ext4"} for i in range(DISKS)]}],
-}
+EIGHT = one_vm_lab(DISKS, backing="1536M")
 
 
 def test_a_vm_of_eight_disks(lab_factory: Callable[..., LabHandle]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,7 +19,7 @@ from hvlab.lab.record import Event
 from hvlab.sys import dm, fs
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
-from hvlab_fixtures.plugin import LabHandle
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab
 
 pytestmark = pytest.mark.integration
 
@@ -239,11 +238,7 @@ def test_failure_thaws_and_unwinds_then_clean_run(lab_with_guests: LabHandle,
     assert fs.fsck_readonly(rec["controllers"][0], "ext4").returncode == 0
 
 
-NONE_LAB: dict[str, Any] = {
-    "lab": {"name": "x", "backing_size": "512M"},
-    "vm": [{"name": "vm03", "profile": "none",
-            "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}],
-}
+NONE_LAB = one_vm_lab(profile="none", vm="vm03")
 
 
 def test_crash_consistent_pause_abort_and_leftovers(lab_factory: Callable[..., LabHandle]

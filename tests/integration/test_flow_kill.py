@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -30,15 +29,11 @@ from hvlab.lab.record import Run
 from hvlab.sys import dm, fs
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run as sysrun
-from hvlab_fixtures.plugin import LabHandle
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab
 
 pytestmark = pytest.mark.integration
 
-ONE_VM: dict[str, Any] = {
-    "lab": {"name": "k", "backing_size": "512M"},
-    "vm": [{"name": "vm01", "profile": "windows",
-            "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}],
-}
+ONE_VM = one_vm_lab()
 
 # The flush-and-hold limit the killed backups ask for. Killed inside the window, nothing thaws
 # the guest but its own watchdog at the end of that limit, so each such test waited out VSS's

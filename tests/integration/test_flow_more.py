@@ -19,15 +19,11 @@ from hvlab.flow import actions, engine, steps
 from hvlab.guest.client import GuestClient
 from hvlab.guest.supervise import stop_guest
 from hvlab.lab import guests, runs
-from hvlab_fixtures.plugin import LabHandle
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab
 
 pytestmark = pytest.mark.integration
 
-ONE_VM: dict[str, Any] = {
-    "lab": {"name": "x", "backing_size": "512M"},
-    "vm": [{"name": "vm01", "profile": "windows",
-            "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}],
-}
+ONE_VM = one_vm_lab()
 ALLOWED = [1, 2, 3, 8, 9, 10, 11, 12, 13]
 
 

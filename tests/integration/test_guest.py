@@ -22,7 +22,7 @@ from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient, GuestError, GuestUnavailable
 from hvlab.guest.quiesce import recover_after_crash
 from hvlab.guest.supervise import guest_status, start_guest, stop_guest
-from hvlab_fixtures.plugin import requires
+from hvlab_fixtures.plugin import requires, wait_for
 
 pytestmark = pytest.mark.integration
 __all__ = ["looplab"]  # the fixture, imported for pytest
@@ -46,13 +46,6 @@ class VM:
     @property
     def roots(self) -> dict[str, Path]:
         return {d.name: d.mountpoint for d in self.disks}
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def boot(

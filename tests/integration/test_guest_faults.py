@@ -25,15 +25,11 @@ from hvlab.guest.supervise import guest_status, start_guest, stop_guest
 from hvlab.lab import guests, runs
 from hvlab.lab.record import Run
 from hvlab.sys import dmioctl
-from hvlab_fixtures.plugin import LabHandle
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab
 
 pytestmark = pytest.mark.integration
 
-ONE_VM: dict[str, Any] = {
-    "lab": {"name": "gf", "backing_size": "512M"},
-    "vm": [{"name": "vm01", "profile": "windows",
-            "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}],
-}
+ONE_VM = one_vm_lab()
 HOLD = actions.FLUSH_AND_HOLD_S
 
 

@@ -21,15 +21,11 @@ from hvlab.lab import runs
 from hvlab.lab.record import Run
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run as sysrun
-from hvlab_fixtures.plugin import LabHandle, requires
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab, requires
 
 pytestmark = pytest.mark.integration
 
-ONE_VM: dict[str, Any] = {
-    "lab": {"name": "i", "backing_size": "512M"},
-    "vm": [{"name": "vm01", "profile": "windows",
-            "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}],
-}
+ONE_VM = one_vm_lab()
 
 
 def _backup(h: LabHandle, copy: Path, **kw: Any) -> Run:

@@ -23,16 +23,11 @@ from hvlab.backup import restore as rst
 from hvlab.flow import engine, faults, recover
 from hvlab.lab import links, runs
 from hvlab.sys import netns
-from hvlab_fixtures.plugin import LabHandle, requires
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab, requires
 
 pytestmark = pytest.mark.integration
 
-TWO_DISKS: dict[str, Any] = {
-    "lab": {"name": "o", "backing_size": "512M"},
-    "vm": [{"name": "vm01", "profile": "windows",
-            "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"},
-                     {"name": "disk1", "size": "64M", "fs": "ext4"}]}],
-}
+TWO_DISKS = one_vm_lab(2)
 
 
 def _listening(pid: int) -> list[tuple[str, int]]:

@@ -11,7 +11,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,17 +22,13 @@ from hvlab.sys import dm
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
 from hvlab.sys.uevents import wait_node
-from hvlab_fixtures.plugin import LabHandle
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab
 
 pytestmark = pytest.mark.integration
 
 # 2 GiB of backing: enough pool chunks (64 KiB) to fill LVM's 4 MiB of pool metadata with
 # mappings of our own, cheaply (see fill_metadata).
-LAB: dict[str, Any] = {
-    "lab": {"name": "x", "backing_size": "2G"},
-    "vm": [{"name": "vm01", "profile": "windows",
-            "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}],
-}
+LAB = one_vm_lab(backing="2G")
 CHUNK = 64 << 10
 FILL_CHUNKS = 20000  # ~90 metadata blocks of mappings; 80 MiB actually written
 STRIDE = 128  # chunks: one write per stride unshares every leaf (~225 mappings) of a snapshot

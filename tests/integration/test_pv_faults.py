@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,15 +21,11 @@ from hvlab.lab import guests, pvfault, runs
 from hvlab.sys import dmioctl
 from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
-from hvlab_fixtures.plugin import LabHandle
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab
 
 pytestmark = pytest.mark.integration
 
-ONE_VM: dict[str, Any] = {
-    "lab": {"name": "x", "backing_size": "512M"},
-    "vm": [{"name": "vm01", "profile": "windows",
-            "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}],
-}
+ONE_VM = one_vm_lab()
 
 
 def _after_the_fault(h: LabHandle, pre: set[str], client: GuestClient, before: int) -> None:
@@ -154,12 +149,7 @@ def test_read_errors_below_the_snapshot(lab_factory: Callable[..., LabHandle]) -
     assert cold.read_bytes() == payload, "the live disk lost the data under the bad sectors"
 
 
-TWO_DISKS: dict[str, Any] = {
-    "lab": {"name": "x", "backing_size": "512M"},
-    "vm": [{"name": "vm01", "profile": "windows",
-            "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"},
-                     {"name": "disk1", "size": "64M", "fs": "ext4"}]}],
-}
+TWO_DISKS = one_vm_lab(2)
 
 
 def test_the_second_disks_checkpoint_fails(lab_factory: Callable[..., LabHandle],

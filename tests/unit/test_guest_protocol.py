@@ -18,6 +18,7 @@ from hvlab.guest.config import GuestConfig
 from hvlab.guest.emulator import Guest
 from hvlab.guest.protocol import ProtocolError, Server
 from hvlab.guest.quiesce import FreezeError
+from hvlab_fixtures.plugin import wait_for
 
 
 class FakeFreezer:
@@ -88,13 +89,6 @@ def make_guest(profile: str = "windows", **extra: Any) -> Iterator[Running]:
 @pytest.fixture
 def g() -> Iterator[Running]:
     yield from make_guest()
-
-
-def wait_for(pred: Any, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.02)
 
 
 def test_socket_is_private(g: Running) -> None:
@@ -317,12 +311,19 @@ def test_freeze_failure_thaws_writers(g: Running) -> None:
 
 
 def test_workload_pause_resume(g: Running) -> None:
+    start = g.client.status()["committed_txid"]
+    wait_for(lambda: g.client.status()["committed_txid"] > start)  # it was committing
     g.client.workload(pause=True)
     wait_for(lambda: all(w["state"] == "paused" for w in g.client.status()["writers"]))
-    time.sleep(0.2)  # an op already under way when pause arrived still completes
+    # Ten transactions' time at the writers' own rate: a writer that still ran would commit
+    # ten; the one under way when the pause came may still complete, then nothing more.
+    ten = 10 / (max(w["target_ops_per_s"] for w in g.client.status()["writers"]) or 10.0)
     n = g.client.status()["committed_txid"]
-    time.sleep(0.2)
-    assert g.client.status()["committed_txid"] == n
+    time.sleep(ten)
+    settled = g.client.status()["committed_txid"]
+    assert settled - n <= 1
+    time.sleep(ten)
+    assert g.client.status()["committed_txid"] == settled
     g.client.workload(pause=False, ops_per_s=50)
     wait_for(lambda: g.client.status()["committed_txid"] > n)
     with pytest.raises(GuestError):

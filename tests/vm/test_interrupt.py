@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -15,20 +16,11 @@ from typing import Any
 
 import pytest
 
+from hvlab_fixtures.plugin import lab_toml, one_vm_lab
+
 pytestmark = pytest.mark.vm
 
-LAB = """
-[lab]
-name = "ic"
-backing_size = "1G"
-[[vm]]
-name = "vm01"
-profile = "windows"
-[[vm.disk]]
-name = "disk0"
-size = "64M"
-fs = "ext4"
-"""
+LAB = lab_toml(one_vm_lab(name="ic", backing="1G"))
 HANG = ["backup", "vm01", "-n", "ic", "--no-fingerprints", "--inject", "s11-one:hang"]
 
 
@@ -45,20 +37,23 @@ def runs() -> list[dict[str, Any]]:
 
 
 def hanging_backup() -> subprocess.Popen[str]:
-    """A backup started from the host that hangs inside step 11 (one S made)."""
-    before = {r["id"] for r in runs()}
+    """A backup started from the host that hangs inside step 11 (one S made): returned once
+    the backup says it hangs at the fault point (its stderr line, read as it comes)."""
     proc = subprocess.Popen([sys.executable, "-m", "hvlab.cli", *HANG], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ)
+    assert proc.stderr is not None
+    fd, seen = proc.stderr.fileno(), b""  # raw reads: a line may come in any chunk
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        new = [r for r in runs() if r["id"] not in before]
-        if new and new[0].get("last_step") == 10:
-            time.sleep(2)  # inside step 11 now, hanging at its first snapshot
-            return proc
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(1)
+        if select.select([fd], [], [], 1.0)[0]:
+            chunk = os.read(fd, 65536)
+            seen += chunk
+            if b"hanging at fault point s11-one" in seen:
+                return proc
+            assert chunk, seen.decode(errors="replace")  # it ended
+        assert proc.poll() is None, seen.decode(errors="replace")
     proc.kill()
-    raise AssertionError("the backup never reached step 11")
+    raise AssertionError(f"the backup never hung in step 11: {seen[-500:]!r}")
 
 
 def settled(run_id: str, seconds: float = 60) -> dict[str, Any]:

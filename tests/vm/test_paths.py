@@ -16,20 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from hvlab_fixtures.plugin import lab_toml, one_vm_lab
+
 pytestmark = pytest.mark.vm
 
-LAB = """
-[lab]
-name = "pt"
-backing_size = "1G"
-[[vm]]
-name = "vm01"
-profile = "windows"
-[[vm.disk]]
-name = "disk0"
-size = "64M"
-fs = "ext4"
-"""
+LAB = lab_toml(one_vm_lab(name="pt", backing="1G"))
 RUN_ID = re.compile(r"\br\d{14}[0-9a-f]{4}\b")
 
 

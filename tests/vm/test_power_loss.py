@@ -27,50 +27,18 @@ from typing import Any
 import psutil
 import pytest
 
+from hvlab_fixtures.plugin import lab_toml, one_vm_lab
+
 pytestmark = pytest.mark.vm
 SEED_ENV = "HVLAB_POWER_SEED"
 CYCLES = 3  # CI's share: each cycle is a lab VM boot, a lab restart and a backup or two
 
-LAB = """
-[lab]
-name = "pl"
-backing_size = "2G"
-[[vm]]
-name = "vm01"
-profile = "windows"
-[[vm.disk]]
-name = "disk0"
-size = "256M"
-fs = "ext4"
-[[vm.disk]]
-name = "disk1"
-size = "320M"
-fs = "xfs"
-[vm.workload]
-ops_per_s = 20
-paused = true   # the test decides when the guest commits, so it can compare exactly
-"""
+LAB = lab_toml(one_vm_lab([("256M", "ext4"), ("320M", "xfs")], name="pl", backing="2G",
+                          # the test decides when the guest commits, so it compares exactly
+                          workload={"ops_per_s": 20, "paused": True}))
 
 # The random cycles' lab: two small disks (the ledger spans both), so a cycle stays lean.
-LEAN_LAB = """
-[lab]
-name = "pl"
-backing_size = "512M"
-[[vm]]
-name = "vm01"
-profile = "windows"
-[[vm.disk]]
-name = "disk0"
-size = "64M"
-fs = "ext4"
-[[vm.disk]]
-name = "disk1"
-size = "64M"
-fs = "ext4"
-[vm.workload]
-ops_per_s = 20
-paused = true
-"""
+LEAN_LAB = lab_toml(one_vm_lab(2, name="pl", workload={"ops_per_s": 20, "paused": True}))
 
 
 def hvlab(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -141,7 +109,7 @@ def test_power_loss_after_step_11_loses_no_committed_transaction(vm_env: Path) -
 # LV, controller and mount of the definition there and nothing else), as JSON lines.
 IN_LAB = """
 import json, sys
-from hvlab_fixtures.plugin import LabHandle, lab_extras
+from hvlab_fixtures.plugin import LabHandle, lab_extras, lab_toml, one_vm_lab
 from hvlab.lab.paths import Names
 from hvlab.lab.state import State
 print(json.dumps(lab_extras(LabHandle(State.load(sys.argv[1]).definition, Names(sys.argv[1])))))

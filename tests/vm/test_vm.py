@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from hvlab_fixtures.plugin import lab_toml, one_vm_lab
+
 pytestmark = pytest.mark.vm
 
 
@@ -163,17 +165,7 @@ def test_one_shot_vms_side_by_side_get_a_cpu_each(vm_env: Path) -> None:
     assert "HVLAB_VM_CPU='4096'" in res.stderr and "Traceback" not in res.stderr
 
 
-TINY_LAB = """[lab]
-name = "race"
-backing_size = "256M"
-[[vm]]
-name = "vm01"
-profile = "none"
-[[vm.disk]]
-name = "disk0"
-size = "32M"
-fs = "ext4"
-"""
+TINY_LAB = lab_toml(one_vm_lab(name="race", profile="none", backing="256M", size="32M"))
 
 
 def test_commands_that_race_a_booting_vm_share_it(vm_env: Path) -> None:
