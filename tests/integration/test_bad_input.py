@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from hvlab.guest.client import GuestClient
-from hvlab.lab import definition, guests, runs, substrate
+from hvlab.lab import definition, guests, inventory, runs, substrate, teardown
 from hvlab.lab.paths import Names
 from hvlab.sys import dm, fs, loop
 from hvlab.sys.run import run
@@ -62,7 +62,7 @@ def bad_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabHandl
         try:
             yield LabHandle(defn, Names(defn.name)), base
         finally:
-            substrate.down(LAB, purge=True, missing_ok=True)
+            teardown.down(LAB, purge=True, missing_ok=True)
             assert_nothing_left(LAB)
             assert not loop.loops_under(base), loop.loops_under(base)
             assert not os.path.lexists(base / "real-home" / LAB)
@@ -180,7 +180,7 @@ def test_symlinks_and_bad_backup_directories(bad_lab: tuple[LabHandle, Path]) ->
         w = hvlab("down", "-n", n, "--purge").refusal(f"{real}/backups is a symlink")
         assert w is None, w
         assert (away / "bkreal" / n / r.id / "manifest.json").exists()
-        assert substrate.inventory(n).loops, "the lab went down"
+        assert inventory.of(n).loops, "the lab went down"
     finally:
         (real / "backups").unlink()
         (away / "bkreal").rename(real / "backups")
@@ -196,7 +196,7 @@ def test_symlinks_and_bad_backup_directories(bad_lab: tuple[LabHandle, Path]) ->
             w = hvlab(*args).refusal(f"lab folder {h.names.dir} is a symlink")
             assert w is None, f"{args}: {w}"
         assert (away / "labreal" / "backing" / "pv0.img").exists()
-        assert len(substrate.inventory(n).loops) == 1 and dm.devices_with_prefix(
+        assert len(inventory.of(n).loops) == 1 and dm.devices_with_prefix(
             h.names.ctl("vm01", "disk0"))
     finally:
         h.names.dir.unlink()

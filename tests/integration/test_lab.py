@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from hvlab.errors import BadInput
-from hvlab.lab import definition, substrate
+from hvlab.lab import definition, inventory, substrate, teardown
 from hvlab.lab.paths import Names
 from hvlab.sys import dm, fs, loop
 from hvlab.sys.lvm import Lvm
@@ -88,7 +88,7 @@ def test_restart_keeps_data(lab: LabHandle) -> None:
     data = os.urandom(1 << 20)
     f.write_bytes(data)
     (lab.mountpoint("vm02", "disk0") / "note.txt").write_text("still here")
-    substrate.stop(lab.defn.name)
+    teardown.stop(lab.defn.name)
     assert not loop.loops_under(lab.names.dir), "stop must detach (as a power-off would)"
     assert not dm.devices_with_prefix(lab.names.dm_prefixes[0])
     substrate.up(lab.defn, start_guests=False)
@@ -97,10 +97,10 @@ def test_restart_keeps_data(lab: LabHandle) -> None:
 
 
 def test_up_when_up_is_refused(lab: LabHandle) -> None:
-    before = substrate.inventory(lab.defn.name).describe()
+    before = inventory.of(lab.defn.name).describe()
     with pytest.raises(BadInput, match="already up"):
         substrate.up(lab.defn, start_guests=False)
-    assert substrate.inventory(lab.defn.name).describe() == before
+    assert inventory.of(lab.defn.name).describe() == before
 
 
 def test_failed_up_rolls_back(hvlab_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,7 +141,7 @@ def test_kill_during_up_then_down_leaves_nothing(hvlab_home: Path) -> None:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not substrate.inventory(name).empty(), "the kill came too late to test anything"
+    assert not inventory.of(name).empty(), "the kill came too late to test anything"
     res = hvlab("up", "-n", name, "--no-guests")
     assert res.returncode == 2 and "hvlab down" in res.stderr
     hvlab("down", "-n", name, check=True)
@@ -196,10 +196,10 @@ def test_two_labs_side_by_side(lab_factory: Callable[..., LabHandle]) -> None:
     # Each lab's LVM sees only its own VG.
     assert [v["vg_name"] for v in Lvm(a.names.lvm_dir).vgs()] == [a.names.vg]
     assert [v["vg_name"] for v in Lvm(b.names.lvm_dir).vgs()] == [b.names.vg]
-    substrate.down("labb")
+    teardown.down("labb")
     assert_nothing_left("labb")
     assert (a.mountpoint("vm01", "disk0") / "a.txt").read_text() == "A"
-    assert len(substrate.inventory("laba").dm_devices) >= 3
+    assert len(inventory.of("laba").dm_devices) >= 3
 
 
 def test_down_never_touches_what_is_not_ours(lab: LabHandle, tmp_path: Path) -> None:
@@ -207,7 +207,7 @@ def test_down_never_touches_what_is_not_ours(lab: LabHandle, tmp_path: Path) -> 
     foreign.write_bytes(b"\0" * (4 << 20))
     dev = loop.attach(foreign)
     try:
-        substrate.down(lab.defn.name)
+        teardown.down(lab.defn.name)
         assert any(lo.name == dev for lo in loop.list_loops())
     finally:
         loop.detach(dev)
@@ -225,16 +225,16 @@ def test_down_leaves_devices_that_only_look_like_ours(lab_factory: Callable[...,
         run(["dmsetup", "create", name, "--noudevsync", *(["-u", uuid] if uuid else []),
              "--table", "0 8 error"])
     try:
-        assert not {d.name for d in substrate.inventory("hvlab").dm_devices} & set(foreign)
-        assert h.names.pv(0) in {d.name for d in substrate.inventory("hvlab").dm_devices}
+        assert not {d.name for d in inventory.of("hvlab").dm_devices} & set(foreign)
+        assert h.names.pv(0) in {d.name for d in inventory.of("hvlab").dm_devices}
         # --purge whose backups folder is a file: refused before anything is removed
         h.names.backups_dir.parent.mkdir(parents=True, exist_ok=True)
         h.names.backups_dir.write_text("not a folder\n")
         with pytest.raises(BadInput, match="is not a folder"):
-            substrate.down("hvlab", purge=True)
-        assert substrate.is_up("hvlab")
+            teardown.down("hvlab", purge=True)
+        assert inventory.is_up("hvlab")
         h.names.backups_dir.unlink()
-        substrate.down("hvlab", purge=True)  # no backups at all: nothing to purge, fine
+        teardown.down("hvlab", purge=True)  # no backups at all: nothing to purge, fine
         assert set(foreign) <= {d.name for d in dm.list_devices()}
     finally:
         for name in foreign:
@@ -248,7 +248,7 @@ def test_crash_recovery_by_discovery_without_state_file(lab_factory: Callable[..
     lab.names.state_file.unlink()  # as if the state file was lost
     res = hvlab("up", "-n", "nostate", "--no-guests")
     assert res.returncode == 2 and "hvlab down" in res.stderr
-    substrate.down("nostate")
+    teardown.down("nostate")
     assert_nothing_left("nostate")
 
 
@@ -259,7 +259,7 @@ def test_down_resumes_a_controller_left_suspended(lab_with_guests: LabHandle) ->
     ctl = h.names.ctl("vm01", "disk0")
     run(["dmsetup", "suspend", "--nolockfs", "--noudevsync", ctl])
     assert next(d for d in dm.list_devices() if d.name == ctl).suspended
-    substrate.down(h.defn.name)
+    teardown.down(h.defn.name)
     assert_nothing_left(h.defn.name)
 
 
@@ -287,10 +287,10 @@ def test_down_after_the_lab_directory_was_deleted(lab_factory: Callable[..., Lab
         fs.umount(Path(m.target))
     for d in dm.devices_with_prefix(f"{lab.names.vg}_ctl_"):  # controllers sit on the LVs
         dm.remove(d.name)
-    substrate._deactivate(lab.names)  # what a host shutdown leaves: loops, no LVs
-    substrate._remove_dm(lab.names)
+    teardown.deactivate(lab.names)  # what a host shutdown leaves: loops, no LVs
+    teardown.remove_dm(lab.names)
     shutil.rmtree(lab.names.dir)
-    assert substrate.inventory("nodir").loops, "loops on deleted files not seen as the lab's"
+    assert inventory.of("nodir").loops, "loops on deleted files not seen as the lab's"
     res = hvlab("down", "-n", "nodir")
     assert res.returncode == 0, res.stderr
     assert_nothing_left("nodir")

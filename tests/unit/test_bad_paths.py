@@ -13,8 +13,8 @@ import pytest
 from hvlab.errors import BadInput
 from hvlab.flow import dest
 from hvlab.lab import runs
+from hvlab.lab.inventory import resolve_name
 from hvlab.lab.paths import Names, backups_root, home, refuse_links, refuse_links_in_lab
-from hvlab.lab.substrate import resolve_name
 from hvlab.sys import private
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hvlab.errors import CommandError, HvlabError
-from hvlab.lab import definition, substrate
+from hvlab.lab import definition, inventory, substrate
 from hvlab.lab.paths import Names
 from hvlab.lab.state import State
 
@@ -103,5 +103,5 @@ def test_dm_ownership_is_by_uuid_and_what_lies_below(home: Path,
     monkeypatch.setattr(dm, "list_devices", lambda: devs)
     monkeypatch.setattr(dm, "leaves", lambda d: below.get(d.minor, set()))
     ours = [loop.Loop("/dev/loop0", str(names.backing_file(0)), False)]
-    got = {d.name for d in substrate.owned_dm(names, ours)}
+    got = {d.name for d in inventory.owned_dm(names, ours)}
     assert got == {"hvlab_hvlab_pv0", "hvlab_hvlab_ctl_vm01_disk0", "hvlab_hvlab-pool-tpool"}

@@ -20,7 +20,7 @@ from typing import Any
 
 from hvlab.errors import HvlabError
 from hvlab.flow import engine
-from hvlab.lab import definition, runs, substrate
+from hvlab.lab import definition, runs, substrate, teardown
 from hvlab.lab.definition import LabDef
 from hvlab.lab.paths import Names
 from hvlab.lab.record import Event
@@ -44,12 +44,12 @@ def lab_doc(name: str, vms: list[tuple[str, int]]) -> dict[str, Any]:
 @contextmanager
 def lab_up(defn: LabDef, *, start_guests: bool = True) -> Iterator[Names]:
     """The lab up for the block, then down with its backups; nothing of it left after."""
-    substrate.down(defn.name, missing_ok=True, purge=True)  # a killed bench's leftover
+    teardown.down(defn.name, missing_ok=True, purge=True)  # a killed bench's leftover
     try:
         substrate.up(defn, start_guests=start_guests)
         yield Names(defn.name)
     finally:
-        substrate.down(defn.name, missing_ok=True, purge=True)
+        teardown.down(defn.name, missing_ok=True, purge=True)
 
 
 def _raw_record(names: Names, run_id: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from hvlab.errors import BadInput
 from hvlab.flow import engine, faults, recover
 from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient
-from hvlab.lab import definition, guests, runs, substrate
+from hvlab.lab import definition, guests, runs, substrate, teardown
 from hvlab.lab.handle import Lab
 from hvlab_fixtures.plugin import LabHandle, lab_extras
 
@@ -133,7 +133,7 @@ def main() -> int:
     out_dir = Path("soak-results")
     out_dir.mkdir(exist_ok=True)
     defn = definition.parse(LAB)
-    substrate.down(defn.name, missing_ok=True, purge=True)
+    teardown.down(defn.name, missing_ok=True, purge=True)
     substrate.up(defn, start_guests=True)
     lab = Lab.open(defn.name)
     base = set(lab.lvs())
@@ -160,7 +160,7 @@ def main() -> int:
     finally:
         result["seconds"] = round(time.time() - start, 1)
         try:
-            substrate.down(defn.name, missing_ok=True, purge=True)
+            teardown.down(defn.name, missing_ok=True, purge=True)
         except Exception as exc:
             result["ok"] = False
             result["teardown"] = str(exc)

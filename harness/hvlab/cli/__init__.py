@@ -41,7 +41,7 @@ def _kernel_report() -> Iterator[None]:
 
 
 def _lab_name(name: str | None) -> str:
-    from hvlab.lab.substrate import resolve_name
+    from hvlab.lab.inventory import resolve_name
 
     return resolve_name(name)
 
@@ -80,12 +80,12 @@ def up(lab_file: Path | None, lab_name: str | None, backing_size: str | None,
 def down(lab_name: str | None, purge: bool, force: bool) -> None:
     """Remove everything of a lab (devices, mounts, files) and verify nothing is left.
     Backups in the default folder are kept and listed; --purge removes them too."""
-    from hvlab.lab import substrate
+    from hvlab.lab import teardown
 
     lab = _lab_name(lab_name)
-    substrate.refuse_under_runs(lab, force=force)
+    teardown.refuse_under_runs(lab, force=force)
     with _kernel_report():
-        substrate.down(lab, progress=_echo, purge=purge)
+        teardown.down(lab, progress=_echo, purge=purge)
     _echo("lab removed; nothing left")
 
 
@@ -93,10 +93,10 @@ def down(lab_name: str | None, purge: bool, force: bool) -> None:
 @lab_name_opt
 def stop(lab_name: str | None) -> None:
     """Take a lab offline but keep its backing files; `hvlab up` brings it back."""
-    from hvlab.lab import substrate
+    from hvlab.lab import teardown
 
     with _kernel_report():
-        substrate.stop(_lab_name(lab_name), progress=_echo)
+        teardown.stop(_lab_name(lab_name), progress=_echo)
     _echo("lab stopped; data kept")
 
 

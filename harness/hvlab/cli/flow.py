@@ -15,7 +15,7 @@ from hvlab.lab.record import Run
 
 
 def _lab(name: str | None) -> str:
-    from hvlab.lab.substrate import resolve_name
+    from hvlab.lab.inventory import resolve_name
 
     return resolve_name(name)
 

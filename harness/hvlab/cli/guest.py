@@ -26,9 +26,9 @@ def guest() -> None:
 
 
 def _guest_ctx(lab_name: str | None) -> tuple[LabDef, Names]:
+    from hvlab.lab.inventory import resolve_name
     from hvlab.lab.paths import Names
     from hvlab.lab.state import State
-    from hvlab.lab.substrate import resolve_name
 
     lab = resolve_name(lab_name)
     st = State.load(lab)

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from hvlab.errors import HvlabError
+from hvlab.lab.inventory import pv_devices
 from hvlab.lab.paths import Names
-from hvlab.lab.substrate import pv_devices
 from hvlab.sys import dm, dmioctl
 from hvlab.sys.dmioctl import Target
 from hvlab.sys.lvm import Lvm

@@ -1,24 +1,19 @@
-"""The storage substrate: backing files -> loops -> PV/VG -> thin pool -> thin LVs ->
-virtual controllers (dm-linear) -> filesystems -> mounts.
-
-`up` rolls back what it made on failure; `down` discovers by prefix/path (not only from the
-state file), removes in reverse order and verifies that nothing of the lab is left.
-"""
+"""Bringing a lab up: backing files -> loops -> PV/VG -> thin pool -> thin LVs -> virtual
+controllers (dm-linear) -> filesystems -> mounts, or up again after a stop or a restart
+(data kept). `up` rolls back what it made on failure; teardown.py takes a lab down."""
 
 from __future__ import annotations
 
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from hvlab.errors import BadInput, CommandError, HvlabError, LeakError
-from hvlab.lab import guests, links, live
+from hvlab.errors import BadInput, CommandError, HvlabError
+from hvlab.lab import guests, inventory, live, teardown
 from hvlab.lab.definition import LabDef
-from hvlab.lab.paths import ROLE_TAG, Names, refuse_links, refuse_links_in_lab
+from hvlab.lab.paths import ROLE_TAG, Names, refuse_links_in_lab
 from hvlab.lab.state import State, locked
 from hvlab.sys import dm, fs, loop, private
 from hvlab.sys.lvm import Lvm
@@ -35,62 +30,6 @@ def _quiet(_: str) -> None:
 
 def lvm_for(names: Names) -> Lvm:
     return Lvm(names.lvm_dir)
-
-
-@dataclass
-class Inventory:
-    """What of a lab exists right now, found by ownership (path, prefix, uuid), not by memory."""
-
-    loops: list[loop.Loop] = field(default_factory=list)
-    dm_devices: list[dm.DmDevice] = field(default_factory=list)
-    mounts: list[fs.Mount] = field(default_factory=list)
-    guests: list[int] = field(default_factory=list)
-    links: list[str] = field(default_factory=list)  # off-host: namespaces, stray veths
-
-    def empty(self) -> bool:
-        return not (self.loops or self.dm_devices or self.mounts or self.guests or self.links)
-
-    def describe(self) -> str:
-        parts = [lo.name for lo in self.loops] + [d.name for d in self.dm_devices]
-        parts += [m.target for m in self.mounts] + [f"guest pid {p}" for p in self.guests]
-        return ", ".join(parts + self.links)
-
-
-def owned_dm(names: Names, loops: list[loop.Loop] | None = None) -> list[dm.DmDevice]:
-    """The lab's dm devices, by ownership, never by name alone: ours carry the lab's uuid
-    prefix (PVs, controllers, attach devices); LVM's carry its LVM- uuid, a name in the lab's
-    VG, and sit on nothing but the lab's own loops. A device that merely looks like ours by
-    name (hvlab_<lab>_x made by someone else) is left alone."""
-    loops = loop.loops_under(names.dir) if loops is None else loops
-    ours_below = {Path(lo.name).name for lo in loops}
-
-    def ours(d: dm.DmDevice) -> bool:
-        if d.uuid.startswith(names.uuid_prefix):
-            return True
-        if not (d.uuid.startswith("LVM-") and d.name.startswith(names.dm_prefixes[0])):
-            return False
-        leaves = dm.leaves(d)
-        return bool(leaves) and leaves <= ours_below
-
-    return [d for d in dm.list_devices() if ours(d)]
-
-
-def inventory(lab: str) -> Inventory:
-    names = Names(lab)
-    # By path even when the directory is gone: a loop on a deleted backing file is ours too.
-    loops = loop.loops_under(names.dir)
-    return Inventory(
-        loops=loops,
-        dm_devices=owned_dm(names, loops),
-        mounts=fs.mounts_under(names.dir),
-        guests=guests.running_pids(names),
-        links=links.owned(names),
-    )
-
-
-def is_up(lab: str) -> bool:
-    st = State.load(lab)
-    return st is not None and st.phase == "up" and bool(inventory(lab).loops)
 
 
 # --------------------------------------------------------------------------------------- up
@@ -137,7 +76,7 @@ def up(defn: LabDef, *, start_guests: bool = True, progress: Progress = _quiet) 
     names = Names(defn.name)
     refuse_links_in_lab(names)  # before even reading it: a symlinked lab folder is refused
     orphaned = names.dir.exists() and not names.state_file.exists()
-    if orphaned and (not inventory(defn.name).empty() or names.backing_dir.exists()):
+    if orphaned and (not inventory.of(defn.name).empty() or names.backing_dir.exists()):
         raise BadInput(f"lab {defn.name!r} has leftovers but no state file: "
                        f"run `hvlab down --lab-name {defn.name}` first")
     with locked(defn.name):
@@ -149,7 +88,7 @@ def up(defn: LabDef, *, start_guests: bool = True, progress: Progress = _quiet) 
             if st.definition != defn:
                 raise BadInput(f"lab {defn.name!r} already exists with a different definition: "
                                f"use the same lab file, or `hvlab down` it first")
-            if st.phase == "up" and inventory(defn.name).loops:
+            if st.phase == "up" and inventory.of(defn.name).loops:
                 raise BadInput(f"lab {defn.name!r} is already up (hvlab status shows it)")
             return _restart(st, names, start_guests, progress)
         return _create(defn, names, start_guests, progress)
@@ -187,7 +126,7 @@ def _create(defn: LabDef, names: Names, start_guests: bool, progress: Progress) 
         progress(f"PVs: {' '.join(devs)} (dm-linear over loops)")
         lvm = lvm_for(names)
         lvm.write_config(devs)
-        undo.push(f"remove VG {names.vg}", lambda: _deactivate(names))
+        undo.push(f"remove VG {names.vg}", lambda: teardown.deactivate(names))
         disks = [(vm, disk, names.lv(vm.name, disk.name)) for vm, disk in defn.disks()]
         # VG (its PVs too), pool and thin LVs in one lvm process. A full pool must fail
         # writes at once, not queue them for 60 s (that hangs filesystems).
@@ -242,7 +181,7 @@ def _restart(st: State, names: Names, start_guests: bool, progress: Progress) ->
         lvm = lvm_for(names)
         lvm.write_config(devs)
         existing = set(lvm.lvs(names.vg))
-        undo.push(f"deactivate VG {names.vg}", lambda: _deactivate(names))
+        undo.push(f"deactivate VG {names.vg}", lambda: teardown.deactivate(names))
         targets = {}
         for vm, disk in defn.disks():
             targets[(vm.name, disk.name)] = live.lv_to_map(names, vm.name, disk.name, existing)
@@ -302,189 +241,3 @@ def _mount_all(defn: LabDef, names: Names, undo: _Undo) -> None:
 
 
 # ------------------------------------------------------------------------------ stop / down
-def pv_devices(names: Names) -> list[str]:
-    """The lab's PVs as LVM must see them: our dm-linears, or (a lab brought up by an older
-    hvlab, whose PVs were the loops themselves) the loops."""
-    pvs = [d.path for d in dm.list_devices() if d.uuid.startswith(f"{names.uuid_prefix}pv-")]
-    return sorted(pvs) or [lo.name for lo in loop.loops_under(names.dir)]
-
-
-def _deactivate(names: Names) -> None:
-    if not loop.loops_under(names.dir):
-        return
-    lvm = lvm_for(names)
-    lvm.write_config(pv_devices(names))
-    lvm("vgchange", "-q", "-an", names.vg, check=False)
-
-
-def _remove_dm(names: Names) -> None:
-    """Remove what is left of ours, least-held first, until nothing moves."""
-    for _ in range(20):
-        ours = owned_dm(names)
-        if not ours:
-            return
-        progress = False
-        for dev in sorted(ours, key=lambda d: d.open_count):
-            if dev.open_count:
-                continue
-            if dev.suspended:
-                dm.run_resume(dev.name)
-            dm.remove(dev.name)
-            progress = True
-        if not progress:
-            return
-
-
-def teardown(lab: str, *, keep_data: bool, progress: Progress = _quiet) -> None:
-    """Remove every live object of the lab in reverse order; keep_data keeps backing files."""
-    names = Names(lab)
-    # A controller left suspended by a killed backup would hang the guest's writes, its exit
-    # and the umount: resume first (removing everything, the table it then maps is moot).
-    for d in owned_dm(names):
-        if d.suspended:
-            dm.run_resume(d.name)
-            progress(f"resumed suspended {d.name}")
-    for x in links.clean(names):  # nbdkit holds the snapshot devices open
-        progress(f"remove off-host link {x}")
-    guests.stop_all(names)
-    # A frozen filesystem cannot be unmounted cleanly and blocks writers: thaw first.
-    for m in sorted(fs.mounts_under(names.dir), key=lambda m: -len(m.target)):
-        fs.thaw(Path(m.target))
-    for m in sorted(fs.mounts_under(names.dir), key=lambda m: -len(m.target)):
-        fs.umount(Path(m.target))
-        progress(f"umount {m.target}")
-    # Our own (non-LVM) devices first: controllers and flow devices sit on top of the LVs
-    # (the PVs below them are held open by the pool until the VG is deactivated).
-    for _ in range(10):
-        ours = [d for d in owned_dm(names)
-                if d.uuid.startswith(names.uuid_prefix) and d.open_count == 0
-                and not d.uuid.startswith(f"{names.uuid_prefix}pv-")]
-        if not ours:
-            break
-        for d in ours:
-            dm.remove(d.name)
-            progress(f"remove {d.name}")
-    _deactivate(names)
-    _remove_dm(names)
-    for lo in loop.loops_under(names.dir):
-        loop.detach(lo.name)
-        progress(f"detach {lo.name}")
-    if not keep_data:
-        refuse_links(names.dir, "lab folder")  # rmtree would not follow it, but fail silently
-        shutil.rmtree(names.dir, ignore_errors=True)
-        if os.path.lexists(names.dir):
-            raise LeakError(f"lab {lab!r} left behind its folder {names.dir}")
-    verify_clean(lab)
-
-
-def verify_clean(lab: str) -> None:
-    left = inventory(lab)
-    if not left.empty():
-        raise LeakError(f"lab {lab!r} left behind: {left.describe()}")
-
-
-def stop(lab: str, *, progress: Progress = _quiet) -> None:
-    """Take the lab offline (as a host shutdown would) but keep its data for the next `up`."""
-    from hvlab.lab import runs
-
-    st = State.load(lab)
-    if st is None:
-        raise BadInput(f"lab {lab!r} does not exist")
-    names = Names(lab)
-    busy = runs.active_runs(names)
-    if busy:
-        # A stop would pull the lab from under the run's process: finish or abort it first.
-        raise BadInput(f"lab {lab!r} has backup run {busy[0].id} "
-                       f"({runs.effective_state(busy[0])}): `hvlab backup --resume` or "
-                       f"`--abort` it before `hvlab stop`")
-    with locked(lab):
-        teardown(lab, keep_data=True, progress=progress)
-        st.phase = "stopped"
-        st.save()
-
-
-def down(lab: str, *, progress: Progress = _quiet, missing_ok: bool = False,
-         purge: bool = False) -> None:
-    """Remove the lab. Its backups (in the default folder) are kept unless purge. A symlink
-    in the lab folder or at its backups folder is refused before anything is removed: down
-    never removes through one, and never reports a lab gone whose files stay elsewhere."""
-    names = Names(lab)
-    refuse_links_in_lab(names)
-    if purge:  # checked before anything is removed: a purge must not fail half way
-        refuse_links(names.backups_dir, "backups folder")
-        if os.path.lexists(names.backups_dir) and not names.backups_dir.is_dir():
-            raise BadInput(f"backups folder {names.backups_dir} is not a folder: "
-                           f"not removing it")
-    if not names.dir.exists() and inventory(lab).empty():
-        if purge and names.backups_dir.exists():
-            _purge_backups(names, progress)
-            return
-        if missing_ok:
-            return
-        raise BadInput(f"lab {lab!r} is not up: nothing to remove")
-    _down(lab, names, progress)
-    if purge:
-        _purge_backups(names, progress)
-    elif names.backups_dir.is_dir() and any(names.backups_dir.iterdir()):
-        n = sum(1 for p in names.backups_dir.iterdir() if p.is_dir())
-        progress(f"backups kept: {n} in {names.backups_dir} (`hvlab down --purge` removes them)")
-
-
-def _purge_backups(names: Names, progress: Progress) -> None:
-    refuse_links(names.backups_dir, "backups folder")
-    if not names.backups_dir.is_dir():
-        progress(f"no backups to remove ({names.backups_dir} does not exist)")
-        return
-    shutil.rmtree(names.backups_dir)
-    progress(f"removed backups {names.backups_dir}")
-
-
-def _down(lab: str, names: Names, progress: Progress) -> None:
-    if names.dir.exists():
-        with locked(lab):
-            try:
-                st = State.load(lab)
-            except HvlabError:
-                st = None  # unreadable: teardown finds everything by prefix and path anyway
-            if st is not None:
-                st.phase = "removing"
-                st.save()
-            teardown(lab, keep_data=False, progress=progress)
-    else:
-        teardown(lab, keep_data=False, progress=progress)
-
-
-def lab_names() -> list[str]:
-    from hvlab.lab.paths import home
-
-    root = home()
-    if not root.exists():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / "state.json").exists())
-
-
-def refuse_under_runs(lab: str, *, force: bool) -> None:
-    """`down` never pulls a lab from under a backup: a running one is refused always, a
-    paused or interrupted one unless forced (abort it first to merge what the guest wrote)."""
-    from hvlab.lab import runs
-
-    for r in runs.active_runs(Names(lab)):
-        state = runs.effective_state(r)
-        if state in ("running", "aborting"):
-            raise BadInput(f"lab {lab!r} has backup run {r.id} running in process {r.pid}: "
-                           f"interrupt it (it unwinds) before `hvlab down`")
-        if not force:
-            raise BadInput(f"lab {lab!r} has backup run {r.id} ({state}): `hvlab backup "
-                           f"--abort {r.id}` first, or `hvlab down --force`")
-
-
-def resolve_name(name: str | None) -> str:
-    """The lab a command means: -n NAME, else $HVLAB_LAB, else the only lab, else 'hvlab'."""
-    from hvlab.lab.definition import check_name
-
-    if name is not None:  # `-n ""` is a bad name, not "the default lab"
-        return check_name("lab", name)
-    if os.environ.get("HVLAB_LAB"):
-        return check_name("lab", os.environ["HVLAB_LAB"])
-    labs = lab_names()
-    return labs[0] if len(labs) == 1 else "hvlab"

@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.tree import Tree
 
 from hvlab.lab import guests
+from hvlab.lab.inventory import pv_devices as substrate_pvs
 from hvlab.lab.paths import Names, role_of
 from hvlab.lab.state import State
-from hvlab.lab.substrate import pv_devices as substrate_pvs
 from hvlab.sys import dm, fs, loop
 from hvlab.sys.lvm import Lvm
 
