@@ -74,6 +74,7 @@ class Writer(threading.Thread):
         self._cv = threading.Condition()
         self._stop_req = False
         self._paused = False
+        self._in_op = False  # between taking an op and finishing it (pause waits for it)
         self._freeze_req = False
         self._held = False
         self._recent: collections.deque[float] = collections.deque(maxlen=1000)
@@ -107,6 +108,7 @@ class Writer(threading.Thread):
                 if self._held or self._paused:
                     self._cv.wait()
                     continue
+                self._in_op = True  # under the lock: a pause from now on waits for this op
                 return "op"
 
     def _wake(self) -> bool:
@@ -125,7 +127,12 @@ class Writer(threading.Thread):
                         self._held = action == "freeze"
                         self._cv.notify_all()
                     continue
-                self.op()
+                try:
+                    self.op()
+                finally:
+                    with self._cv:
+                        self._in_op = False
+                        self._cv.notify_all()
                 self.ops += 1
                 now = time.monotonic()
                 self._recent.append(now)
@@ -157,10 +164,14 @@ class Writer(threading.Thread):
             if self.is_alive():
                 self._cv.wait_for(lambda: not self._held or self.error is not None, timeout)
 
-    def pause(self, paused: bool) -> None:
+    def pause(self, paused: bool, timeout: float = 10.0) -> None:
+        """Pause (or resume) the workload. A pause returns once the op under way, if any, is
+        done: what the writer acknowledged then is all it will commit until resumed."""
         with self._cv:
             self._paused = paused
             self._cv.notify_all()
+            if paused and self.is_alive():
+                self._cv.wait_for(lambda: not self._in_op or self.error is not None, timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
