@@ -13,7 +13,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-LAYER = {"errors": 0, "sys": 0, "guest": 1, "vm": 1, "lab": 2, "backup": 3, "flow": 4,
+LAYER = {"errors": 0, "console": 0, "sys": 0, "guest": 1, "vm": 1, "lab": 2, "backup": 3, "flow": 4,
          "report": 5, "cli": 5, "bench": 5, "hvlab_fixtures": 5}
 SOURCE_ROOTS = (ROOT / "harness", ROOT / "fixtures")
 

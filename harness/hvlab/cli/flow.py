@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from hvlab.console import console as make_console
 from hvlab.errors import BadInput
 from hvlab.flow.request import BackupRequest
 from hvlab.lab.record import Run
@@ -139,7 +140,6 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
 def _summary(run: Run) -> None:
     """Per disk: how it was read and what it cost (rich: a table on a terminal, plain text in
     a pipe or a file)."""
-    from rich.console import Console
     from rich.table import Table
 
     mib = 2 ** 20
@@ -156,7 +156,7 @@ def _summary(run: Run) -> None:
     if run.link and "link_bytes" in run.link:
         t.caption = (f"off-host: {run.link['nbd_bytes'] / mib:.1f} MiB over NBD, "
                      f"{run.link['link_bytes'] / mib:.1f} MiB on the veth (with TCP/IP)")
-    Console().print(t)
+    make_console().print(t)
 
 
 @click.command()
@@ -214,7 +214,6 @@ def verify(backup_ref: str, lab_name: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def runs_cmd(lab_name: str | None, as_json: bool) -> None:
     """Backup runs: id, VMs, mode, state, consistency."""
-    from rich.console import Console
 
     from hvlab.lab import runs
     from hvlab.lab.paths import Names
@@ -225,7 +224,7 @@ def runs_cmd(lab_name: str | None, as_json: bool) -> None:
         click.echo(json.dumps([{**r.to_dict(), "state": runs.effective_state(r)} for r in rows],
                               indent=2))
         return
-    Console().print(explain.runs_table(rows))
+    make_console().print(explain.runs_table(rows))
 
 
 def _out_path(opt: str, value: Path | None) -> Path | None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from hvlab.console import console as make_console
 from hvlab.errors import BadInput, HvlabError
 
 if TYPE_CHECKING:
@@ -42,7 +43,6 @@ def _guest_ctx(lab_name: str | None) -> tuple[LabDef, Names]:
 @click.option("--json", "as_json", is_flag=True)
 def guest_status(lab_name: str | None, as_json: bool) -> None:
     """State, writers, ops/s, frozen or not, per VM."""
-    from rich.console import Console
     from rich.table import Table
 
     from hvlab.guest.supervise import guest_status as status_of
@@ -62,7 +62,7 @@ def guest_status(lab_name: str | None, as_json: bool) -> None:
         table.add_row(vm.name, vm.profile, str(r.get("alive")), str(r.get("pid") or "-"),
                       str(st.get("state", "-")), str(st.get("frozen", "-")),
                       str(st.get("committed_txid", "-")), str(st.get("ops_per_s", "-")), writers)
-    Console().print(table)
+    make_console().print(table)
 
 
 @guest.command("start")

@@ -9,9 +9,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from hvlab.console import console as make_console
 from hvlab.errors import HvlabError
 from hvlab.lab import probe
 from hvlab.lab.paths import home
@@ -101,7 +101,7 @@ def render(items: list[Check]) -> bool:
     for c in items:
         mark = "[green]yes[/]" if c.ok else ("[red]NO[/]" if c.required else "[yellow]no[/]")
         table.add_row(c.name, mark, c.detail, "" if c.ok else c.fix)
-    Console().print(table)
+    make_console().print(table)
     return all(c.ok or not c.required for c in items)
 
 

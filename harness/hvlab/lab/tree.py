@@ -6,9 +6,9 @@ import os
 from typing import Any
 
 import psutil
-from rich.console import Console
 from rich.tree import Tree
 
+from hvlab.console import console as make_console
 from hvlab.lab import guests
 from hvlab.lab.inventory import pv_devices as substrate_pvs
 from hvlab.lab.paths import Names, role_of
@@ -98,7 +98,7 @@ def _mb(n: int) -> str:
 
 
 def render(t: dict[str, Any], *, with_guests: bool = False) -> None:
-    con = Console()
+    con = make_console()
     root = Tree(f"[bold]lab {t['lab']}[/] ({t['phase']}) - {t['dir']}")
     if t["phase"] == "absent":
         con.print(root)

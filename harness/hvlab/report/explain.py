@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from hvlab.console import console as make_console
 from hvlab.lab import runs
 from hvlab.lab.paths import Names
 from hvlab.lab.record import ARTIFACTS, Event, Run
@@ -160,7 +161,7 @@ def lane_rows(run: Run, events: list[Event], vm: str | None = None) -> dict[str,
 
 
 def render_explain(run: Run, events: list[Event], console: Console | None = None) -> None:
-    con = console or Console()
+    con = console or make_console()
     con.print(f"[bold]run {run.id}[/]  lab {run.lab}  VMs {' '.join(run.vms)}  "
               f"state {runs.effective_state(run)}  backup {run.dest}")
     cost = time_cost(events, run.pauses)
