@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from hvlab.errors import CommandError
-from hvlab.flow import context
-from hvlab.flow.context import BatchFailed, Ctx
+from hvlab.flow import lvmview
+from hvlab.flow.context import Ctx
+from hvlab.flow.lvmview import BatchFailed
 from hvlab.lab.paths import Names
 from hvlab.lab.record import Run
 from hvlab.sys import lvm as lvm_mod
@@ -64,15 +65,15 @@ def _ctx(lab: FakeLab) -> Ctx:
 def test_one_report_until_a_command_changes_lvm(ran: list[Any]) -> None:
     lab = FakeLab({"b": _row("b"), "s": _row("s")})
     ctx = _ctx(lab)
-    assert ctx.exists("b") and ctx.exists("s") and not ctx.exists("x")
+    assert ctx.view.exists("b") and ctx.view.exists("s") and not ctx.view.exists("x")
     assert lab.reports == 1
-    assert ctx.remove_lvs(["s", "x", "s"]) == ["s"]  # only what exists, once, one lvremove
+    assert ctx.view.remove_lvs(["s", "x", "s"]) == ["s"]  # only what exists, once, one lvremove
     assert [a for a, _ in ran] == [["lvm", "lvremove", "-q", "-y", "hvlab_t/s"]]
-    assert not ctx.exists("s") and lab.reports == 1  # lvremove exits 0 only when all went
-    assert ctx.remove_lvs(["s"]) == [] and len(ran) == 1
-    ctx.lvm("lvrename", "-q", "hvlab_t", "b", "c")  # anything else: read again when asked
+    assert not ctx.view.exists("s") and lab.reports == 1  # lvremove exits 0 only when all went
+    assert ctx.view.remove_lvs(["s"]) == [] and len(ran) == 1
+    ctx.view.lvm("lvrename", "-q", "hvlab_t", "b", "c")  # anything else: read again when asked
     lab.rows = {"c": _row("c")}
-    assert ctx.exists("c") and lab.reports == 2
+    assert ctx.view.exists("c") and lab.reports == 2
 
 
 def test_a_batch_is_checked_by_one_report_naming_what_is_missing(ran: list[Any]) -> None:
@@ -82,7 +83,7 @@ def test_a_batch_is_checked_by_one_report_naming_what_is_missing(ran: list[Any])
     REPORTED.clear()
     REPORTED.update(lab.rows, s1=_row("s1"), s2=_row("s2", active=False))
     with pytest.raises(BatchFailed) as err:
-        ctx.batch(cmds, present=["s1", "s2", "s3"], absent=["b"])
+        ctx.view.batch(cmds, present=["s1", "s2", "s3"], absent=["b"])
     msg = str(err.value)
     assert "s2 inactive" in msg and "s3 missing" in msg and "b still present" in msg
     assert "s1 " not in msg and "insufficient free space" in msg
@@ -92,16 +93,16 @@ def test_a_batch_is_checked_by_one_report_naming_what_is_missing(ran: list[Any])
     assert lines[2].startswith("lvs -a --nameprefixes") and lines[2].endswith(" hvlab_t")
     assert lab.reports == 0  # the batch's own report, no lvs process of its own
     REPORTED["s2"] = _row("s2")
-    assert set(ctx.batch(cmds, present=["s1", "s2"])) == {"b", "s1", "s2"}
-    assert ctx.exists("s2") and lab.reports == 0 and len(ran) == 2  # and it is kept
+    assert set(ctx.view.batch(cmds, present=["s1", "s2"])) == {"b", "s1", "s2"}
+    assert ctx.view.exists("s2") and lab.reports == 0 and len(ran) == 2  # and it is kept
     REPORTED.clear()  # the shell printed no report: the lvs in it failed
     with pytest.raises(CommandError, match="printed no report"):
-        ctx.batch(cmds)
+        ctx.view.batch(cmds)
 
 
 def test_reports_do_not_invalidate(ran: list[Any]) -> None:
     seen: list[int] = []
-    tracked = context.TrackedLvm(Path("/nonexistent"), lambda: seen.append(1))
+    tracked = lvmview.TrackedLvm(Path("/nonexistent"), lambda: seen.append(1))
     tracked("lvs", "--reportformat", "json")
     assert seen == []
     tracked("lvchange", "-ay", "x")

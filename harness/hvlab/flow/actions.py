@@ -13,7 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 from hvlab.errors import HvlabError
-from hvlab.flow import checkpoint, faults, holdguard, windowguard
+from hvlab.flow import checkpoint, faults
 from hvlab.flow import consistency as S
 from hvlab.flow.context import Ctx
 from hvlab.guest.client import GuestError, GuestTimeout, GuestUnavailable
@@ -77,15 +77,15 @@ def quiesce(ctx: Ctx, vm: str) -> dict[str, Any]:
     # The guards first: a forked child's start-up (copy-on-write faults) costs 50-100 ms of
     # the lab VM's one CPU, spent here while LVM allocates, not inside the window. The hold
     # guard stands for the whole job: only the first VM's step 4 forks it.
-    holdguard.standby(ctx.sync_live)
+    ctx.guards.hold.standby(ctx.sync_live)
     # The guest waits for its writers (its own bound), then holds the freeze at most
     # FLUSH_AND_HOLD_S; should it die meanwhile, the guard thaws what it froze.
     wait = (v.writer_timeout_s or WRITER_TIMEOUT_S) + FREEZE_SLACK_S
     if v.answers:
-        windowguard.open_window(vm, ctx.names.guest_dir(vm),
+        ctx.guards.windows.open(vm, ctx.names.guest_dir(vm),
                                 ALLOCATE_S + wait + FLUSH_AND_HOLD_S)
     allocated = allocate_checkpoints(ctx, vm)  # before the window: LVM is slow, the pool not
-    ctx.uevents.drain()  # LVM's, read now: the step's event is written inside the window
+    ctx.obs.uevents.drain()  # LVM's, read now: the step's event is written inside the window
     if not v.answers:
         return {"skipped": "no integration services: no freeze (crash-consistent)",
                 **allocated}
@@ -103,7 +103,7 @@ def quiesce(ctx: Ctx, vm: str) -> dict[str, Any]:
         # Policy try, as Veeam's "ignore failures": make sure nothing stays frozen (a guest
         # that does not answer may still have frozen), then go on crash-consistent (C is
         # still taken with every controller held), labelled.
-        windowguard.thaw(ctx, vm)
+        ctx.thaw_window(vm)
         ctx.in_window = False
         v.frozen, v.window, v.cls = False, None, S.CRASH
         v.fallback = f"the guest could not quiesce: {exc}"
@@ -123,7 +123,7 @@ def allocate_checkpoints(ctx: Ctx, vm: str) -> dict[str, Any]:
     for every VM of the job in one lvm process (one start-up and one metadata commit, where
     one per VM cost 0.6-1 s each in the lab VM); a later VM's step 4 finds its own made, and
     makes again only what is gone."""
-    have = ctx.lvs()
+    have = ctx.view.lvs()
     mine = ctx.disks(vm)
     if all(_allocated(disk, have) for _, _, disk in mine):
         return {"allocated": [], "allocated_before": [
@@ -183,7 +183,7 @@ def backup_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
         # Should this process die or hang with them held, the guard resumes origins, then
         # controllers. A suspend waits for the guest's I/O in flight: one that never
         # completes (a device below that will not flush) fails the step at the window's end.
-        with holdguard.guard(vm, origins + ctls, _left(ctx, vm), ctx.sync_live), \
+        with ctx.guards.hold.guard(vm, origins + ctls, _left(ctx, vm), ctx.sync_live), \
                 D.suspended(*ctls, timeout=_left(ctx, vm)):
             bases = {d: checkpoint.thin_target(ctx, disk.B) for _, d, disk in todo}
             with D.suspended(*origins, timeout=_left(ctx, vm)):
@@ -227,7 +227,7 @@ def auto_recovery_checkpoint(ctx: Ctx, vm: str) -> dict[str, Any]:
     bases = {d: checkpoint.thin_target(ctx, disk.B) for _, d, disk in todo}
     origins = [ctx.names.dm_lv_name(disk.B) for _, _, disk in todo]
     made = []
-    with holdguard.guard(vm, origins, _left(ctx, vm), ctx.sync_live), \
+    with ctx.guards.hold.guard(vm, origins, _left(ctx, vm), ctx.sync_live), \
             D.suspended(*origins, timeout=_left(ctx, vm)):
         if todo:
             checkpoint.require_room(ctx)
@@ -262,7 +262,7 @@ def thaw(ctx: Ctx, vm: str) -> dict[str, Any]:
         rep = ctx.client(vm).thaw()
     except GuestError as exc:
         return _lost_in_window(ctx, vm, exc)
-    windowguard.close(vm)
+    ctx.guards.windows.close(vm)
     end = time.time()
     gc.unfreeze()  # frozen before the guards' forks: collectable again
     ctx.in_window = False
@@ -286,7 +286,7 @@ def _lost_in_window(ctx: Ctx, vm: str, exc: GuestError) -> dict[str, Any]:
     thaws what it froze. C and A were taken frozen, but the writers' session never ended
     (no thaw, no auto-recovery): crash-consistent at best. Policy require fails the job."""
     v, w = ctx.vm(vm), ctx.vm(vm).window
-    notes = windowguard.thaw(ctx, vm)
+    notes = ctx.thaw_window(vm)
     end = time.time()
     ctx.in_window = False
     if w is not None:

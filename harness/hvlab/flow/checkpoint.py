@@ -48,13 +48,13 @@ class Slot:
 def allocate(ctx: Ctx, wants: Sequence[Want]) -> dict[str, Slot]:
     """Make every wanted LV LVM does not have yet (one lvm process), then read all of them
     back in one report: an LV the batch did not make is an error naming it."""
-    have = ctx.lvs()
+    have = ctx.view.lvs()
     todo = [w for w in wants if w.lv not in have]
-    res, report = ctx.lvm.batch_report(
+    res, report = ctx.view.lvm.batch_report(
         [["lvcreate", "-q", "-s", "-kn", "-an", "-n", w.lv,
           *ctx.tags(ROLE_TAG[w.art], w.vm, w.disk), ctx.vg_lv(w.origin)] for w in todo],
         ctx.names.vg)
-    ctx.take(report)
+    ctx.view.take(report)
     got = slots(report, [w.lv for w in wants])
     missing = [w.lv for w in wants if w.lv not in got]
     if missing:
@@ -107,7 +107,7 @@ def activate(ctx: Ctx, slot: Slot, like: D.Target) -> D.Info:
     pool_dev = like.params.split()[0]
     made = D.create(name, [D.Target(0, like.length, "thin", f"{pool_dev} {slot.thin_id}")],
                     uuid=slot.uuid)
-    ctx.activated(slot.lv, made.major, made.minor)
+    ctx.view.activated(slot.lv, made.major, made.minor)
     if not udev_running():
         link = f"/dev/{ctx.names.vg}/{slot.lv}"
         if os.path.isdir(os.path.dirname(link)) and not os.path.lexists(link):
@@ -120,7 +120,7 @@ def deactivate(ctx: Ctx, lv: str) -> None:
     name = ctx.names.dm_lv_name(lv)
     if D.exists(name):
         D.remove(name, missing_ok=True)
-        ctx.forget()  # the cached report may show it active
+        ctx.view.forget()  # the cached report may show it active
     link = f"/dev/{ctx.names.vg}/{lv}"
     if os.path.islink(link):
         os.unlink(link)

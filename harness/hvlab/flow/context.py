@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hvlab.backup import thinmeta
-from hvlab.errors import HvlabError
-from hvlab.guest.client import GuestClient
+from hvlab.flow.guards import Guards
+from hvlab.flow.lvmview import LvmView
+from hvlab.guest.client import GuestClient, GuestError
+from hvlab.guest.quiesce import recover_after_crash
 from hvlab.lab import guests, live, runs
 from hvlab.lab.handle import Lab
 from hvlab.lab.paths import ROLE_TAG, Names
 from hvlab.lab.record import Artifact, Disk, Event, Run, Vm
 from hvlab.sys import dm, fs
-from hvlab.sys.lvm import Lvm, LvRow
-from hvlab.sys.run import Result
 from hvlab.sys.uevents import Recorder, wait_node
 
 Say = Callable[[str], None]
@@ -29,58 +29,34 @@ def quiet(_: str) -> None:
     pass
 
 
-def _nothing() -> None:
-    pass
-
-
-REPORTS = frozenset({"lvs", "vgs", "pvs", "fullreport"})
-
-
 @dataclass
-class TrackedLvm(Lvm):
-    """The lab's Lvm, telling its Ctx before any command that may change LVM's view: the
-    Ctx's cached report is then read again when next needed (a command that failed or was
-    killed half-way leaves nothing stale behind)."""
+class Observer:
+    """What the recorder (observe.py) keeps across a run's steps."""
 
-    changing: Callable[[], None] = _nothing
-
-    def __call__(self, *args: str, check: bool = True, timeout: float = 120.0) -> Result:
-        if not args or args[0] not in REPORTS:
-            self.changing()
-        return super().__call__(*args, check=check, timeout=timeout)
-
-    def batch(self, commands: Sequence[Sequence[str]], *, timeout: float = 300.0) -> Result:
-        self.changing()
-        return super().batch(commands, timeout=timeout)
-
-
-class BatchFailed(HvlabError):
-    """An lvm batch left LVM short of what it was to make or remove."""
+    fingerprints: bool = True  # hash the artifacts at T0, after auto-recovery, before merge
+    uevents: Recorder = field(default_factory=Recorder)  # the running step's
+    block_digests: dict[int, bytes] = field(default_factory=dict)  # data block -> sha256
+    last_dump: thinmeta.Dump | None = None  # step 13's metadata, for its hashes
+    pending: tuple[Event, Any] | None = None  # a step's event, and the pool hashing it
+    pending_future: Any = None
 
 
 class Ctx:
     def __init__(self, lab: Lab, run: Run, say: Say = quiet, fingerprints: bool = True) -> None:
         self.lab = lab
         self.names = lab.names
-        # One `lvs` (0.5 s of CPU in the lab VM) serves every question until a command
-        # through self.lvm may have changed the answer; a new process reads afresh.
-        self._rows: dict[str, LvRow] | None = None
-        self.lvm: Lvm = TrackedLvm(lab.lvm.conf_dir, self.forget)
+        self.view = LvmView(lab)  # LVM's view of the VG: one report, read again when stale
         self.run = run
         # Between a guest's freeze and its thaw the run record and events are written whole
         # but not fsync'd (each fsync costs tens of ms in the lab VM): a killed process loses
         # nothing by it, and after a power loss the guest is gone and recovery goes by what
         # exists (LVs, the live record, which is fsync'd). The thaw's save makes all durable.
         self.in_window = False
-        self.uevents = Recorder()  # the running step's (observe.run_step sets it)
         self.say = say
-        self.fingerprints = fingerprints
         self.progress: Any = None  # a rich Progress for step 13, when on a terminal
-        self.block_digests: dict[int, bytes] = {}  # data block -> sha256 of its content
         self.thin_ids: dict[str, int] = {}  # an LV's thin id never changes
-        self.last_dump: thinmeta.Dump | None = None  # step 13's metadata, for its hashes
-        self.pending: tuple[Event, Any] | None = None  # (event, pool) hashing
-        self.pending_future: Any = None
+        self.guards = Guards(frozen=lambda vm: self.vm(vm).frozen)
+        self.obs = Observer(fingerprints)
 
     def save(self) -> None:
         runs.save(self.names, self.run, durable=not self.in_window)
@@ -93,6 +69,23 @@ class Ctx:
 
     def client(self, vm: str, timeout: float = 10.0) -> GuestClient:
         return GuestClient(guests.socket_path(self.names, vm), timeout=timeout)
+
+    def thaw_window(self, vm: str) -> list[str]:
+        """Close VM's freeze window any way there is: the guest's abort, else (a dead or hung
+        guest) from the freeze marker it left; then its guard ends. Safe to call any time."""
+        notes = []
+        if self.vm(vm).answers:
+            try:
+                if self.client(vm).abort().get("thawed"):
+                    notes.append(f"{vm}: thawed by abort")
+            except GuestError as exc:
+                notes.append(f"{vm}: abort: {exc}")
+        rec = recover_after_crash(self.names.guest_dir(vm))
+        if rec.get("thawed"):
+            notes.append(f"{vm}: recovered freeze marker, thawed {rec['thawed']}")
+        self.guards.windows.close(vm)
+        self.vm(vm).frozen = False
+        return notes
 
     def lv_dev(self, lv: str) -> str:
         return f"/dev/mapper/{self.names.dm_lv_name(lv)}"
@@ -115,74 +108,8 @@ class Ctx:
     def snapshot(self, origin: str, name: str, art: Artifact, vm: str, disk: str,
                  read_only: bool = False) -> None:
         """A thin snapshot of origin, tagged with its role, active (-kn), node waited for."""
-        self.lvm(*self.snapshot_argv(origin, name, art, vm, disk, read_only))
+        self.view.lvm(*self.snapshot_argv(origin, name, art, vm, disk, read_only))
         wait_node(self.lv_dev(name))
-
-    def forget(self) -> None:
-        """Drop the cached report: LVM's view may change."""
-        self._rows = None
-
-    def lvs(self, fresh: bool = False) -> dict[str, LvRow]:
-        """Every LV of the lab's VG, from one `lvs` reused until a command through self.lvm
-        may have changed it (or fresh)."""
-        if self._rows is None or fresh:
-            self._rows = self.lab.lvs()
-        return self._rows
-
-    def activated(self, lv: str, major: int, minor: int) -> None:
-        """An LV activated by ioctl, not by LVM (steps 5 and 6): LVM's metadata is unchanged,
-        so the cached report stays, with that row active. Kept, it spares every later VM of
-        a job's step 4 an `lvs` (0.35-0.6 s in the lab VM)."""
-        rows = self._rows
-        if rows is None or lv not in rows:
-            self.forget()
-            return
-        row = rows[lv]
-        attr = row.attr[:4] + "a" + row.attr[5:] if len(row.attr) > 4 else row.attr
-        rows[lv] = replace(row, attr=attr, active=True, major=major, minor=minor)
-
-    def take(self, rows: dict[str, LvRow]) -> dict[str, LvRow]:
-        """Keep a full `lvs` report read some other way (at the end of a batch)."""
-        self._rows = dict(rows)
-        return self._rows
-
-    def exists(self, lv: str) -> bool:
-        return lv in self.lvs()
-
-    def remove_lvs(self, lvs: Sequence[str]) -> list[str]:
-        """One lvremove for those of lvs that exist (a killed run may have removed some);
-        returns them. The cached report stays valid: lvremove exits 0 only when all went."""
-        rows = self.lvs()
-        present = [lv for lv in dict.fromkeys(lvs) if lv in rows]
-        if present:
-            self.lvm("lvremove", "-q", "-y", *map(self.vg_lv, present))
-            self._rows = {k: r for k, r in rows.items() if k not in present}
-        return present
-
-    def remove_lv(self, lv: str) -> bool:
-        """lvremove if present; False when it was already gone (a killed run did it)."""
-        return bool(self.remove_lvs([lv]))
-
-    def batch(self, commands: Sequence[Sequence[str]], *, present: Sequence[str] = (),
-              absent: Sequence[str] = (), active: bool = True) -> dict[str, LvRow]:
-        """Commands in one `lvm` process, ending with a report to check what they did: every
-        LV of `present` exists (and, when active, is active), none of `absent` does. The
-        shell exits 0 whatever happened: a shortfall is an error naming the LVs and quoting
-        what LVM said. Returns the report."""
-        if not commands:
-            return self.lvs()
-        res, report = self.lvm.batch_report(commands, self.names.vg)
-        rows = self.take(report)
-        short = [f"{lv} missing" for lv in present if lv not in rows]
-        short += [f"{lv} inactive" for lv in present
-                  if active and lv in rows and rows[lv].major is None]
-        short += [f"{lv} still present" for lv in absent if lv in rows]
-        if short:
-            said = " | ".join(ln.strip() for ln in res.stderr.splitlines() if ln.strip())
-            raise BatchFailed(f"lvm batch of {len(commands)} commands "
-                              f"({', '.join(sorted({c[0] for c in commands}))}): "
-                              f"{', '.join(short)}; lvm said: {said or '(nothing)'}")
-        return rows
 
     # --- what the kernel says ---------------------------------------------------------------
     def mapped_lv(self, disk: Disk) -> str | None:

@@ -11,7 +11,6 @@ A `<vm>_<disk>_a_<run>`, S_B / S_A `<vm>_<disk>_sb_<run>` / `_sa_<run>`.
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 import traceback
@@ -21,7 +20,7 @@ from typing import Any
 from hvlab.backup import chain, offhost, thinmeta
 from hvlab.errors import BadInput, HvlabError
 from hvlab.flow import dest as backup_dir
-from hvlab.flow import faults, holdguard, observe, preflight, unwind, windowguard
+from hvlab.flow import faults, observe, preflight, unwind
 from hvlab.flow import steps as S
 from hvlab.flow.context import Ctx, Say, quiet
 from hvlab.flow.request import BackupRequest
@@ -64,14 +63,8 @@ def _say_event(ctx: Ctx, ev: Event) -> None:
 
 def execute(ctx: Ctx) -> Run:
     """Run from run.pos to the pause point or the end. Any failure thaws and unwinds."""
-    try:
+    with ctx.guards:  # they end with the run's steps (an early failure leaves some standing)
         return _execute(ctx)
-    finally:
-        holdguard.close()  # guards end with the run's steps (an early failure leaves some)
-        for vm in ctx.run.vms:  # a still-frozen guest keeps its guard: it thaws if the guest dies
-            if not ctx.vm(vm).frozen:
-                windowguard.close(vm)
-        gc.unfreeze()  # what the guards' forks froze (holdguard, windowguard)
 
 
 def _execute(ctx: Ctx) -> Run:
@@ -146,7 +139,7 @@ def finish(ctx: Ctx) -> None:
 def snapshot_state(ctx: Ctx, rows: dict[str, LvRow] | None = None) -> dict[str, Any]:
     """LV set (name -> roles) and pool usage: invariant 8 compares pre and post."""
     lvs = {name: sorted(t for t in r.tags if t.startswith("role_"))
-           for name, r in (rows or ctx.lvs()).items()
+           for name, r in (rows or ctx.view.lvs()).items()
            if not r.hidden and name != ctx.names.pool}
     used, total = thinmeta.pool_usage(ctx.names)
     return {"lvs": lvs, "pool_used_blocks": used, "pool_blocks": total}
@@ -221,7 +214,7 @@ def _register(lab: Lab, run_id: str, vmdefs: list[Any], where: Path, pause_at: i
                   for vd in vmdefs})
     runs.mark_self(run)
     ctx = Ctx(lab, run, say, fingerprints)
-    ctx.take(rows)  # nothing changes LVM before step 4, which asks it again otherwise
+    ctx.view.take(rows)  # nothing changes LVM before step 4, which asks it again otherwise
     run.pre = snapshot_state(ctx, rows)
     backup_dir.claim(where, run_id)
     run.dest_made = True

@@ -7,13 +7,13 @@ its 10 s watchdog. So a guard process resumes them at once when the backup dies,
 deadline when it hangs, and records what went live (C, if its table was loaded), so a restart
 maps it.
 
-One guard stands for the whole job: it is forked before the first freeze request
-(`standby`) and armed for each VM's holds through a socket pair. A fork of the backup costs
-50-90 ms in the lab VM, a line on a socket microseconds. The socket also tells the guard that
-the backup died (EOF; disarmed, it then just exits), and tells the backup whether the guard
-fired: a disarm is answered, and a hold the guard already resumed fails its step (the guest
-may have written past the checkpoint's instant). A guard that fired has exited: the next
-VM's standby forks another.
+One guard stands for the whole job (a HoldGuard, owned by the run): it is forked before the
+first freeze request (`standby`) and armed for each VM's holds through a socket pair. A fork
+of the backup costs 50-90 ms in the lab VM, a line on a socket microseconds. The socket also
+tells the guard that the backup died (EOF; disarmed, it then just exits), and tells the
+backup whether the guard fired: a disarm is answered, and a hold the guard already resumed
+fails its step (the guest may have written past the checkpoint's instant). A guard that
+fired has exited: the next VM's standby forks another.
 """
 
 from __future__ import annotations
@@ -45,9 +45,6 @@ class GuardFired(HvlabError):
 class _Guard:
     pid: int
     sock: socket.socket  # our end; the guard holds the other
-
-
-_standby: list[_Guard] = []  # the job's standing guard (none, or one)
 
 
 def _fork(after: Callable[[str], None]) -> _Guard:
@@ -101,27 +98,11 @@ def _end(g: _Guard) -> None:
     g.sock.close()
 
 
-def standby(after: Callable[[str], None]) -> None:
-    """Have a guard standing, disarmed, so that arming it inside a window costs nothing: the
-    job's, if it still runs; else one forked now. `after(vm)` runs in it once it resumed a
-    VM's holds."""
-    if _standby and _alive(_standby[0]):
-        return
-    close()
-    _standby.append(_fork(after))
-
-
 def _alive(g: _Guard) -> bool:
     try:
         return os.waitpid(g.pid, os.WNOHANG) == (0, 0)
     except ChildProcessError:
         return False
-
-
-def close() -> None:
-    """End the standing guard: the job's steps are over (or it fired)."""
-    while _standby:
-        _end(_standby.pop())
 
 
 def _send(g: _Guard, line: str) -> bool:
@@ -144,35 +125,62 @@ def _stand_down(g: _Guard) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def guard(vm: str, devices: list[str], deadline_s: float,
-          after: Callable[[str], None]) -> Iterator[None]:
-    """Run the block with a guard that resumes `devices` (in the order given) if this process
-    dies or the block takes longer than deadline_s; `after(vm)` runs in the guard once it
-    resumed them. Uses the standing guard if there is one (which runs the `after` it was
-    forked with), else forks one for the block. GuardFired when the guard resumed them
-    before the block ended."""
-    arm = "arm " + " ".join([f"{deadline_s:.3f}", vm, *devices])
-    g = _standby[0] if _standby else None
-    own = g is None or not _send(g, arm)
-    if own:
-        close()
-        g = _fork(after)
-        _send(g, arm)
-    assert g is not None
-    ok = False
-    try:
-        yield
-        ok = True
-    finally:
-        stood_down = _stand_down(g)
-        if own or not stood_down:
+class HoldGuard:
+    """The job's hold guard: a process standing (disarmed) for every VM's holds, or none.
+    Owned by the run (flow/guards.py), which ends it when the run's steps end."""
+
+    def __init__(self) -> None:
+        self._standing: _Guard | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._standing.pid if self._standing else None
+
+    def standby(self, after: Callable[[str], None]) -> None:
+        """Have a guard standing, disarmed, so that arming it inside a window costs nothing:
+        the job's, if it still runs; else one forked now. `after(vm)` runs in it once it
+        resumed a VM's holds."""
+        if self._standing is not None and _alive(self._standing):
+            return
+        self.close()
+        self._standing = _fork(after)
+
+    def close(self) -> None:
+        """End the standing guard: the job's steps are over (or it fired)."""
+        if self._standing is not None:
+            g, self._standing = self._standing, None
             _end(g)
-            if _standby and _standby[0] is g:
-                _standby.clear()
-    if ok and not stood_down:
-        raise GuardFired(f"the guard of {vm}'s held devices resumed them before the step "
-                         f"ended (deadline {deadline_s:.2f} s): not a checkpoint of one instant")
+
+    @contextlib.contextmanager
+    def guard(self, vm: str, devices: list[str], deadline_s: float,
+              after: Callable[[str], None]) -> Iterator[None]:
+        """Run the block with a guard that resumes `devices` (in the order given) if this
+        process dies or the block takes longer than deadline_s; `after(vm)` runs in the guard
+        once it resumed them. Uses the standing guard if there is one (which runs the `after`
+        it was forked with), else forks one for the block. GuardFired when the guard resumed
+        them before the block ended."""
+        arm = "arm " + " ".join([f"{deadline_s:.3f}", vm, *devices])
+        g = self._standing
+        own = g is None or not _send(g, arm)
+        if own:
+            self.close()
+            g = _fork(after)
+            _send(g, arm)
+        assert g is not None
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            stood_down = _stand_down(g)
+            if own or not stood_down:
+                _end(g)
+                if self._standing is g:
+                    self._standing = None
+        if ok and not stood_down:
+            raise GuardFired(f"the guard of {vm}'s held devices resumed them before the step "
+                             f"ended (deadline {deadline_s:.2f} s): not a checkpoint of one "
+                             f"instant")
 
 
 def _serve(sock: socket.socket, parent: int, after: Callable[[str], None]) -> None:

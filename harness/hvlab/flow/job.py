@@ -63,12 +63,12 @@ def external_snapshot(ctx: Ctx, _: None) -> dict[str, Any]:
             setattr(disk, a, name)
             members.append((v, d, a, name, origin or ""))
     ctx.save()  # names first: an unwind finds them (and by tags) whatever happens next
-    rows = ctx.lvs() if resumed else {}
+    rows = ctx.view.lvs() if resumed else {}
     cmds = [ctx.snapshot_argv(origin, name, a, v, d, read_only=True)
             if name not in rows else ["lvchange", "-q", "-ay", ctx.vg_lv(name)]
             for v, d, a, name, origin in members
             if name not in rows or rows[name].major is None]
-    ctx.batch(cmds, present=[m[3] for m in members])
+    ctx.view.batch(cmds, present=[m[3] for m in members])
     made = []
     for v, d, a, name, _origin in members:
         wait_node(ctx.lv_dev(name))
@@ -84,7 +84,7 @@ def external_snapshot(ctx: Ctx, _: None) -> dict[str, Any]:
 def remove_auto_recovery(ctx: Ctx, _: None) -> dict[str, Any]:
     """Every A in one lvremove."""
     todo = [(v, d, disk) for v, d, disk in ctx.disks() if disk.A_exists and disk.A]
-    ctx.remove_lvs([disk.A or "" for *_, disk in todo])
+    ctx.view.remove_lvs([disk.A or "" for *_, disk in todo])
     removed = []
     for v, d, disk in todo:
         disk.A_exists = False
@@ -107,7 +107,7 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
     with thinmeta.metadata_snap(ctx.names) as snap:
         faults.point("s13-metadata")
         maps = {lv: snap.mapping(ids[lv]) for *_, sb, sa in members for lv in (sb, sa)}
-        ctx.last_dump = snap.dump()
+        ctx.obs.last_dump = snap.dump()
         deltas = {f"{v}/{d}": snap.delta(ids[sb], ids[sa]) for v, d, _, sb, sa in members}
         since = {k: chain.changed(snap.delta(ids[p.reference], ids[sa]))
                  for k, p, sa in ((f"{v}/{d}", plans[f"{v}/{d}"], sa)
@@ -165,7 +165,7 @@ def _plans(ctx: Ctx) -> dict[str, chain.Plan]:
     if not ctx.run.incremental:  # no report needed (one lvs costs ~0.7 s in the lab VM)
         return {f"{v}/{d}": chain.Plan("full", "not asked for an incremental")
                 for v, d, _ in ctx.disks()}
-    rows, chains = ctx.lvs(), chain.load(ctx.names)
+    rows, chains = ctx.view.lvs(), chain.load(ctx.names)
     out = {}
     for v, d, disk in ctx.disks():
         size = _dev_size(ctx.lv_dev(disk.S_A or ""))  # the device's, not the definition's
@@ -274,7 +274,7 @@ def keep_references(ctx: Ctx) -> list[dict[str, Any]]:
     """Each disk's S_A becomes its reference point (renamed, retagged); the disk's older
     references go first, in the same lvm process. Killed half way, the next incremental
     finds no reference, or one of another run, and makes a full backup saying so."""
-    rows = ctx.lvs()
+    rows = ctx.view.lvs()
     cmds: list[list[str]] = []
     new_refs, old_refs, out = [], [], []
     for v, d, disk in ctx.disks():
@@ -294,7 +294,7 @@ def keep_references(ctx: Ctx) -> list[dict[str, Any]]:
             new_refs.append(new)
             disk.S_A_exists = False  # the reference now, not this run's artifact
             out.append({"vm": v, "disk": d, "lv": new, "generation": gen, "replaced": old})
-    rows = ctx.batch(cmds, present=new_refs, absent=old_refs)
+    rows = ctx.view.batch(cmds, present=new_refs, absent=old_refs)
     untagged = [r for r, o in zip(new_refs, out, strict=True)
                 if {REFERENCE_TAG, f"gen_{o['generation']}"} - rows[r].tags]
     if untagged:  # the lvm shell exits 0 whatever happened
@@ -315,16 +315,16 @@ def merge_into(ctx: Ctx, disks: list[tuple[str, str, Disk]],
     part is skipped when already done, so a run killed half-way through finishes it. Done
     for all disks at once: one lvremove (B, and also_remove with it), one lvm batch of
     renames checked by its report, one batch for the tags."""
-    rows = ctx.lvs()
+    rows = ctx.view.lvs()
     moving = [(v, d, disk) for v, d, disk in disks if disk.C and disk.C in rows]
     if also_remove:
-        ctx.remove_lvs(also_remove + [disk.B for *_, disk in moving])
+        ctx.view.remove_lvs(also_remove + [disk.B for *_, disk in moving])
         faults.point("s14-one")  # every S removed (one lvremove, with the B below)
     elif moving:
-        ctx.remove_lvs([disk.B for *_, disk in moving])
+        ctx.view.remove_lvs([disk.B for *_, disk in moving])
     if moving:
         faults.point("s14-base-removed")
-        ctx.batch([["lvrename", "-q", ctx.names.vg, disk.C or "", disk.B]
+        ctx.view.batch([["lvrename", "-q", ctx.names.vg, disk.C or "", disk.B]
                    for *_, disk in moving],
                   present=[disk.B for *_, disk in moving],
                   absent=[disk.C or "" for *_, disk in moving])
@@ -349,7 +349,7 @@ def retag_bases(ctx: Ctx, lvs: list[str]) -> None:
     def stale(tags: frozenset[str]) -> tuple[str, ...]:
         return tuple(sorted(t for t in tags if t == ROLE_TAG["C"] or t.startswith("run_")))
 
-    rows = ctx.lvs()
+    rows = ctx.view.lvs()
     groups: dict[tuple[str, ...], list[str]] = {}
     for lv in dict.fromkeys(lvs):
         if stale(rows[lv].tags) or ROLE_TAG["B"] not in rows[lv].tags:
@@ -357,7 +357,7 @@ def retag_bases(ctx: Ctx, lvs: list[str]) -> None:
     if not groups:
         return
     # One lvm process, its report kept: the run's next question costs no `lvs`.
-    rows = ctx.batch([["lvchange", "-q", *[x for t in old for x in ("--deltag", t)],
+    rows = ctx.view.batch([["lvchange", "-q", *[x for t in old for x in ("--deltag", t)],
                        "--addtag", ROLE_TAG["B"], *map(ctx.vg_lv, group)]
                       for old, group in groups.items()],
                      present=[lv for g in groups.values() for lv in g], active=False)

@@ -47,7 +47,7 @@ def run_step(ctx: Ctx, n: int, vm: str | None) -> Event:
         flush(ctx)
     try:
         with watch(settle=0.0) as rec, program_log() as commands:
-            ctx.uevents = rec
+            ctx.obs.uevents = rec
             try:
                 ev.detail = S.ACTIONS[n](ctx, vm)
                 ok = True
@@ -61,7 +61,7 @@ def run_step(ctx: Ctx, n: int, vm: str | None) -> Event:
         ev.devices_removed = rec.removed()
         ev.commands = [Command(c.argv, c.returncode, c.seconds) for c in commands]
         ev.writes_to = writes_to(ctx, vm)
-        if ok and ctx.fingerprints and n in FINGERPRINT_AFTER:
+        if ok and ctx.obs.fingerprints and n in FINGERPRINT_AFTER:
             flush(ctx)  # a hash still running in the background fills the cache first
             if n in BACKGROUND:
                 ev.fingerprints_note = f"{FINGERPRINT_AFTER[n]}: hashed in the background"
@@ -69,7 +69,7 @@ def run_step(ctx: Ctx, n: int, vm: str | None) -> Event:
             else:
                 ev.fingerprints = fingerprints(ctx, vm)
                 ev.fingerprints_note = FINGERPRINT_AFTER[n]
-        ctx.last_dump = None
+        ctx.obs.last_dump = None
         ev.observed_s = round(time.time() - ev.end, 4)
         runs.append_event(ctx.names, ctx.run.id, ev, durable=not ctx.in_window)
     return ev
@@ -90,20 +90,20 @@ def in_background(ctx: Ctx, ev: Event, vm: str | None) -> None:
 
     pool = ThreadPoolExecutor(max_workers=1)
     try:
-        ctx.pending_future = pool.submit(work)
+        ctx.obs.pending_future = pool.submit(work)
     except BaseException:
         held.close()
         raise
-    ctx.pending = (ev, pool)
+    ctx.obs.pending = (ev, pool)
 
 
 def flush(ctx: Ctx) -> None:
     """Wait for a background hash and record it (a supplement to its step's event, which
     `runs.events` folds in). Called before the next hash, a pause, the end or an unwind."""
-    if ctx.pending is None or ctx.pending_future is None:
+    if ctx.obs.pending is None or ctx.obs.pending_future is None:
         return
-    (ev, pool), future = ctx.pending, ctx.pending_future
-    ctx.pending, ctx.pending_future = None, None
+    (ev, pool), future = ctx.obs.pending, ctx.obs.pending_future
+    ctx.obs.pending, ctx.obs.pending_future = None, None
     try:
         fps, note = future.result(), FINGERPRINT_AFTER[ev.step or 0]
     except Exception as exc:  # the run goes on; the event says why it has no hash
@@ -183,8 +183,8 @@ def hash_planned(ctx: Ctx, planned: Planned) -> dict[str, dict[str, Any]]:
 def fingerprints(ctx: Ctx, vm: str | None) -> dict[str, dict[str, Any]]:
     present = _present(ctx, vm)
     ids = [i for _, _, _, i, _, _ in present]
-    if ctx.last_dump is not None:  # step 13 just took one: S and B have not moved since
-        maps = {i: thinmeta.mapping_in(ctx.last_dump, i) for i in ids}
+    if ctx.obs.last_dump is not None:  # step 13 just took one: S and B have not moved since
+        maps = {i: thinmeta.mapping_in(ctx.obs.last_dump, i) for i in ids}
     else:
         with thinmeta.metadata_snap(ctx.names) as snap:
             maps = snap.mappings(ids)
@@ -192,7 +192,7 @@ def fingerprints(ctx: Ctx, vm: str | None) -> dict[str, dict[str, Any]]:
 
 
 def _content_hash(ctx: Ctx, dev: str, m: thinmeta.Mapping) -> dict[str, Any]:
-    cache = ctx.block_digests
+    cache = ctx.obs.block_digests
     missing = [v for v, data in m.pairs if data not in cache]
     data_of = dict(m.pairs)
     for off, chunk in thinmeta.read_ranges(dev, thinmeta.merge(missing), m.block_bytes):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from hvlab.backup import chain
 from hvlab.errors import HvlabError
-from hvlab.flow import dest, windowguard
+from hvlab.flow import dest
 from hvlab.flow.context import Ctx
 from hvlab.lab import links, live, runs
 from hvlab.lab.record import Artifact, Command, Event, Run
@@ -85,7 +85,7 @@ def plan(run: Run, facts: Facts, *, was_done: bool) -> list[Undo]:
 
 
 def facts(ctx: Ctx) -> Facts:
-    rows = ctx.lvs()
+    rows = ctx.view.lvs()
     disks = ctx.disks()
     return Facts(
         lvs=frozenset(rows),
@@ -112,7 +112,7 @@ def resume_controllers(ctx: Ctx) -> None:
 
 def thaw_all(ctx: Ctx) -> list[str]:
     """Thaw every VM of the run that may be frozen; safe to call any time."""
-    notes = [n for vm in ctx.run.vms for n in windowguard.thaw(ctx, vm)]
+    notes = [n for vm in ctx.run.vms for n in ctx.thaw_window(vm)]
     ctx.save()
     return notes
 
@@ -128,7 +128,7 @@ def carry_out(ctx: Ctx, steps: list[Undo]) -> list[str]:
             ctx.detach_ar(u.lv)
             done.add(i)
     removes = [i for i, u in enumerate(steps) if u.kind == "remove"]
-    ctx.remove_lvs([steps[i].lv for i in removes])
+    ctx.view.remove_lvs([steps[i].lv for i in removes])
     done.update(removes)
     promotes = [i for i, u in enumerate(steps) if u.kind == "promote" and u.vm]
     merge_into(ctx, [(steps[i].vm, steps[i].disk, ctx.vm(steps[i].vm).disks[steps[i].disk])

@@ -19,61 +19,50 @@ import signal
 import time
 from pathlib import Path
 
-from hvlab.flow.context import Ctx
-from hvlab.guest.client import GuestError
-from hvlab.guest.quiesce import MARKER, recover_after_crash
+from hvlab.guest.quiesce import MARKER
 from hvlab.guest.supervise import thaw_if_dead
 
 POLL_S = 0.1
-_guards: dict[str, int] = {}  # VM -> guard pid, of the windows this process opened
 
 
-def open_window(vm: str, run_dir: Path, seconds: float) -> None:
-    """Guard VM's freeze window (its guest keeps its state in run_dir) for at most seconds."""
-    close(vm)
-    gc.freeze()  # the collector then leaves our objects alone: fewer copy-on-write faults
-    pid = os.fork()
-    if pid == 0:  # the guard: never returns into the caller's code
-        code = 0
-        try:
-            os.setsid()  # outlives a signal to the backup's process group
-            _detach()
-            _watch(run_dir, time.monotonic() + seconds)
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    _guards[vm] = pid
+class WindowGuards:
+    """The guards of a run's open freeze windows, a process per VM. Owned by the run
+    (flow/guards.py)."""
 
+    def __init__(self) -> None:
+        self._pids: dict[str, int] = {}  # VM -> guard pid
 
-def close(vm: str | None = None) -> None:
-    """End the guard of vm (every guard of this process when None): its window closed."""
-    for v in [vm] if vm else list(_guards):
-        pid = _guards.pop(v, None)
-        if pid is None:
-            continue
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+    def open(self, vm: str, run_dir: Path, seconds: float) -> None:
+        """Guard VM's freeze window (its guest keeps its state in run_dir) for at most
+        seconds."""
+        self.close(vm)
+        gc.freeze()  # the collector then leaves our objects alone: fewer copy-on-write faults
+        pid = os.fork()
+        if pid == 0:  # the guard: never returns into the caller's code
+            code = 0
+            try:
+                os.setsid()  # outlives a signal to the backup's process group
+                _detach()
+                _watch(run_dir, time.monotonic() + seconds)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        self._pids[vm] = pid
 
+    def close(self, vm: str | None = None) -> None:
+        """End the guard of vm (every guard of the run when None): its window closed."""
+        for v in [vm] if vm else list(self._pids):
+            pid = self._pids.pop(v, None)
+            if pid is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
-def thaw(ctx: Ctx, vm: str) -> list[str]:
-    """Close VM's window any way there is: the guest's abort, else (a dead or hung guest)
-    from the freeze marker it left; then its guard ends. Safe to call any time."""
-    notes = []
-    if ctx.vm(vm).answers:
-        try:
-            if ctx.client(vm).abort().get("thawed"):
-                notes.append(f"{vm}: thawed by abort")
-        except GuestError as exc:
-            notes.append(f"{vm}: abort: {exc}")
-    rec = recover_after_crash(ctx.names.guest_dir(vm))
-    if rec.get("thawed"):
-        notes.append(f"{vm}: recovered freeze marker, thawed {rec['thawed']}")
-    close(vm)
-    ctx.vm(vm).frozen = False
-    return notes
+    def vms(self) -> list[str]:
+        return list(self._pids)
 
 
 def _detach() -> None:
