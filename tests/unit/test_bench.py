@@ -11,6 +11,7 @@ import pytest
 
 from hvlab.bench import __main__ as bench
 from hvlab.bench import flow as bench_flow
+from hvlab.bench import plots as bench_plots
 from hvlab.bench import report as bench_report
 from hvlab.lab.record import Event
 
@@ -142,11 +143,11 @@ def test_goals() -> None:
 
 
 def test_plots(tmp_path: Path) -> None:
-    made = bench_report.plots(_results(), tmp_path)
-    assert [p.name for p in made] == list(bench_report.PLOTS)
+    made = bench_plots.plots(_results(), tmp_path)
+    assert [p.name for p in made] == list(bench_plots.PLOTS)
     for p in made:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert bench_report.plots({"meta": {}}, tmp_path / "none") == []
+    assert bench_plots.plots({"meta": {}}, tmp_path / "none") == []
 
 
 def test_skew_and_steps_from_a_record() -> None:

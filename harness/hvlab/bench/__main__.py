@@ -32,6 +32,7 @@ from typing import Any
 from hvlab.bench import floor as bench_floor
 from hvlab.bench import flow as bench_flow
 from hvlab.bench import incr as bench_incr
+from hvlab.bench import plots
 from hvlab.bench import read as bench_read
 from hvlab.bench import report as bench_report
 from hvlab.lab import paths
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "bench.json").write_text(json.dumps(res, indent=2) + "\n")
         text = bench_report.render_text(res)
         (out / "bench.txt").write_text(text)
-        bench_report.plots(res, out)
+        plots.plots(res, out)
     print(text)
     if res["errors"]:
         print(f"bench: FAILED parts: {', '.join(res['errors'])}", file=sys.stderr)
