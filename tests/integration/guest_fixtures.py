@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,3 +124,19 @@ def looplab() -> Iterator[LoopLab]:
         yield lab
     finally:
         lab.cleanup()
+
+
+def write_in_thread(path: Path, text: bytes = b"written\n") -> threading.Thread:
+    """A write with fsync, as the guest's applications do: it blocks while the filesystem is
+    frozen. The thread is started; join it to know the write went through."""
+    def work() -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, text)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    return t

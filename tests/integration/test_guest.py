@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
-from guest_fixtures import Disk, LoopLab, looplab
+from guest_fixtures import Disk, LoopLab, looplab, write_in_thread
 
 from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient, GuestError, GuestUnavailable
@@ -99,19 +99,6 @@ def vm(vm_factory: Callable[..., VM]) -> VM:
     return v
 
 
-def write_in_thread(path: Path) -> threading.Thread:
-    def work() -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, b"written while frozen\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    return t
-
 
 def snapshot_images(vm: VM, tag: str) -> dict[str, Path]:
     """Copy every disk block-for-block (call while frozen: this is B at T0)."""
@@ -152,7 +139,7 @@ def test_write_while_frozen_blocks_until_thaw(vm: VM) -> None:
     marker = (vm.run_dir / "frozen").read_text()
     assert all(str(d.mountpoint) in marker for d in vm.disks)
     seq = vm.client.status()["writers"][-1]["seq"]
-    t = write_in_thread(vm.disks[0].mountpoint / "probe.txt")
+    t = write_in_thread(vm.disks[0].mountpoint / "probe.txt", b"written while frozen\n")
     t.join(1.0)
     assert t.is_alive(), "a write to a frozen filesystem must block"
     assert vm.client.status()["writers"][-1]["seq"] <= seq + 1  # the appender is stuck too
@@ -167,7 +154,7 @@ def test_write_while_frozen_blocks_until_thaw(vm: VM) -> None:
 
 def test_watchdog_thaws_after_timeout(vm: VM) -> None:
     vm.client.freeze(timeout_s=1)
-    t = write_in_thread(vm.disks[1].mountpoint / "probe.txt")
+    t = write_in_thread(vm.disks[1].mountpoint / "probe.txt", b"written while frozen\n")
     t.join(20)  # never sent thaw: the guest's own watchdog must release the write
     assert not t.is_alive()
     wait_for(lambda: vm.client.status()["timed_out"])
@@ -246,7 +233,7 @@ def test_kill9_while_frozen_is_recovered(vm: VM) -> None:
     os.kill(vm.pid, signal.SIGKILL)
     wait_for(lambda: not guest_status(vm.run_dir)["alive"])
     assert guest_status(vm.run_dir)["frozen_marker"]
-    t = write_in_thread(vm.disks[0].mountpoint / "after-crash.txt")
+    t = write_in_thread(vm.disks[0].mountpoint / "after-crash.txt", b"written while frozen\n")
     t.join(0.5)
     assert t.is_alive(), "still frozen: nobody thawed"
     done = recover_after_crash(vm.run_dir)
@@ -265,7 +252,7 @@ def test_guest_start_after_kill9_while_frozen_thaws_first(vm: VM) -> None:
     vm.client.freeze(timeout_s=60)
     os.kill(vm.pid, signal.SIGKILL)
     wait_for(lambda: not guest_status(vm.run_dir)["alive"])
-    t = write_in_thread(vm.disks[0].mountpoint / "after-restart.txt")
+    t = write_in_thread(vm.disks[0].mountpoint / "after-restart.txt", b"written while frozen\n")
     t.join(0.5)
     assert t.is_alive(), "still frozen: nobody thawed"
     pid = start_guest(vm.config)
@@ -372,7 +359,7 @@ def test_idle_client_does_not_block_backup_ops(vm_factory: Callable[..., VM]) ->
     c.prepare()
     fr = c.freeze(timeout_s=30)
     assert c.status()["frozen"] is True
-    t = write_in_thread(vm.disks[0].mountpoint / "probe.txt")
+    t = write_in_thread(vm.disks[0].mountpoint / "probe.txt", b"written while frozen\n")
     t.join(0.5)
     assert t.is_alive(), "the freeze is real"
     with pytest.raises(GuestError, match="already frozen"):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from guest_fixtures import write_in_thread
 
 from hvlab.backup import restore as rst
 from hvlab.flow import actions, engine, recover
@@ -41,20 +42,6 @@ def restart_guest(h: LabHandle, **knobs: Any) -> None:
     stop_guest(h.names.guest_dir("vm01"))
     start_guest(guests.config_for(h.defn, h.names, "vm01", **knobs))
 
-
-def write_in_thread(path: Path) -> threading.Thread:
-    """A write with fsync, as the guest's applications do: it blocks while frozen."""
-    def work() -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"written after the guest died\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    return t
 
 
 def kill_guest_while_frozen(h: LabHandle) -> float:
