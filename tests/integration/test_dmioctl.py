@@ -18,7 +18,6 @@ import pytest
 from hvlab.backup import thinmeta
 from hvlab.sys import dmioctl, loop, uevents
 from hvlab.sys.dmioctl import DmError, Target
-from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
 from hvlab_fixtures.plugin import LabHandle, one_vm_lab, requires
 
@@ -204,7 +203,7 @@ def test_pool_snapshots_by_message_with_metadata_clean_and_lvm_intact(
     lab after the test (LVM's and the kernel's transaction ids, thin_check, no stray LV)."""
     h = lab_factory(ONE_DISK)
     n = h.names
-    lvm = Lvm(n.lvm_dir)
+    lvm = n.lvm()
     lv = n.lv("vm01", "disk0")
     origin_dm, ctl = n.dm_lv_name(lv), n.ctl("vm01", "disk0")
     pool_dm = f"{n.dm_lv_name(n.pool)}-tpool"

@@ -17,7 +17,6 @@ from hvlab.lab import guests, runs
 from hvlab.lab.handle import Lab
 from hvlab.lab.record import Event
 from hvlab.sys import dm, fs
-from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
 from hvlab_fixtures.plugin import LabHandle, one_vm_lab
 
@@ -25,13 +24,13 @@ pytestmark = pytest.mark.integration
 
 
 def _lvs(h: LabHandle) -> dict[str, frozenset[str]]:
-    return {n: r.tags for n, r in Lvm(h.names.lvm_dir).lvs(h.names.vg).items()}
+    return {n: r.tags for n, r in h.names.lvm().lvs(h.names.vg).items()}
 
 
 def _ctl_lv(h: LabHandle, vm: str, disk: str) -> str:
     """The LV the disk's controller maps, from its dm table (not the sysfs path hvlab uses)."""
     majmin = dm.target_of(h.names.ctl(vm, disk))
-    rows = Lvm(h.names.lvm_dir).lvs(h.names.vg)
+    rows = h.names.lvm().lvs(h.names.vg)
     return next(r.name for r in rows.values() if f"{r.major}:{r.minor}" == majmin)
 
 
@@ -53,7 +52,7 @@ def test_an_abort_before_a_vms_step_4_removes_what_the_first_allocated(
     paused = engine.start(lab, ["vm01", "vm02"], pause_after=3, fingerprints=False)
     rid = paused.id
     assert paused.state == "paused"
-    rows = Lvm(h.names.lvm_dir).lvs(h.names.vg)
+    rows = h.names.lvm().lvs(h.names.vg)
     for k, role in (("c", "role_checkpoint"), ("a", "role_autorecovery")):
         r = rows[f"vm02_disk0_{k}_{rid}"]
         assert r.major is None and r.origin == "vm02_disk0" and role in r.tags
@@ -264,7 +263,7 @@ def test_crash_consistent_pause_abort_and_leftovers(lab_factory: Callable[..., L
     with pytest.raises(BadInput, match="nothing to abort"):
         engine.abort(lab, rid)
     # a leftover auto-recovery checkpoint is found and reported, never reused
-    Lvm(names.lvm_dir)("lvcreate", "-q", "-s", "-kn", "-n", "vm03_disk0_a_old",
+    names.lvm()("lvcreate", "-q", "-s", "-kn", "-n", "vm03_disk0_a_old",
                        "--addtag", names.tag, "--addtag", "role_autorecovery",
                        "--addtag", "vm_vm03", "--addtag", "disk_disk0", "--addtag",
                        "run_rold", f"{names.vg}/vm03_disk0")

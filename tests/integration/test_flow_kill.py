@@ -27,7 +27,6 @@ from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, live, runs
 from hvlab.lab.record import Run
 from hvlab.sys import dm, fs
-from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run as sysrun
 from hvlab_fixtures.plugin import LabHandle, one_vm_lab
 
@@ -242,7 +241,7 @@ def test_resume_finishes_the_retag_of_a_merged_checkpoint(
     h = lab_factory(ONE_VM, start_guests=True)
     run_ = _killed_run(h, "s14-renamed")
     engine.resume(h.defn.name, run_.id, fingerprints=False)
-    tags = Lvm(h.names.lvm_dir).lvs(h.names.vg)["vm01_disk0"].tags
+    tags = h.names.lvm().lvs(h.names.vg)["vm01_disk0"].tags
     assert "role_base" in tags and "role_checkpoint" not in tags
     assert not [t for t in tags if t.startswith("run_")]
     again = engine.start(h.defn.name, ["vm01"], fingerprints=False)  # no leftover reported

@@ -19,7 +19,6 @@ from hvlab.errors import HvlabError
 from hvlab.flow import engine, recover
 from hvlab.lab import runs
 from hvlab.lab.record import Run
-from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run as sysrun
 from hvlab_fixtures.plugin import LabHandle, one_vm_lab, requires
 
@@ -47,7 +46,7 @@ def _chain(r: Run) -> dict[str, Any]:
 
 
 def _references(h: LabHandle) -> list[str]:
-    return chain.references(Lvm(h.names.lvm_dir).lvs(h.names.vg), "vm01", "disk0")
+    return chain.references(h.names.lvm().lvs(h.names.vg), "vm01", "disk0")
 
 
 def _restored_equals(h: LabHandle, r: Run, copy: Path, name: str) -> None:
@@ -113,7 +112,7 @@ def test_a_chain_of_a_full_and_three_incrementals_restores_each_point(
     assert man["vms"][0]["disks"][0]["chain"]["parent"]["run"] == inc2.id
     # Step 13 computes deltas from its dump: the same answer as thin_delta, on this pool
     # (the live disk moved on from the reference: changed, new and discarded blocks).
-    rows = Lvm(h.names.lvm_dir).lvs(h.names.vg)
+    rows = h.names.lvm().lvs(h.names.vg)
     ref, live = (rows[x].thin_id for x in (_references(h)[0], "vm01_disk0"))
     assert ref is not None and live is not None
     with thinmeta.metadata_snap(h.names) as ms:
@@ -129,7 +128,7 @@ def test_a_lost_reference_makes_a_full_backup_that_says_why(
     h = lab_factory(ONE_VM, start_guests=True)
     first = _backup(h, tmp_path / "one.img")
     (ref,) = _references(h)
-    Lvm(h.names.lvm_dir)("lvremove", "-q", "-y", f"{h.names.vg}/{ref}")
+    h.names.lvm()("lvremove", "-q", "-y", f"{h.names.vg}/{ref}")
     again = _backup(h, tmp_path / "two.img")
     c = _chain(again)
     assert c["kind"] == "full" and f"reference snapshot {ref} is gone" in c["reason"]

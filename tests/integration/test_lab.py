@@ -20,7 +20,6 @@ from hvlab.errors import BadInput
 from hvlab.lab import definition, inventory, substrate, teardown
 from hvlab.lab.paths import Names
 from hvlab.sys import dm, fs, loop
-from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
 from hvlab_fixtures.plugin import TEST_LAB, LabHandle, assert_nothing_left, requires
 
@@ -37,7 +36,7 @@ def hvlab(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
 
 def test_up_builds_the_whole_stack(lab: LabHandle) -> None:
     names = lab.names
-    lvs = Lvm(names.lvm_dir).lvs(names.vg)
+    lvs = names.lvm().lvs(names.vg)
     assert {"pool", "vm01_disk0", "vm01_disk1", "vm02_disk0"} <= set(lvs)
     for vm, disk in lab.defn.disks():
         assert names.tag in lvs[f"{vm.name}_{disk.name}"].tags
@@ -55,7 +54,7 @@ def test_up_builds_the_whole_stack(lab: LabHandle) -> None:
     pv = next(d for d in dm.list_devices() if d.name == names.pv(0))
     assert pv.uuid == names.pv_uuid(0) and dm.leaves(pv) == {Path(lo.name).name}
     assert f"a|^{pv.path}$|" in conf and lo.name not in conf
-    pvs = Lvm(names.lvm_dir).pvs()
+    pvs = names.lvm().pvs()
     assert [r["pv_name"] for r in pvs] == [pv.path] and pvs[0]["vg_name"] == names.vg
 
 
@@ -194,8 +193,8 @@ def test_two_labs_side_by_side(lab_factory: Callable[..., LabHandle]) -> None:
     (a.mountpoint("vm01", "disk0") / "a.txt").write_text("A")
     (b.mountpoint("vm01", "disk0") / "b.txt").write_text("B")
     # Each lab's LVM sees only its own VG.
-    assert [v["vg_name"] for v in Lvm(a.names.lvm_dir).vgs()] == [a.names.vg]
-    assert [v["vg_name"] for v in Lvm(b.names.lvm_dir).vgs()] == [b.names.vg]
+    assert [v["vg_name"] for v in a.names.lvm().vgs()] == [a.names.vg]
+    assert [v["vg_name"] for v in b.names.lvm().vgs()] == [b.names.vg]
     teardown.down("labb")
     assert_nothing_left("labb")
     assert (a.mountpoint("vm01", "disk0") / "a.txt").read_text() == "A"

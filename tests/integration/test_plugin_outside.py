@@ -20,7 +20,7 @@ from hvlab.sys.lvm import Lvm
 
 
 def test_thin_snapshot_of_a_disk(lab):
-    lvm = Lvm(lab.names.lvm_dir)
+    lvm = lab.names.lvm()
     origin = f"{lab.names.vg}/{lab.names.lv('vm01', 'disk0')}"
     lvm("lvcreate", "-q", "-s", "-kn", "-n", "mysnap", origin)
     assert "mysnap" in lab.lv_names()
@@ -33,7 +33,7 @@ from hvlab.sys.lvm import Lvm
 
 
 def test_leaves_snapshots_behind(lab):
-    lvm = Lvm(lab.names.lvm_dir)
+    lvm = lab.names.lvm()
     origin = f"{lab.names.vg}/{lab.names.lv('vm01', 'disk0')}"
     lvm("lvcreate", "-q", "-s", "-kn", "-n", "mysnap", origin)
     lvm("lvcreate", "-q", "-s", "-kn", "-n", "vm01_disk0_c_rfake",

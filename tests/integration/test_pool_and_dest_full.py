@@ -19,7 +19,6 @@ from hvlab.flow import engine, preflight
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, runs
 from hvlab.sys import dm
-from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
 from hvlab.sys.uevents import wait_node
 from hvlab_fixtures.plugin import LabHandle, one_vm_lab
@@ -41,7 +40,7 @@ def _cli(h: LabHandle, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _pool(h: LabHandle) -> preflight.Pool:
-    return preflight.pool_of(Lvm(h.names.lvm_dir).lvs(h.names.vg), h.names.vg, h.names.pool)
+    return preflight.pool_of(h.names.lvm().lvs(h.names.vg), h.names.vg, h.names.pool)
 
 
 def _commits(client: GuestClient, since: int, seconds: float = 10.0) -> bool:
@@ -71,7 +70,7 @@ def fill_metadata(h: LabHandle, target: float) -> list[str]:
     LVM makes no thin volume once a small pool's metadata is 75 % used (lvm2's
     _pool_metadata_min_threshold), so the snapshots the last stretch needs are made before
     that. Returns the LVs made (the test removes them)."""
-    lvm = Lvm(h.names.lvm_dir)
+    lvm = h.names.lvm()
     vg = h.names.vg
     made = ["zfill"]
     lvm("lvcreate", "-q", "-V", f"{FILL_CHUNKS * CHUNK}b", "-T", f"{vg}/{h.names.pool}",
@@ -136,7 +135,7 @@ def test_pool_without_room_refuses_and_a_full_destination_fails_cleanly(
           f"{len(fillers)} LVs in {time.monotonic() - t:.1f} s")
     res = _cli(h)
     assert _refused_before_anything(h, client, pre | set(fillers), res, 80) >= 80
-    Lvm(h.names.lvm_dir)("lvremove", "-q", "-y", *[f"{h.names.vg}/{lv}" for lv in fillers])
+    h.names.lvm()("lvremove", "-q", "-y", *[f"{h.names.vg}/{lv}" for lv in fillers])
     assert h.lv_names() == pre and _pool(h).metadata_percent < 50
 
     # 2. The destination fills during step 13's read: 12 MiB of data on the live disk (its

@@ -19,7 +19,6 @@ from hvlab.flow import actions, engine, faults
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, pvfault, runs
 from hvlab.sys import dmioctl
-from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
 from hvlab_fixtures.plugin import LabHandle, one_vm_lab
 
@@ -129,7 +128,7 @@ def test_read_errors_below_the_snapshot(lab_factory: Callable[..., LabHandle]) -
         f.flush()
         os.fsync(f.fileno())  # a flush: the pool commits the mapping
     lv = h.names.lv("vm01", "disk0")
-    thin_id = Lvm(h.names.lvm_dir).lvs(h.names.vg)[lv].thin_id
+    thin_id = h.names.lvm().lvs(h.names.vg)[lv].thin_id
     assert thin_id is not None
     with thinmeta.metadata_snap(h.names) as ms:
         block_bytes, _ = ms.dump()
@@ -188,7 +187,7 @@ def test_the_pool_fills_inside_the_freeze_window(lab_factory: Callable[..., LabH
     h = lab_factory(ONE_VM, start_guests=True)
     client = GuestClient(guests.socket_path(h.names, "vm01"))
     client.workload(pause=True)
-    lvm = Lvm(h.names.lvm_dir)
+    lvm = h.names.lvm()
     vg, filler = h.names.vg, "filler"
     lvm("lvcreate", "-q", "-V", "1G", "-T", f"{vg}/{h.names.pool}", "-n", filler,
         "--addtag", h.names.tag)

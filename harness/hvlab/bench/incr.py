@@ -66,7 +66,7 @@ def measure(work: Path) -> dict[str, Any]:
         for i in range(FILES):
             (mnt / f"f{i}.bin").write_bytes(os.urandom(FILE_MIB << 20))
         os.sync()
-        lvm = Lvm(names.lvm_dir)
+        lvm = names.lvm()
         work.mkdir(parents=True, exist_ok=True)
         img = work / "bench-incr.img"
         try:

@@ -25,7 +25,6 @@ from hvlab.backup.thinmeta import metadata_snap
 from hvlab.bench.flow import lab_up, say
 from hvlab.bench.report import offhost_summary, reader_summary
 from hvlab.lab import definition
-from hvlab.sys.lvm import Lvm
 
 LAB = {"lab": {"name": "benchr", "backing_size": "2G"},
        "vm": [{"name": "vm01", "profile": "none",
@@ -62,7 +61,7 @@ def measure(repeat: int, work: Path) -> dict[str, Any]:
         for i in range(FILES):
             (mnt / f"f{i}.bin").write_bytes(os.urandom(8 << 20))
         os.sync()
-        lvm = Lvm(names.lvm_dir)
+        lvm = names.lvm()
         lvm("lvcreate", "-q", "-s", "-kn", "-n", "benchsnap", f"{names.vg}/vm01_disk0",
             "--addtag", names.tag)
         snap = names.lv_path("benchsnap")

@@ -25,7 +25,7 @@ class Lab:
         st = State.load(name)
         if st is None or st.phase != "up":
             raise BadInput(f"lab {name!r} is not up (`hvlab up` first)")
-        return Lab(names, st, Lvm(names.lvm_dir))
+        return Lab(names, st, names.lvm())
 
     @property
     def name(self) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hvlab.errors import BadInput
 from hvlab.lab.record import Artifact
+from hvlab.sys.lvm import Lvm
 
 
 def home() -> Path:
@@ -149,6 +150,10 @@ class Names:
     @property
     def lvm_dir(self) -> Path:
         return self.dir / "lvm"
+
+    def lvm(self) -> Lvm:
+        """LVM for this lab: its private config (a filter that sees only the lab's loops)."""
+        return Lvm(self.lvm_dir)
 
     @property
     def backing_dir(self) -> Path:

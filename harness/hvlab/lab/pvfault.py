@@ -22,7 +22,6 @@ from hvlab.lab.inventory import pv_devices
 from hvlab.lab.paths import Names
 from hvlab.sys import dm, dmioctl
 from hvlab.sys.dmioctl import Target
-from hvlab.sys.lvm import Lvm
 from hvlab.sys.run import run
 
 DUST_BLOCK = 4096
@@ -94,7 +93,7 @@ class Place:
 def locate(names: Names, lv: str, offset: int) -> Place:
     """Where byte `offset` of a (hidden, linear) LV such as the pool's data LV lies on the
     lab's PVs: from LVM's segment map, the PV's first extent and the extent size."""
-    lvm = Lvm(names.lvm_dir)
+    lvm = names.lvm()
     rows = lvm.report("lvs", "seg_start,seg_size,seg_pe_ranges", "-a", "--segments",
                       f"{names.vg}/{lv}")
     pe_start = {r["pv_name"]: int(r["pe_start"])

@@ -28,9 +28,6 @@ def _quiet(_: str) -> None:
     pass
 
 
-def lvm_for(names: Names) -> Lvm:
-    return Lvm(names.lvm_dir)
-
 
 # --------------------------------------------------------------------------------------- up
 def _bind(fn: Callable[[T], None], arg: T) -> Callable[[], None]:
@@ -124,7 +121,7 @@ def _create(defn: LabDef, names: Names, start_guests: bool, progress: Progress) 
         progress(f"backing files: {defn.backing_files} x {per_file >> 20} MiB (sparse)")
         devs = _attach_all(st, names, undo)
         progress(f"PVs: {' '.join(devs)} (dm-linear over loops)")
-        lvm = lvm_for(names)
+        lvm = names.lvm()
         lvm.write_config(devs)
         undo.push(f"remove VG {names.vg}", lambda: teardown.deactivate(names))
         disks = [(vm, disk, names.lv(vm.name, disk.name)) for vm, disk in defn.disks()]
@@ -178,7 +175,7 @@ def _restart(st: State, names: Names, start_guests: bool, progress: Progress) ->
         private.tighten(names.backing_dir, private.DIR_MODE)
         devs = _attach_all(st, names, undo)
         progress(f"re-attached {' '.join(devs)}")
-        lvm = lvm_for(names)
+        lvm = names.lvm()
         lvm.write_config(devs)
         existing = set(lvm.lvs(names.vg))
         undo.push(f"deactivate VG {names.vg}", lambda: teardown.deactivate(names))

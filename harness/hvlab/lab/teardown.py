@@ -14,7 +14,6 @@ from hvlab.lab import guests, inventory, links
 from hvlab.lab.paths import Names, refuse_links, refuse_links_in_lab
 from hvlab.lab.state import State, locked
 from hvlab.sys import dm, fs, loop
-from hvlab.sys.lvm import Lvm
 
 Progress = Callable[[str], None]
 
@@ -26,7 +25,7 @@ def _quiet(_: str) -> None:
 def deactivate(names: Names) -> None:
     if not loop.loops_under(names.dir):
         return
-    lvm = Lvm(names.lvm_dir)
+    lvm = names.lvm()
     lvm.write_config(inventory.pv_devices(names))
     lvm("vgchange", "-q", "-an", names.vg, check=False)
 

@@ -14,7 +14,6 @@ from hvlab.lab.inventory import pv_devices as substrate_pvs
 from hvlab.lab.paths import Names, role_of
 from hvlab.lab.state import State
 from hvlab.sys import dm, fs, loop
-from hvlab.sys.lvm import Lvm
 
 
 def holders(path: str) -> list[str]:
@@ -52,7 +51,7 @@ def build(lab: str) -> dict[str, Any]:
                              "loop": loops.get(str(f.resolve())) or loops.get(str(f)),
                              "pv": pv.path if pv else None})
     if loops:
-        lvm = Lvm(names.lvm_dir)
+        lvm = names.lvm()
         rows = list(lvm.lvs(names.vg).values()) if (names.lvm_dir / "lvm.conf").exists() else []
         for r in rows:
             if r.name == names.pool:
