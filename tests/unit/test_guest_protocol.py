@@ -118,8 +118,9 @@ def test_freeze_holds_open_txn_and_thaw_commits_it(g: Running) -> None:
     res = ledger.check(g.guest.roots)
     assert res.unfinished == fr["open_txid"]
     assert (res.last_txid, res.last_hash) == (t0["last_txid"], t0["last_hash"])
-    time.sleep(0.2)
     assert g.guest.ledger_writer is not None
+    # Ten transactions' time at the writer's rate: a writer that were not held would commit.
+    time.sleep(10 / (g.guest.ledger_writer.ops_per_s or 10.0))
     assert g.guest.ledger_writer.ledger.last_txid == t0["last_txid"]  # held
     st = g.client.status()
     assert st["frozen"] is True and st["state"] == "frozen"

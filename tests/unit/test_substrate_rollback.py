@@ -46,11 +46,15 @@ def test_create_reports_what_its_rollback_left(home: Path,
     undone = _attach_then_fail(monkeypatch)
     with pytest.raises(HvlabError) as info:
         substrate.up(definition.parse(LAB), start_guests=False)
-    msg = str(info.value)
+    _says_what_the_rollback_left(info.value, undone)
+
+
+def _says_what_the_rollback_left(err: HvlabError, undone: list[str]) -> None:
+    msg = str(err)
     assert "pvcreate failed" in msg and "rollback left" in msg
     assert "detach /dev/loop97" in msg and "Device or resource busy" in msg
     assert undone == ["/dev/loop97"]
-    assert isinstance(info.value.__cause__, CommandError)
+    assert isinstance(err.__cause__, CommandError)
 
 
 def test_restart_reports_what_its_rollback_left(home: Path,
@@ -63,11 +67,7 @@ def test_restart_reports_what_its_rollback_left(home: Path,
     undone = _attach_then_fail(monkeypatch)
     with pytest.raises(HvlabError) as info:
         substrate.up(defn, start_guests=False)
-    msg = str(info.value)
-    assert "pvcreate failed" in msg and "rollback left" in msg
-    assert "detach /dev/loop97" in msg and "Device or resource busy" in msg
-    assert undone == ["/dev/loop97"]
-    assert isinstance(info.value.__cause__, CommandError)
+    _says_what_the_rollback_left(info.value, undone)
 
 
 def test_a_clean_rollback_reraises_the_original_error(home: Path,

@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 import pytest
 
-from hvlab_fixtures.plugin import lab_toml, one_vm_lab
+from hvlab_fixtures.plugin import lab_toml, one_vm_lab, wait_for
 
 pytestmark = pytest.mark.vm
 SEED_ENV = "HVLAB_POWER_SEED"
@@ -82,10 +82,10 @@ def test_power_loss_after_step_11_loses_no_committed_transaction(vm_env: Path) -
     run_id = re.findall(r"\br\d{14}[0-9a-f]{4}\b", out)[0]
     t0_txid = json.loads((vm_env / "home" / "pl" / "runs" / run_id / "run.json").read_text()
                          )["vm"]["vm01"]["window"]["open_txid"]
-    time.sleep(2)  # the guest commits into C
+    wait_for(lambda: guest()["committed_txid"] > (t0_txid or 0) + 5, 60,
+             "the guest commits into C")
     ok("guest", "workload", "vm01", "-n", "pl", "--pause")
     before = guest()
-    assert before["committed_txid"] > (t0_txid or 0) + 5, (before, t0_txid)
 
     old = power_loss()
     out = ok("up", "--lab", str(lab_file))  # boots a new lab VM and restarts the lab
