@@ -20,6 +20,7 @@ PTRACE_TRACEME, PTRACE_GETREGSET, PTRACE_SETREGSET = 0, 0x4204, 0x4205
 NT_X86_XSTATE = 0x202
 XMM0 = 160  # offset of xmm0 in the legacy FXSAVE area
 LEGACY_AND_HEADER = 576  # smaller than any host with AVX: the shim must widen it
+XSTATE_BV = 512  # the XSAVE header's bitmap of the components in use
 
 
 class Iovec(ctypes.Structure):
@@ -111,6 +112,24 @@ def test_setregset_of_any_size_lands_whole(shim: ctypes.CDLL, tracee: int, tmp_p
         assert _call(fn, PTRACE_SETREGSET, tracee, big, host + 64)[:2] == (0, 0)
         _call(libc.ptrace, PTRACE_GETREGSET, tracee, after, host)
         assert after[XMM0:XMM0 + 16] == bytes(range(first, first + 16))
+
+
+def test_a_task_using_only_the_first_components_gets_zeros_past_them(
+        shim: ctypes.CDLL, tracee: int) -> None:
+    """What UML passes on an AMX host: every component in use lies in its bytes, so the shim
+    fills the rest with zeros (no read back), which the kernel takes as initial state."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    host = xstate.host_bytes(Path(shim._name))
+    state = bytearray(host)
+    assert _call(libc.ptrace, PTRACE_GETREGSET, tracee, state, host)[:2] == (0, 0)
+    state[XSTATE_BV:XSTATE_BV + 8] = (0b11).to_bytes(8, "little")  # x87 and SSE only
+    state[XMM0:XMM0 + 16] = bytes(range(31, 47))
+    state[LEGACY_AND_HEADER:LEGACY_AND_HEADER + 256] = b"\xff" * 256  # AVX upper: not in use
+    assert _call(shim.ptrace, PTRACE_SETREGSET, tracee, state, LEGACY_AND_HEADER)[:2] == (0, 0)
+    after = bytearray(host)
+    _call(libc.ptrace, PTRACE_GETREGSET, tracee, after, host)
+    assert after[XMM0:XMM0 + 16] == bytes(range(31, 47))
+    assert after[LEGACY_AND_HEADER:LEGACY_AND_HEADER + 256] == bytes(256)  # initial state
 
 
 def test_the_host_size_probe_is_the_kernel_s_regset_size(shim: ctypes.CDLL,

@@ -10,8 +10,11 @@
  * process only (LD_PRELOAD):
  *
  *   UML's buffer is the host's size or larger -> the call passes through unchanged
- *   UML's buffer is smaller (widen)            -> read the task's full state, lay UML's bytes
- *                                                 over its start, write the full state back
+ *   UML's buffer is smaller (widen)            -> UML's bytes, then zeros to the host's size
+ *                                                 (the kernel gives every component the task
+ *                                                 does not use its initial state); a task that
+ *                                                 uses a component past UML's bytes keeps its
+ *                                                 own: read back, UML's bytes laid over it
  *
  * What UML does not know of (AMX tiles) stays as the task had it: it is not switched between
  * UML's tasks, and no process can use AMX without asking the host kernel for it (arch_prctl
@@ -33,6 +36,8 @@
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <cpuid.h>
+#include <stdint.h>
 
 #define PROBE_START 65536     /* far above any XSAVE area so far */
 #define PROBE_MAX (16 << 20)  /* a regset this large would be a kernel bug, not a CPU */
@@ -108,6 +113,27 @@ static void report(size_t len)
     }
 }
 
+#define XSTATE_BV 512  /* the XSAVE header's component bitmap, in the standard format */
+
+/* The XSAVE components (bits) that lie wholly within the first `len` bytes of the standard
+ * format (CPUID leaf 0xD gives each one's offset and size; x87 and SSE are the legacy area). */
+static uint64_t covered_by(size_t len)
+{
+    static size_t for_len;
+    static uint64_t mask;
+    unsigned a, b, c, d;
+
+    if (for_len == len)
+        return mask;
+    mask = len >= XSTATE_BV ? 3 : 0;
+    for (unsigned i = 2; i < 63; i++) {
+        if (__get_cpuid_count(0xd, i, &a, &b, &c, &d) && a && (size_t)b + a <= len)
+            mask |= (uint64_t)1 << i;
+    }
+    for_len = len;
+    return mask;
+}
+
 static long set_xstate(pid_t pid, struct iovec *iov)
 {
     size_t len = iov->iov_len;
@@ -131,6 +157,17 @@ static long set_xstate(pid_t pid, struct iovec *iov)
         errno = ENOMEM;
         return -1;
     }
+    uint64_t present = 0;
+    if (len >= XSTATE_BV + sizeof present)
+        memcpy(&present, (char *)iov->iov_base + XSTATE_BV, sizeof present);
+    if (len >= XSTATE_BV + sizeof present && !(present & ~covered_by(len))) {
+        /* Every component the task has in use lies in UML's bytes: the kernel puts the
+         * others in their initial state whatever follows, so zeros do (no read needed). */
+        memcpy(full.iov_base, iov->iov_base, len);
+        memset((char *)full.iov_base + len, 0, host_size - len);
+        return next_ptrace()(PTRACE_SETREGSET, pid, (void *)NT_X86_XSTATE, &full);
+    }
+    /* A component past UML's bytes is in use: keep the task's own, read back. */
     if (next_ptrace()(PTRACE_GETREGSET, pid, (void *)NT_X86_XSTATE, &full) < 0)
         return -1;
     if (full.iov_len != host_size) {
