@@ -24,7 +24,6 @@ import pytest
 
 from hvlab.guest.client import GuestClient
 from hvlab.lab import definition, guests, inventory, runs, substrate, teardown
-from hvlab.lab.paths import Names
 from hvlab.sys import dm, fs, loop
 from hvlab.sys.run import run
 from hvlab_fixtures.clirun import hvlab
@@ -58,9 +57,9 @@ def bad_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabHandl
         mp.delenv("HVLAB_LAB", raising=False)
         mp.setenv("NO_COLOR", "1")
         defn = definition.parse(BAD_LAB)
-        substrate.up(defn, start_guests=True)
+        handle = LabHandle(substrate.up(defn, start_guests=True))
         try:
-            yield LabHandle(defn, Names(defn.name)), base
+            yield handle, base
         finally:
             teardown.down(LAB, purge=True, missing_ok=True)
             assert_nothing_left(LAB)

@@ -109,10 +109,9 @@ def test_power_loss_after_step_11_loses_no_committed_transaction(vm_env: Path) -
 # LV, controller and mount of the definition there and nothing else), as JSON lines.
 IN_LAB = """
 import json, sys
-from hvlab_fixtures.plugin import LabHandle, lab_extras, lab_toml, one_vm_lab
-from hvlab.lab.paths import Names
-from hvlab.lab.state import State
-print(json.dumps(lab_extras(LabHandle(State.load(sys.argv[1]).definition, Names(sys.argv[1])))))
+from hvlab_fixtures.plugin import LabHandle, lab_extras
+from hvlab.lab.handle import Lab
+print(json.dumps(lab_extras(LabHandle(Lab.open(sys.argv[1])))))
 """
 
 

@@ -117,7 +117,7 @@ def cycle(lab: Lab, rng: random.Random, base: set[str]) -> dict[str, Any]:
     check(not left, f"left behind: {sorted(left)}")
     # Every device, mount and guest the lab holds, against its definition (the test
     # plugin's own check): a leak fails the cycle that made it, before anything cleans up.
-    extra = lab_extras(LabHandle(lab.state.definition, lab.names))
+    extra = lab_extras(LabHandle(lab))
     check(not extra, f"the lab holds more or less than its definition: {extra}")
     return out
 
@@ -134,8 +134,7 @@ def main() -> int:
     out_dir.mkdir(exist_ok=True)
     defn = definition.parse(LAB)
     teardown.down(defn.name, missing_ok=True, purge=True)
-    substrate.up(defn, start_guests=True)
-    lab = Lab.open(defn.name)
+    lab = substrate.up(defn, start_guests=True)
     base = set(lab.lvs())
     result: dict[str, Any] = {"seed": seed, "cycles": [], "ok": False}
     start = time.time()

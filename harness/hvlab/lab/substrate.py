@@ -13,6 +13,7 @@ from typing import TypeVar
 from hvlab.errors import BadInput, CommandError, HvlabError
 from hvlab.lab import guests, inventory, live, teardown
 from hvlab.lab.definition import LabDef
+from hvlab.lab.handle import Lab
 from hvlab.lab.paths import ROLE_TAG, Names, refuse_links_in_lab
 from hvlab.lab.state import State, locked
 from hvlab.sys import dm, fs, loop, private
@@ -68,8 +69,9 @@ class _Undo:
         return errors
 
 
-def up(defn: LabDef, *, start_guests: bool = True, progress: Progress = _quiet) -> State:
-    """Bring a lab up: create it, or re-attach an existing one (after a restart) with data."""
+def up(defn: LabDef, *, start_guests: bool = True, progress: Progress = _quiet) -> Lab:
+    """Bring a lab up: create it, or re-attach an existing one (after a restart) with data.
+    Returns its handle (names, state, LVM), as `Lab.open` would."""
     names = Names(defn.name)
     refuse_links_in_lab(names)  # before even reading it: a symlinked lab folder is refused
     orphaned = names.dir.exists() and not names.state_file.exists()
@@ -87,8 +89,10 @@ def up(defn: LabDef, *, start_guests: bool = True, progress: Progress = _quiet) 
                                f"use the same lab file, or `hvlab down` it first")
             if st.phase == "up" and inventory.of(defn.name).loops:
                 raise BadInput(f"lab {defn.name!r} is already up (hvlab status shows it)")
-            return _restart(st, names, start_guests, progress)
-        return _create(defn, names, start_guests, progress)
+            st = _restart(st, names, start_guests, progress)
+        else:
+            st = _create(defn, names, start_guests, progress)
+    return Lab(names, st, names.lvm())
 
 
 def _attach_all(st: State, names: Names, undo: _Undo) -> list[str]:

@@ -48,9 +48,8 @@ def remove_dm(names: Names) -> None:
             return
 
 
-def teardown(lab: str, *, keep_data: bool, progress: Progress = _quiet) -> None:
+def teardown(names: Names, *, keep_data: bool, progress: Progress = _quiet) -> None:
     """Remove every live object of the lab in reverse order; keep_data keeps backing files."""
-    names = Names(lab)
     # A controller left suspended by a killed backup would hang the guest's writes, its exit
     # and the umount: resume first (removing everything, the table it then maps is moot).
     for d in inventory.owned_dm(names):
@@ -86,14 +85,14 @@ def teardown(lab: str, *, keep_data: bool, progress: Progress = _quiet) -> None:
         refuse_links(names.dir, "lab folder")  # rmtree would not follow it, but fail silently
         shutil.rmtree(names.dir, ignore_errors=True)
         if os.path.lexists(names.dir):
-            raise LeakError(f"lab {lab!r} left behind its folder {names.dir}")
-    verify_clean(lab)
+            raise LeakError(f"lab {names.lab!r} left behind its folder {names.dir}")
+    verify_clean(names)
 
 
-def verify_clean(lab: str) -> None:
-    left = inventory.of(lab)
+def verify_clean(names: Names) -> None:
+    left = inventory.of(names.lab)
     if not left.empty():
-        raise LeakError(f"lab {lab!r} left behind: {left.describe()}")
+        raise LeakError(f"lab {names.lab!r} left behind: {left.describe()}")
 
 
 def stop(lab: str, *, progress: Progress = _quiet) -> None:
@@ -111,7 +110,7 @@ def stop(lab: str, *, progress: Progress = _quiet) -> None:
                        f"({runs.effective_state(busy[0])}): `hvlab backup --resume` or "
                        f"`--abort` it before `hvlab stop`")
     with locked(lab):
-        teardown(lab, keep_data=True, progress=progress)
+        teardown(names, keep_data=True, progress=progress)
         st.phase = "stopped"
         st.save()
 
@@ -135,7 +134,7 @@ def down(lab: str, *, progress: Progress = _quiet, missing_ok: bool = False,
         if missing_ok:
             return
         raise BadInput(f"lab {lab!r} is not up: nothing to remove")
-    _down(lab, names, progress)
+    _down(names, progress)
     if purge:
         _purge_backups(names, progress)
     elif names.backups_dir.is_dir() and any(names.backups_dir.iterdir()):
@@ -152,19 +151,19 @@ def _purge_backups(names: Names, progress: Progress) -> None:
     progress(f"removed backups {names.backups_dir}")
 
 
-def _down(lab: str, names: Names, progress: Progress) -> None:
+def _down(names: Names, progress: Progress) -> None:
     if names.dir.exists():
-        with locked(lab):
+        with locked(names.lab):
             try:
-                st = State.load(lab)
+                st = State.load(names.lab)
             except HvlabError:
                 st = None  # unreadable: teardown finds everything by prefix and path anyway
             if st is not None:
                 st.phase = "removing"
                 st.save()
-            teardown(lab, keep_data=False, progress=progress)
+            teardown(names, keep_data=False, progress=progress)
     else:
-        teardown(lab, keep_data=False, progress=progress)
+        teardown(names, keep_data=False, progress=progress)
 
 
 def refuse_under_runs(lab: str, *, force: bool) -> None:
