@@ -1,4 +1,5 @@
-"""Real block devices for the guest tests: sparse files -> loop devices -> ext4/xfs -> mounts.
+"""Real block devices for the guest tests: sparse files -> loop devices -> ext4/xfs -> mounts,
+and an emulated VM (a guest emulator over two of them) booted on them.
 
 Everything made here is torn down by the fixture's finalizer, which then asserts that no loop
 device backed by its files remains. (Not conftest.py: imported by the modules that use it.)
@@ -12,14 +13,19 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
+from hvlab.guest.client import GuestClient
 from hvlab.guest.quiesce import thaw_fs
+from hvlab.guest.supervise import guest_status, start_guest, stop_guest
 from hvlab.sys.run import run
+from hvlab_fixtures.plugin import wait_for
 
 
 @dataclass
@@ -140,3 +146,68 @@ def write_in_thread(path: Path, text: bytes = b"written\n") -> threading.Thread:
     t = threading.Thread(target=work, daemon=True)
     t.start()
     return t
+
+
+@dataclass
+class VM:
+    lab: LoopLab
+    disks: list[Disk]
+    run_dir: Path
+    config: dict[str, Any]
+    client: GuestClient
+    pid: int
+
+    @property
+    def roots(self) -> dict[str, Path]:
+        return {d.name: d.mountpoint for d in self.disks}
+
+
+def boot(
+    lab: LoopLab,
+    profile: str = "windows",
+    channel: dict[str, Any] | None = None,
+    **workload: Any,
+) -> VM:
+    disks = [lab.disk("d0", "ext4", 64), lab.disk("d1", "xfs", 320)]
+    run_dir = lab.base / "run"
+    cfg = {
+        "vm": "vm1",
+        "profile": profile,
+        "socket": str(run_dir / "is.sock"),
+        "run_dir": str(run_dir),
+        "disks": [{"name": d.name, "mountpoint": str(d.mountpoint)} for d in disks],
+        "workload": {"ops_per_s": 50, "append_ops_per_s": 50, "scratch_ops_per_s": 20, **workload},
+        "seed": 7,
+        **({"channel": channel} if channel else {}),
+    }
+    pid = start_guest(cfg)
+    return VM(lab, disks, run_dir, cfg, GuestClient(run_dir / "is.sock", timeout=30), pid)
+
+
+def shutdown(vm: VM) -> None:
+    stop_guest(vm.run_dir)
+    assert not psutil.pid_exists(vm.pid) or psutil.Process(vm.pid).status() == "zombie"
+    assert not guest_status(vm.run_dir)["alive"]
+
+
+@pytest.fixture
+def vm_factory(looplab: LoopLab) -> Iterator[Callable[..., VM]]:
+    made: list[VM] = []
+
+    def make(
+        profile: str = "windows", channel: dict[str, Any] | None = None, **workload: Any
+    ) -> VM:
+        v = boot(looplab, profile, channel, **workload)
+        made.append(v)
+        return v
+
+    yield make
+    for v in made:
+        shutdown(v)
+
+
+@pytest.fixture
+def vm(vm_factory: Callable[..., VM]) -> VM:
+    v = vm_factory()
+    wait_for(lambda: v.client.status()["committed_txid"] >= 5)
+    return v

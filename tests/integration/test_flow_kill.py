@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from hvlab.lab import guests, live, runs
 from hvlab.lab.record import Run
 from hvlab.sys import dm, fs
 from hvlab.sys.run import run as sysrun
-from hvlab_fixtures.plugin import LabHandle, one_vm_lab
+from hvlab_fixtures.plugin import LabHandle, at_fault_point, one_vm_lab
 
 pytestmark = pytest.mark.integration
 
@@ -203,27 +202,16 @@ def test_a_step_that_outlives_its_guard_fails(lab_factory: Callable[..., LabHand
     its A were of one instant. The run unwinds; the next backup verifies."""
     h = lab_factory(ONE_VM, start_guests=True)
     pre = h.lv_names()
-    go = tmp_path / "go"
     monkeypatch.setattr(actions, "FLUSH_AND_HOLD_S", HOLD_S)
-    monkeypatch.setenv(faults.ENV, "s06-one:wait")
-    monkeypatch.setenv(faults.GO_ENV, str(go))
-    monkeypatch.setattr(faults, "_fired", set())
 
-    def let_go_after_the_guard() -> None:
-        while not Path(f"{go}.waiting").exists():
-            time.sleep(0.05)
+    def let_go_after_the_guard(go: Path) -> None:
         _poll(lambda: not _held_origin(h), 30.0)  # the guard resumed B
         go.touch()
 
-    t = threading.Thread(target=let_go_after_the_guard)
-    t.start()
-    try:
-        with pytest.raises(engine.FlowFailed, match="resumed them before the step ended"):
-            engine.start(h.defn.name, ["vm01"], fingerprints=False, app_aware="off")
-    finally:
-        go.touch()
-        t.join()
-    monkeypatch.delenv(faults.ENV)
+    with (at_fault_point("s06-one", let_go_after_the_guard, monkeypatch=monkeypatch,
+                        tmp_path=tmp_path),
+          pytest.raises(engine.FlowFailed, match="resumed them before the step ended")):
+        engine.start(h.defn.name, ["vm01"], fingerprints=False, app_aware="off")
     (failed,) = runs.all_runs(h.names)
     assert failed.state == "failed" and h.lv_names() == pre
     assert h.controller_maps_base("vm01", "disk0") and not _held_origin(h)

@@ -26,7 +26,7 @@ from hvlab.guest.supervise import guest_status, start_guest, stop_guest
 from hvlab.lab import guests, runs
 from hvlab.lab.record import Run
 from hvlab.sys import dmioctl
-from hvlab_fixtures.plugin import LabHandle, one_vm_lab
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -57,13 +57,6 @@ def kill_guest_while_frozen(h: LabHandle) -> float:
             return float(st["frozen_at"])
         time.sleep(0.02)
     raise AssertionError("the guest never froze")
-
-
-def wait_for(pred: Callable[[], bool], seconds: float = 10.0) -> None:
-    end = time.monotonic() + seconds
-    while not pred():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def assert_thawed_in_time(h: LabHandle, frozen_at: float) -> None:

@@ -9,8 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from hvlab.backup import restore as rst
 from hvlab.flow import engine, faults, recover
 from hvlab.lab import links, runs
 from hvlab.sys import netns
-from hvlab_fixtures.plugin import LabHandle, one_vm_lab, requires
+from hvlab_fixtures.plugin import LabHandle, at_fault_point, one_vm_lab, requires, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -54,34 +52,21 @@ def test_off_host_backup_over_nbd_restores_and_verifies(
     pre = h.lv_names()
     for d in ("disk0", "disk1"):
         (h.mountpoint("vm01", d) / "data.bin").write_bytes(os.urandom(3 << 20))
-    go = tmp_path / "go"
-    monkeypatch.setenv(faults.ENV, "s13-reading:wait")
-    monkeypatch.setenv(faults.GO_ENV, str(go))
-    monkeypatch.setattr(faults, "_fired", set())
     seen: dict[str, Any] = {}
 
-    def look_while_reading() -> None:
-        try:
-            while not Path(f"{go}.waiting").exists():
-                time.sleep(0.05)
-            (run_,) = runs.all_runs(h.names)
-            ln = links.plan(h.names, run_.id)
-            seen["owned"] = links.owned(h.names)
-            seen["server"] = netns.pids_in(ln.lab.ns)
-            seen["listening"] = [_listening(p) for p in seen["server"]]
-            seen["root"] = _listening(os.getpid())
-            seen["root_links"] = sorted(os.listdir("/sys/class/net"))
-            seen["ln"] = ln
-        finally:
-            go.touch()
+    def look_while_reading(go: Path) -> None:
+        (run_,) = runs.all_runs(h.names)
+        ln = links.plan(h.names, run_.id)
+        seen["owned"] = links.owned(h.names)
+        seen["server"] = netns.pids_in(ln.lab.ns)
+        seen["listening"] = [_listening(p) for p in seen["server"]]
+        seen["root"] = _listening(os.getpid())
+        seen["root_links"] = sorted(os.listdir("/sys/class/net"))
+        seen["ln"] = ln
 
-    t = threading.Thread(target=look_while_reading)
-    t.start()
-    try:
+    with at_fault_point("s13-reading", look_while_reading, monkeypatch=monkeypatch,
+                        tmp_path=tmp_path):
         done = engine.start(h.defn.name, ["vm01"], fingerprints=False, mode="off-host")
-    finally:
-        go.touch()
-        t.join()
     assert done.state == "done"
     ln = seen["ln"]
     # While step 13 read: two namespaces of the lab's; nbdkit listened on the lab's
@@ -139,12 +124,8 @@ def test_killed_during_an_off_host_read(lab_factory: Callable[..., LabHandle],
     left = links.owned(h.names)
     assert [x.split(" (")[0] for x in left] == [f"network namespace {ln.lab.ns}",
                                                 f"network namespace {ln.proxy.ns}"]
-    deadline = time.monotonic() + 10
-    while (netns.pids_in(ln.lab.ns) or netns.pids_in(ln.proxy.ns)) and \
-            time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not netns.pids_in(ln.lab.ns) and not netns.pids_in(ln.proxy.ns), \
-        "nbdkit or the proxy outlived the backup"
+    wait_for(lambda: not netns.pids_in(ln.lab.ns) and not netns.pids_in(ln.proxy.ns), 10,
+             "nbdkit and the proxy ending with the killed backup")
     if then == "recover":
         rep = recover.recover(h.defn.name)
         assert any("off-host link" in x for x in runs.load(h.names, run_id).unwound or [])

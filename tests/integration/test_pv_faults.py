@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, pvfault, runs
 from hvlab.sys import dmioctl
 from hvlab.sys.run import run
-from hvlab_fixtures.plugin import LabHandle, one_vm_lab
+from hvlab_fixtures.plugin import LabHandle, at_fault_point, one_vm_lab, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -44,24 +42,8 @@ def _after_the_fault(h: LabHandle, pre: set[str], client: GuestClient, before: i
 def _commits_again(client: GuestClient, before: int) -> None:
     """The guest's workload commits again (when is its business: on a loaded machine it may
     not have yet; a minute is a hang guard)."""
-    deadline = time.monotonic() + 60
-    while client.status()["committed_txid"] <= before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert client.status()["committed_txid"] > before
-
-
-def _wait_at_step_5(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """The next backup waits at the start of step 5 until the returned file exists."""
-    go = tmp_path / "go"
-    monkeypatch.setenv(faults.ENV, "step-05:wait")
-    monkeypatch.setenv(faults.GO_ENV, str(go))
-    monkeypatch.setattr(faults, "_fired", set())
-    return go
-
-
-def _until_waiting(go: Path) -> None:
-    while not Path(f"{go}.waiting").exists():
-        time.sleep(0.05)
+    wait_for(lambda: client.status()["committed_txid"] > before, 60,
+             "the guest's workload committing again")
 
 
 def test_a_suspend_that_does_not_return_is_bounded(lab_factory: Callable[..., LabHandle],
@@ -79,26 +61,19 @@ def test_a_suspend_that_does_not_return_is_bounded(lab_factory: Callable[..., La
     client = GuestClient(guests.socket_path(h.names, "vm01"))
     client.workload(ops_per_s=200)
     pre, before = h.lv_names(), client.status()["committed_txid"]
-    go = _wait_at_step_5(monkeypatch, tmp_path)
 
-    def slow_while_step_5() -> None:
-        _until_waiting(go)
+    def slow_while_step_5(go: Path) -> None:
         with pvfault.delayed(h.names, 0, write_ms=60_000):
             go.touch()
-            while all(r.state == "running" for r in runs.all_runs(h.names)):
-                time.sleep(0.05)
+            wait_for(lambda: any(r.state != "running" for r in runs.all_runs(h.names)), 300,
+                     "the run leaving `running`")
 
     dmioctl.prepare_interrupts()  # pvfault's bounded suspend runs in the thread below
-    slow = threading.Thread(target=slow_while_step_5)
-    slow.start()
-    try:
-        # Crash-consistent: the guest is not frozen, so its writes are in flight at step 5.
-        with pytest.raises(engine.FlowFailed, match="did not return within"):
-            engine.start(h.defn.name, ["vm01"], fingerprints=False, app_aware="off")
-    finally:
-        go.touch()
-        slow.join()
-    monkeypatch.delenv(faults.ENV)
+    # Crash-consistent: the guest is not frozen, so its writes are in flight at step 5.
+    with (at_fault_point("step-05", slow_while_step_5, monkeypatch=monkeypatch,
+                        tmp_path=tmp_path),
+          pytest.raises(engine.FlowFailed, match="did not return within")):
+        engine.start(h.defn.name, ["vm01"], fingerprints=False, app_aware="off")
     _after_the_fault(h, pre, client, before)
 
 
@@ -199,24 +174,17 @@ def test_the_pool_fills_inside_the_freeze_window(lab_factory: Callable[..., LabH
          "status=none"])
     pre, before = h.lv_names(), client.status()["committed_txid"]
 
-    go = _wait_at_step_5(monkeypatch, tmp_path)
 
-    def fill_when_frozen() -> None:
-        _until_waiting(go)
+    def fill_when_frozen(go: Path) -> None:
         assert client.status()["frozen"], "step 5 comes inside the freeze window"
         run(["dd", "if=/dev/urandom", f"of={dev}", "bs=1M", f"seek={mib}", "count=16",
              "oflag=direct", "status=none"], check=False)  # ENOSPC: the pool is full
         go.touch()
 
-    filler_thread = threading.Thread(target=fill_when_frozen)
-    filler_thread.start()
-    try:
-        with pytest.raises(engine.FlowFailed, match=r"reached threshold|out of data space"):
-            engine.start(h.defn.name, ["vm01"], fingerprints=False)
-    finally:
-        go.touch()
-        filler_thread.join()
-    monkeypatch.delenv(faults.ENV)
+    with (at_fault_point("step-05", fill_when_frozen, monkeypatch=monkeypatch,
+                        tmp_path=tmp_path),
+          pytest.raises(engine.FlowFailed, match=r"reached threshold|out of data space")):
+        engine.start(h.defn.name, ["vm01"], fingerprints=False)
     # Still full: the filler took the room. (Not 0: freeing the LVs step 4 allocated gave
     # back the chunks the guest's freeze had copied away from them.)
     assert _pool_free_bytes(h) < room

@@ -16,6 +16,7 @@ import pytest
 
 from hvlab.guest.client import GuestClient, GuestError
 from hvlab.guest.protocol import Limits, ProtocolError, Server, dispatch, parse, peer
+from hvlab_fixtures.plugin import wait_for
 
 
 def ok_handler(op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +144,7 @@ def test_idle_client_is_closed_with_a_reason(chan: Chan) -> None:
     s.sendall(b'{"op":"stat')  # half a line, then nothing: a slowloris
     t = time.monotonic()
     replies = list(lines(s))  # the reason, then the end of the stream at once
-    assert 0.8 < time.monotonic() - t < 3
+    assert time.monotonic() - t > 0.8  # closed by the idle limit, not at once
     assert [r["code"] for r in replies] == ["idle"]
     s.close()
 
@@ -157,31 +158,28 @@ def test_connection_cap_refuses_in_one_line_then_frees_up(chan: Chan) -> None:
     assert len(refused) == 1 and refused[0]["code"] == "full"
     assert "too many clients" in refused[0]["error"]
     held.pop().close()
-    deadline = time.monotonic() + 5
-    while chan.server.connections >= 4:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for(lambda: chan.server.connections < 4, what="a freed connection slot")
     assert ask(chan.connect(), b'{"op":"status"}')["ok"] is True
     for s in held:
         s.close()
 
 
 def test_a_slow_request_does_not_hold_up_another_connection() -> None:
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     def handler(op: str, args: dict[str, Any]) -> dict[str, Any]:
         if op == "freeze":
-            release.wait(10)
+            entered.set()
+            release.wait(60)
         return {"peer": peer()}
 
     c = Chan(Limits(idle_timeout_s=30), handler)
     try:
         slow = c.connect()
         slow.sendall(b'{"op":"freeze"}\n')
-        time.sleep(0.1)
-        t = time.monotonic()
-        fast = ask(c.connect(), b'{"op":"status"}')
-        assert fast["ok"] is True and time.monotonic() - t < 1.0
+        assert entered.wait(30)
+        fast = ask(c.connect(), b'{"op":"status"}')  # answered while the freeze is held
+        assert fast["ok"] is True and not release.is_set()
         assert fast["peer"].startswith("c") and "pid" in fast["peer"]
         release.set()
         r = next(lines(slow))
@@ -216,7 +214,7 @@ def test_client_retries_while_the_guest_is_full(chan: Chan) -> None:
     t = time.monotonic()
     with pytest.raises(GuestError) as ei:  # full for longer than the client waits
         c.request("status")
-    assert ei.value.code == "full" and 0.5 < time.monotonic() - t < 3
+    assert ei.value.code == "full" and time.monotonic() - t > 0.5  # it retried first
     threading.Timer(0.5, held.pop().close).start()
     assert GuestClient(chan.path, timeout=10).request("status")["ok"] is True
     for s in held:
@@ -231,13 +229,9 @@ def test_client_that_does_not_read_its_replies_is_dropped() -> None:
     try:
         s = c.connect()
         s.sendall(b'{"op":"status"}\n' * 200)  # 4 MB of replies, none read
-        t = time.monotonic()
         assert ask(c.connect(), b'{"op":"identify"}')["ok"] is True  # others still served
-        deadline = time.monotonic() + 10
-        while c.server.connections:
-            assert time.monotonic() < deadline, "a client that never reads is never dropped"
-            time.sleep(0.05)
-        assert time.monotonic() - t < 10
+        wait_for(lambda: not c.server.connections, 10,
+                 "the client that never reads being dropped")
         s.close()
     finally:
         c.close()
@@ -253,10 +247,7 @@ def test_a_flood_of_junk_lines_is_answered_and_logged_in_brief(
     got = [next(it) for _ in range(3001)]
     assert all(r["code"] == "bad_json" for r in got[:-1]) and got[-1]["id"] == "last"
     s.close()
-    deadline = time.monotonic() + 5
-    while chan.server.connections:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for(lambda: not chan.server.connections, what="the connection closed")
     msgs = [r.getMessage() for r in caplog.records]
     assert len([m for m in msgs if "bad_json" in m]) == 5
     assert any("2995 more error replies" in m for m in msgs)

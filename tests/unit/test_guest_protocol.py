@@ -3,92 +3,21 @@
 from __future__ import annotations
 
 import socket
-import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_guest import FakeFreezer, Running, g, make_guest
 
-from hvlab.guest import autorecovery, ledger
+from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient, GuestError, GuestUnavailable
-from hvlab.guest.config import GuestConfig
 from hvlab.guest.emulator import Guest
-from hvlab.guest.protocol import ProtocolError, Server
-from hvlab.guest.quiesce import FreezeError
+from hvlab.guest.protocol import ProtocolError
 from hvlab_fixtures.plugin import wait_for
 
-
-class FakeFreezer:
-    def __init__(self) -> None:
-        self.frozen: list[str] = []
-        self.calls: list[tuple[str, list[str]]] = []
-        self.fail = False
-        self.delay = 0.0  # a slow FIFREEZE: widens the window for concurrent requests
-
-    def freeze(self, mountpoints: Sequence[Path]) -> list[str]:
-        self.calls.append(("freeze", [str(m) for m in mountpoints]))
-        time.sleep(self.delay)
-        if self.fail:
-            raise FreezeError("freeze of x failed: injected")
-        self.frozen = [str(m) for m in mountpoints]
-        return self.frozen
-
-    def thaw(self, mountpoints: Sequence[Path]) -> list[str]:
-        self.calls.append(("thaw", [str(m) for m in mountpoints]))
-        done, self.frozen = self.frozen, []
-        return done
-
-
-class Running:
-    def __init__(self, guest: Guest, client: GuestClient, freezer: FakeFreezer) -> None:
-        self.guest, self.client, self.freezer = guest, client, freezer
-
-
-def make_guest(profile: str = "windows", **extra: Any) -> Iterator[Running]:
-    base = Path(tempfile.mkdtemp(prefix="hvg-", dir="/tmp"))
-    disks = []
-    for n in ("d0", "d1"):
-        (base / n).mkdir()
-        disks.append({"name": n, "mountpoint": str(base / n)})
-    cfg = GuestConfig.from_dict(
-        {
-            "vm": "vm1",
-            "profile": profile,
-            "run_dir": str(base / "run"),
-            "socket": str(base / "run" / "g.sock"),
-            "disks": disks,
-            "workload": {"ops_per_s": 200, "append_ops_per_s": 100, "scratch_ops_per_s": 50},
-            **extra,
-        }
-    )
-    cfg.run_dir.mkdir()
-    freezer = FakeFreezer()
-    guest = Guest(cfg, freezer)
-    guest.start()
-    assert cfg.socket is not None
-    server = Server(cfg.socket, guest.handle)
-    t = threading.Thread(
-        target=server.serve, args=(guest.stop_event.is_set, guest.write_status, 0.2)
-    )
-    t.start()
-    try:
-        yield Running(guest, GuestClient(cfg.socket, timeout=10), freezer)
-    finally:
-        guest.stop_event.set()
-        t.join(5)
-        server.close()
-        guest.shutdown()
-        import shutil
-
-        shutil.rmtree(base)
-
-
-@pytest.fixture
-def g() -> Iterator[Running]:
-    yield from make_guest()
+__all__ = ["g"]  # the fixture, imported for pytest
 
 
 def test_socket_is_private(g: Running) -> None:
@@ -367,47 +296,3 @@ def test_a_thawed_session_survives_a_guest_restart(g: Running) -> None:
     g.client.freeze(timeout_s=0.2)  # thawed by the watchdog: still a thawed session
     wait_for(lambda: g.client.status()["timed_out"])
     assert post_snapshot_code() == "bad_args"
-
-
-def test_fault_veto_fails_the_next_freeze_once(g: Running) -> None:
-    """A writer's veto: the writers frozen before it are let go, nothing is frozen."""
-    assert g.client.fault(veto="scratch")["armed"] == {"veto": "scratch"}
-    assert g.client.status()["faults"] == {"veto": "scratch"}
-    with pytest.raises(GuestError, match="writer scratch vetoed the freeze: "
-                                         "VSS_E_WRITERERROR_RETRYABLE"):
-        g.client.freeze()
-    assert g.freezer.calls == [] and not (g.guest.cfg.run_dir / "frozen").exists()
-    st = g.client.status()
-    assert st["faults"] == {} and st["state"] == "idle"
-    assert all(w["state"] == "running" for w in st["writers"]), st["writers"]
-    g.client.freeze()  # fired once
-    assert g.client.thaw()["timed_out"] is False
-
-
-def test_fault_mute_leaves_the_next_request_unanswered_once(g: Running) -> None:
-    from hvlab.guest.client import GuestTimeout
-
-    g.client.fault(mute="freeze")
-    with pytest.raises(GuestTimeout):
-        g.client.freeze(wait_s=0.5)
-    assert g.client.status()["state"] != "frozen" and g.freezer.calls == []
-    assert g.client.status()["faults"] == {}
-    g.client.freeze()
-    g.client.abort()
-
-
-@pytest.mark.parametrize("args", [{"veto": "appender"}, {"veto": "nope"}, {"veto": 3},
-                                  {"mute": "fault"}, {"mute": "format_c"}, {"mute": ["freeze"]},
-                                  {"veto": "ledger", "what": 1}])
-def test_fault_bad_args(g: Running, args: dict[str, Any]) -> None:
-    with pytest.raises(GuestError) as ei:
-        g.client.request("fault", **args)
-    assert ei.value.code == "bad_args" and "\n" not in str(ei.value)
-    assert g.client.fault()["armed"] == {}, "nothing armed by a bad request"
-
-
-def test_auto_recovery_reads_a_live_disks_filesystem_type_from_the_mount_table() -> None:
-    root = next(ln.split()[2] for ln in Path("/proc/self/mounts").read_text().splitlines()
-                if ln.split()[1] == "/")
-    assert autorecovery.fs_type_of(Path("/")) == root
-    assert autorecovery.fs_type_of(Path("/no/such/mount/point")) is None
