@@ -25,7 +25,7 @@ from hvlab.guest.client import GuestClient
 from hvlab.guest.quiesce import thaw_fs
 from hvlab.guest.supervise import guest_status, start_guest, stop_guest
 from hvlab.sys.run import run
-from hvlab_fixtures.plugin import wait_for
+from hvlab_fixtures.waits import wait_for
 
 
 @dataclass

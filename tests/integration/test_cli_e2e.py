@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from hvlab_fixtures.plugin import LabHandle, wait_for
+from hvlab_fixtures.plugin import LabHandle
+from hvlab_fixtures.waits import wait_for
 
 pytestmark = pytest.mark.integration
 

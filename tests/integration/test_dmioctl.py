@@ -19,7 +19,8 @@ from hvlab.backup import thinmeta
 from hvlab.sys import dmioctl, loop, uevents
 from hvlab.sys.dmioctl import DmError, Target
 from hvlab.sys.run import run
-from hvlab_fixtures.plugin import LabHandle, one_vm_lab, requires, wait_for
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab, requires
+from hvlab_fixtures.waits import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,8 @@ from hvlab.lab import guests, live, runs
 from hvlab.lab.record import Run
 from hvlab.sys import dm, fs
 from hvlab.sys.run import run as sysrun
-from hvlab_fixtures.plugin import LabHandle, at_fault_point, one_vm_lab
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab
+from hvlab_fixtures.waits import at_fault_point
 
 pytestmark = pytest.mark.integration
 

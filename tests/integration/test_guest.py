@@ -14,7 +14,8 @@ from hvlab.guest import ledger
 from hvlab.guest.client import GuestUnavailable
 from hvlab.guest.quiesce import recover_after_crash
 from hvlab.guest.supervise import guest_status, start_guest, stop_guest
-from hvlab_fixtures.plugin import requires, wait_for
+from hvlab_fixtures.plugin import requires
+from hvlab_fixtures.waits import wait_for
 
 pytestmark = pytest.mark.integration
 __all__ = ["looplab", "vm", "vm_factory"]  # the fixtures, imported for pytest

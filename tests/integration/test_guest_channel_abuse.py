@@ -18,7 +18,8 @@ from guest_fixtures import VM, looplab, vm, vm_factory, write_in_thread
 from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient, GuestError
 from hvlab.guest.supervise import guest_status, stop_guest
-from hvlab_fixtures.plugin import requires, wait_for
+from hvlab_fixtures.plugin import requires
+from hvlab_fixtures.waits import wait_for
 
 pytestmark = pytest.mark.integration
 __all__ = ["looplab", "vm", "vm_factory"]  # the fixtures, imported for pytest

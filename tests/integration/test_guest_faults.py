@@ -26,7 +26,8 @@ from hvlab.guest.supervise import guest_status, start_guest, stop_guest
 from hvlab.lab import guests, runs
 from hvlab.lab.record import Run
 from hvlab.sys import dmioctl
-from hvlab_fixtures.plugin import LabHandle, one_vm_lab, wait_for
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab
+from hvlab_fixtures.waits import wait_for
 
 pytestmark = pytest.mark.integration
 

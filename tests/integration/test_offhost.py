@@ -21,7 +21,8 @@ from hvlab.backup import restore as rst
 from hvlab.flow import engine, faults, recover
 from hvlab.lab import links, runs
 from hvlab.sys import netns
-from hvlab_fixtures.plugin import LabHandle, at_fault_point, one_vm_lab, requires, wait_for
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab, requires
+from hvlab_fixtures.waits import at_fault_point, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,8 @@ from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, pvfault, runs
 from hvlab.sys import dmioctl
 from hvlab.sys.run import run
-from hvlab_fixtures.plugin import LabHandle, at_fault_point, one_vm_lab, wait_for
+from hvlab_fixtures.plugin import LabHandle, one_vm_lab
+from hvlab_fixtures.waits import at_fault_point, wait_for
 
 pytestmark = pytest.mark.integration
 

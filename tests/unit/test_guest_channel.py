@@ -16,7 +16,7 @@ import pytest
 
 from hvlab.guest.client import GuestClient, GuestError
 from hvlab.guest.protocol import Limits, ProtocolError, Server, dispatch, parse, peer
-from hvlab_fixtures.plugin import wait_for
+from hvlab_fixtures.waits import wait_for
 
 
 def ok_handler(op: str, args: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient, GuestError, GuestUnavailable
 from hvlab.guest.emulator import Guest
 from hvlab.guest.protocol import ProtocolError
-from hvlab_fixtures.plugin import wait_for
+from hvlab_fixtures.waits import wait_for
 
 __all__ = ["g"]  # the fixture, imported for pytest
 

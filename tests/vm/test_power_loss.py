@@ -27,7 +27,8 @@ from typing import Any
 import psutil
 import pytest
 
-from hvlab_fixtures.plugin import lab_toml, one_vm_lab, wait_for
+from hvlab_fixtures.plugin import lab_toml, one_vm_lab
+from hvlab_fixtures.waits import wait_for
 
 pytestmark = pytest.mark.vm
 SEED_ENV = "HVLAB_POWER_SEED"
