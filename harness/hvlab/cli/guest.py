@@ -13,8 +13,7 @@ from hvlab.console import console as make_console
 from hvlab.errors import BadInput, HvlabError
 
 if TYPE_CHECKING:
-    from hvlab.lab.definition import LabDef
-    from hvlab.lab.paths import Names
+    from hvlab.lab.handle import Lab
 
 lab_name_opt = click.option("--lab-name", "-n", default=None,
                             help="Lab name (default: the only lab, else 'hvlab').")
@@ -26,16 +25,11 @@ def guest() -> None:
     """The guest emulators (one per VM): integration services, writers, workloads."""
 
 
-def _guest_ctx(lab_name: str | None) -> tuple[LabDef, Names]:
+def _lab(lab_name: str | None) -> Lab:
+    from hvlab.lab.handle import Lab
     from hvlab.lab.inventory import resolve_name
-    from hvlab.lab.paths import Names
-    from hvlab.lab.state import State
 
-    lab = resolve_name(lab_name)
-    st = State.load(lab)
-    if st is None or st.phase != "up":
-        raise BadInput(f"lab {lab!r} is not up")
-    return st.definition, Names(lab)
+    return Lab.open(resolve_name(lab_name))
 
 
 @guest.command("status")
@@ -47,7 +41,8 @@ def guest_status(lab_name: str | None, as_json: bool) -> None:
 
     from hvlab.guest.supervise import guest_status as status_of
 
-    defn, names = _guest_ctx(lab_name)
+    lab = _lab(lab_name)
+    defn, names = lab.state.definition, lab.names
     rows = {vm.name: status_of(names.guest_dir(vm.name)) for vm in defn.vms}
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
@@ -73,8 +68,9 @@ def guest_start(vm_name: str, lab_name: str | None) -> None:
     from hvlab.guest.supervise import start_guest
     from hvlab.lab import guests
 
-    defn, names = _guest_ctx(lab_name)
-    defn.vm(vm_name)
+    lab = _lab(lab_name)
+    defn, names = lab.state.definition, lab.names
+    defn.vm(vm_name)  # BadInput for a VM the lab does not have
     names.guest_dir(vm_name).mkdir(parents=True, exist_ok=True)
     pid = start_guest(guests.config_for(defn, names, vm_name))
     _echo(f"guest {vm_name} running (pid {pid})")
@@ -100,8 +96,9 @@ def guest_workload(vm_name: str, lab_name: str | None, ops_per_s: float | None,
     from hvlab.guest.client import GuestClient, GuestError
     from hvlab.lab import guests
 
-    defn, names = _guest_ctx(lab_name)
-    if defn.vm(vm_name).profile == "none":
+    lab = _lab(lab_name)
+    names = lab.names
+    if lab.state.definition.vm(vm_name).profile == "none":
         raise BadInput(f"VM {vm_name} has profile none: no integration-services channel")
     if ops_per_s is None and pause is None:
         raise BadInput("give --ops-per-s RATE and/or --pause/--resume")
@@ -130,9 +127,9 @@ def guest_stop(vm_name: str, lab_name: str | None) -> None:
     """Stop the guest emulator of VM (thaws first if it is frozen)."""
     from hvlab.guest.supervise import stop_guest
 
-    defn, names = _guest_ctx(lab_name)
-    defn.vm(vm_name)
-    stop_guest(names.guest_dir(vm_name), 10.0)
+    lab = _lab(lab_name)
+    lab.state.definition.vm(vm_name)  # BadInput for a VM the lab does not have
+    stop_guest(lab.names.guest_dir(vm_name), 10.0)
     _echo(f"guest {vm_name} stopped")
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -161,6 +162,13 @@ def _table(where: str, value: object) -> dict[str, Any]:
     return value
 
 
+def _choice(kind: str, value: object, allowed: Sequence[str], where: str) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise BadInput(f"invalid {kind} {shown(value)} for {where}: "
+                       f"allowed {', '.join(allowed)}")
+    return value
+
+
 def _unknown(where: str, table: dict[str, Any], allowed: set[str]) -> None:
     extra = sorted(set(table) - allowed)
     if extra:
@@ -195,10 +203,7 @@ def parse(data: dict[str, Any], *, name: str | None = None,
         vname = check_name("VM", rv.get("name"))
         if any(v.name == vname for v in vms):
             raise BadInput(f"duplicate VM name {vname!r}: VM names must be unique in a lab")
-        profile = rv.get("profile", "windows")
-        if profile not in PROFILES:
-            raise BadInput(f"invalid profile {shown(profile)} for VM {vname}: "
-                           f"allowed {', '.join(PROFILES)}")
+        profile = _choice("profile", rv.get("profile", "windows"), PROFILES, f"VM {vname}")
         raw_disks = rv.get("disk", [])
         if not isinstance(raw_disks, list):
             raise BadInput(f"malformed lab file: disk of VM {vname} must be an array of tables "
@@ -215,10 +220,7 @@ def parse(data: dict[str, Any], *, name: str | None = None,
             dname = check_name("disk", rd.get("name"))
             if any(d.name == dname for d in disks):
                 raise BadInput(f"duplicate disk name {dname!r} in VM {vname}")
-            fs = rd.get("fs", "ext4")
-            if fs not in FILESYSTEMS:
-                raise BadInput(f"invalid filesystem {shown(fs)} for {vname}/{dname}: "
-                               f"allowed {', '.join(FILESYSTEMS)}")
+            fs = _choice("filesystem", rd.get("fs", "ext4"), FILESYSTEMS, f"{vname}/{dname}")
             dsize = _size(f"{vname}/{dname}", rd.get("size", "256M"))
             if dsize < MIN_SIZE[fs]:
                 raise BadInput(f"disk {vname}/{dname} size {shown(dsize, 24)} bytes is below "
