@@ -40,13 +40,14 @@ def _paused(run: Run, lab: str) -> None:
 def request_of(vms: tuple[str, ...], dest: Path | None, pause_after: int | None,
                resume_id: str | None, abort_id: str | None, no_fingerprints: bool,
                app_aware: str, metadata_limit: int | None, mode: str | None,
-               incremental: bool, inject: str | None, **_: object) -> BackupRequest:
+               incremental: bool, inject: str | None, model: str | None = None,
+               **_: object) -> BackupRequest:
     """`hvlab backup`'s options as the engine's request (checked by the caller: the command
     itself, and the pre-check on the host before a lab VM is booted)."""
     return BackupRequest(vms=tuple(vms), resume=resume_id, abort=abort_id, dest=dest,
                          pause_after=pause_after, fingerprints=not no_fingerprints,
                          app_aware=app_aware, mode=mode, incremental=incremental,
-                         metadata_limit=metadata_limit, inject=inject)
+                         model=model, metadata_limit=metadata_limit, inject=inject)
 
 
 def _unwind_on_signals() -> None:
@@ -93,19 +94,26 @@ def _unwind_on_signals() -> None:
               help="Read only what changed since each disk's reference point (the last "
                    "incremental-chain backup), and keep a new one; a disk with no valid "
                    "reference is backed up in full, and the manifest says why.")
+@click.option("--model", default=None, metavar="2012|2012r2|2016",
+              help="The Hyper-V generation to reproduce (default 2012r2): 2012 (and 2008 R2: "
+                   "the guest's own shadow copy, the host's rolled back to it), 2012r2 (backup "
+                   "and auto-recovery checkpoints, host shadow copy), 2016 (recovery "
+                   "checkpoint read directly, reference points).")
 @click.option("--inject", default=None, hidden=True,
               help="POINT:ACTION[,...]: kill, raise or hang at a named fault point.")
 def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
            pause_after: int | None, resume_id: str | None, abort_id: str | None,
            no_fingerprints: bool, app_aware: str, metadata_limit: int | None,
-           mode: str | None, incremental: bool, inject: str | None) -> None:
-    """Back up VMs through Hyper-V 2012 R2's 14 steps on real thin snapshots."""
+           mode: str | None, incremental: bool, model: str | None,
+           inject: str | None) -> None:
+    """Back up VMs the way Hyper-V (2012 R2's 14 steps by default, --model for 2012 or 2016)
+    does, on real thin snapshots."""
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
     from hvlab.flow import engine, faults
 
     req = request_of(vms, dest, pause_after, resume_id, abort_id, no_fingerprints,
-                     app_aware, metadata_limit, mode, incremental, inject).check()
+                     app_aware, metadata_limit, mode, incremental, inject, model).check()
     if inject is not None:
         os.environ[faults.ENV] = inject
     _unwind_on_signals()
@@ -127,7 +135,7 @@ def backup(vms: tuple[str, ...], lab_name: str | None, dest: Path | None,
                                say=prog.console.print, fingerprints=req.fingerprints,
                                progress=prog, app_aware=req.app_aware,
                                mode=req.mode or "on-host", incremental=req.incremental,
-                               metadata_limit=req.limit)
+                               metadata_limit=req.limit, model=req.model or "2012r2")
     if run.state == "paused":
         _paused(run, lab)
         return

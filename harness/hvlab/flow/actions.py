@@ -84,7 +84,8 @@ def quiesce(ctx: Ctx, vm: str) -> dict[str, Any]:
     if v.answers:
         ctx.guards.windows.open(vm, ctx.names.guest_dir(vm),
                                 ALLOCATE_S + wait + FLUSH_AND_HOLD_S)
-    allocated = allocate_checkpoints(ctx, vm)  # before the window: LVM is slow, the pool not
+    allocate = ctx.model.allocate or allocate_checkpoints
+    allocated = allocate(ctx, vm)  # before the window: LVM is slow, the pool not
     ctx.obs.uevents.drain()  # LVM's, read now: the step's event is written inside the window
     if not v.answers:
         return {"skipped": "no integration services: no freeze (crash-consistent)",

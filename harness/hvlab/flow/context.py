@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from hvlab.backup import thinmeta
+from hvlab.errors import HvlabError
 from hvlab.flow.guards import Guards
 from hvlab.flow.lvmview import LvmView
+from hvlab.flow.model import Model
 from hvlab.guest.client import GuestClient, GuestError
 from hvlab.guest.quiesce import recover_after_crash
 from hvlab.lab import guests, live, runs
@@ -42,8 +44,10 @@ class Observer:
 
 
 class Ctx:
-    def __init__(self, lab: Lab, run: Run, say: Say = quiet, fingerprints: bool = True) -> None:
+    def __init__(self, lab: Lab, run: Run, say: Say = quiet, fingerprints: bool = True,
+                 model: Model | None = None) -> None:
         self.lab = lab
+        self._model = model
         self.names = lab.names
         self.view = LvmView(lab)  # LVM's view of the VG: one report, read again when stale
         self.run = run
@@ -60,6 +64,14 @@ class Ctx:
 
     def save(self) -> None:
         runs.save(self.names, self.run, durable=not self.in_window)
+
+    @property
+    def model(self) -> Model:
+        """The run's Hyper-V generation: its steps, actions and artifacts (the engine gives
+        it; an unwind of orphans needs none)."""
+        if self._model is None:
+            raise HvlabError(f"run {self.run.id}: no Hyper-V model given to its context")
+        return self._model
 
     def vm(self, vm: str) -> Vm:
         return self.run.vm[vm]

@@ -69,7 +69,7 @@ def execute(ctx: Ctx) -> Run:
 
 def _execute(ctx: Ctx) -> Run:
     run = ctx.run
-    plan = S.plan(run.vms)
+    plan = ctx.model.plan(run.vms)
     try:
         while run.pos < len(plan):
             n, vm = plan[run.pos]
@@ -160,23 +160,23 @@ def start(lab_name: str, vms: list[str], *, dest: Path | None = None,
           pause_after: int | None = None, say: Say = quiet, fingerprints: bool = True,
           progress: Any = None, app_aware: str = "try",
           metadata_limit: int = preflight.DEFAULT_METADATA_LIMIT, mode: str = "on-host",
-          incremental: bool = False) -> Run:
+          incremental: bool = False, model: str = S.DEFAULT) -> Run:
     """`hvlab backup VM [VM ...]`: validate everything, register the run, execute."""
     BackupRequest(vms=tuple(vms), dest=dest, pause_after=pause_after,
                   fingerprints=fingerprints, app_aware=app_aware, mode=mode,
-                  incremental=incremental, metadata_limit=metadata_limit).check()
+                  incremental=incremental, model=model, metadata_limit=metadata_limit).check()
     if mode == "off-host" and (lacking := offhost.missing()):
         raise HvlabError(f"off-host mode needs {'; '.join(lacking)} (`make deps` installs them)")
     lab = Lab.open(lab_name)
     vmdefs = [lab.state.definition.vm(v) for v in vms]  # BadInput for an unknown VM
     run_id = runs.new_id()
-    pause_at = S.pause_position(vms, pause_after)
+    pause_at = S.model(model).pause_position(vms, pause_after)
     where = (dest or lab.names.backups_dir / run_id).absolute()
     backup_dir.check(where)
     with runs.VmLocks(lab.names, vms):
         with locked(lab.name):
             ctx = _register(lab, run_id, vmdefs, where, pause_at, pause_after, say,
-                            fingerprints, metadata_limit)
+                            fingerprints, metadata_limit, model)
             ctx.run.app_aware = app_aware
             ctx.run.mode = mode
             ctx.run.incremental = incremental
@@ -188,7 +188,8 @@ def start(lab_name: str, vms: list[str], *, dest: Path | None = None,
 
 def _register(lab: Lab, run_id: str, vmdefs: list[Any], where: Path, pause_at: int | None,
               pause_after: int | None, say: Say, fingerprints: bool,
-              metadata_limit: int = preflight.DEFAULT_METADATA_LIMIT) -> Ctx:
+              metadata_limit: int = preflight.DEFAULT_METADATA_LIMIT,
+              model: str = S.DEFAULT) -> Ctx:
     """Under the lab lock: no other live run for these VMs, no leftovers, room in the thin
     pool (preflight); then write run.json. A refusal leaves nothing behind."""
     names = lab.names
@@ -207,13 +208,13 @@ def _register(lab: Lab, run_id: str, vmdefs: list[Any], where: Path, pause_at: i
                     [names.lv(vd.name, d.name) for vd in vmdefs for d in vd.disks],
                     metadata_limit)
     run = Run(id=run_id, lab=lab.name, vms=vms, dest=str(where), created=time.time(),
-              pause_at=pause_at, pause_after=pause_after, vm={
+              pause_at=pause_at, pause_after=pause_after, model=model, vm={
                   vd.name: Vm(profile=vd.profile, disks={
                       d.name: Disk(B=names.lv(vd.name, d.name), ctl=names.ctl(vd.name, d.name),
                                    size=d.size, fs=d.fs) for d in vd.disks})
                   for vd in vmdefs})
     runs.mark_self(run)
-    ctx = Ctx(lab, run, say, fingerprints)
+    ctx = Ctx(lab, run, say, fingerprints, S.model(run.model))
     ctx.view.take(rows)  # nothing changes LVM before step 4, which asks it again otherwise
     run.pre = snapshot_state(ctx, rows)
     backup_dir.claim(where, run_id)
@@ -235,12 +236,12 @@ def resume(lab_name: str, run_id: str, *, say: Say = quiet, fingerprints: bool =
     if run.state == "aborting":
         raise BadInput(f"run {run_id} was interrupted while aborting: "
                        f"`hvlab backup --abort {run_id}` finishes it")
-    plan = S.plan(run.vms)
+    plan = S.model(run.model).plan(run.vms)
     if state == "interrupted" and 0 < run.pos < len(plan) and (
             any(run.vm[v].frozen for v in run.vms)):
         raise BadInput(f"run {run_id} was interrupted inside a freeze window: "
                        f"`hvlab backup --abort {run_id}`")
-    pos = S.pause_position(run.vms, pause_after)
+    pos = S.model(run.model).pause_position(run.vms, pause_after)
     if pos is not None and pos < run.pos:
         raise BadInput(f"run {run_id} is already past step {pause_after}: "
                        f"--pause-after must name a later step")
@@ -251,7 +252,7 @@ def resume(lab_name: str, run_id: str, *, say: Say = quiet, fingerprints: bool =
             run.pauses[-1][1] = time.time()
         run.state = "running"
         runs.mark_self(run)
-        ctx = Ctx(lab, run, say, fingerprints)
+        ctx = Ctx(lab, run, say, fingerprints, S.model(run.model))
         ctx.progress = progress
         ctx.save()
         if state == "interrupted":
@@ -275,7 +276,7 @@ def abort(lab_name: str, run_id: str, *, say: Say = quiet) -> Run:
                        f"interrupt it (Ctrl-C unwinds it)")
     lab = Lab.open(lab_name)
     with runs.VmLocks(names, run.vms):
-        ctx = Ctx(lab, run, say, fingerprints=False)
+        ctx = Ctx(lab, run, say, fingerprints=False, model=S.model(run.model))
         unwind.unwind(ctx, final="aborted", post=lambda: snapshot_state(ctx))
     return run
 

@@ -41,6 +41,12 @@ INSIDE: dict[str, str] = {
     "s14-base-removed": "step 14: B removed, C not yet renamed to B",
     "s14-renamed": "step 14: C renamed to B, its tags not yet fixed",
     "finish-manifest": "manifest written, run not yet marked done",
+    # the 2012 model's own (flow/shadow.py)
+    "gs-made": "2012 step 5: the guest's shadow copy G made, controller not yet B's origin",
+    "gs-origin": "2012 step 5: every controller loaded as B's snapshot-origin, still held",
+    "gs-recovered": "2012 step 8: the guest fixed up its shadow copy",
+    "rv-merging": "2012 step 10: S_B being rolled back (snapshot-merge running)",
+    "gs-dropped": "2012 step 12: the host's shadow copy removed, the guest's not yet",
 }
 BOUNDARIES: dict[str, str] = {
     **{f"step-{n:02d}": f"before step {n}" for n in range(1, 15)},

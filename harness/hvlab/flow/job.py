@@ -100,10 +100,15 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
     if not dest.owns(where, ctx.run.id):
         raise HvlabError(f"backup directory {where} is missing or no longer this run's "
                          f"(no {dest.MARK} naming {ctx.run.id})")
-    members = [(v, d, disk, disk.S_B or "", disk.S_A or "") for v, d, disk in ctx.disks()]
+    # Per disk: B at T0 as the job sees it, and what the image is read from (2012 R2: S_B
+    # and S_A; 2016: B and A; 2012: the rolled-back S_B for both).
+    m = ctx.model
+    members = [(v, d, disk, disk.lv(m.base) or "", disk.lv(m.source) or "")
+               for v, d, disk in ctx.disks()]
     plans = _plans(ctx)
     refs = [p.reference for p in plans.values() if p.reference]
-    ids = thin_ids(ctx, [lv for *_, sb, sa in members for lv in (sb, sa)] + refs)
+    ids = thin_ids(ctx, list(dict.fromkeys(
+        [lv for *_, sb, sa in members for lv in (sb, sa)] + refs)))
     with thinmeta.metadata_snap(ctx.names) as snap:
         faults.point("s13-metadata")
         maps = {lv: snap.mapping(ids[lv]) for *_, sb, sa in members for lv in (sb, sa)}
@@ -150,6 +155,7 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
                 for b, n in deltas[f"{v}/{d}"][k]],
             "mapped_bytes": maps[sa].mapped_blocks * bs,
             "chain": {**plans[f"{v}/{d}"].record(), **_delta_record(since.get(f"{v}/{d}"), bs)},
+            **({"rolled_back": disk.reverted} if disk.reverted else {}),
         }
     ctx.run.images = images
     ctx.save()
@@ -168,7 +174,7 @@ def _plans(ctx: Ctx) -> dict[str, chain.Plan]:
     rows, chains = ctx.view.lvs(), chain.load(ctx.names)
     out = {}
     for v, d, disk in ctx.disks():
-        size = _dev_size(ctx.lv_dev(disk.S_A or ""))  # the device's, not the definition's
+        size = _dev_size(ctx.lv_dev(disk.lv(ctx.model.source) or ""))  # the device's
         p = chain.decide(chains.get(f"{v}/{d}"), rows, size, ctx.run.incremental)
         why = ""
         if p.reference and rows[p.reference].major is None:
@@ -254,10 +260,12 @@ def merge(ctx: Ctx, _: None) -> dict[str, Any]:
     """Every S removed, then every C merged into its B: one lvremove for the S and the B
     (where C is there to take its place), one lvm batch of renames, one of tags."""
     removed = []
-    # An incremental run keeps each S_A: it becomes the disk's next reference point.
-    external: tuple[Artifact, ...] = ("S_B",) if ctx.run.incremental else ("S_B", "S_A")
-    gone = [(v, d, a, lv) for v, d, disk in ctx.disks() for a in external
-            if (lv := disk.lv(a)) and disk.exists(a)]
+    # An incremental run keeps what the image was read from (2012 R2: S_A; 2016: A): it
+    # becomes the disk's next reference point.
+    kept_source = (ctx.model.source,) if ctx.run.incremental else ()
+    dropped: tuple[Artifact, ...] = ("S_B", "S_A", "A")
+    gone = [(v, d, a, lv) for v, d, disk in ctx.disks() for a in dropped
+            if a not in kept_source and (lv := disk.lv(a)) and disk.exists(a)]
     todo = [(v, d, disk) for v, d, disk in ctx.disks()]
     kept = keep_references(ctx) if ctx.run.incremental else []
     faults.point("s14-references")
@@ -271,7 +279,8 @@ def merge(ctx: Ctx, _: None) -> dict[str, Any]:
 
 
 def keep_references(ctx: Ctx) -> list[dict[str, Any]]:
-    """Each disk's S_A becomes its reference point (renamed, retagged); the disk's older
+    """Each disk's image source (S_A, or A in 2016) becomes its reference point (renamed,
+    retagged); the disk's older
     references go first, in the same lvm process. Killed half way, the next incremental
     finds no reference, or one of another run, and makes a full backup saying so."""
     rows = ctx.view.lvs()
@@ -284,15 +293,17 @@ def keep_references(ctx: Ctx) -> list[dict[str, Any]]:
         old_refs += old
         if old:
             cmds.append(["lvremove", "-q", "-y", *map(ctx.vg_lv, old)])
-        if disk.S_A and disk.S_A in rows and new not in rows and gen:
-            cmds.append(["lvrename", "-q", ctx.names.vg, disk.S_A, new])
+        src = disk.lv(ctx.model.source)
+        if src and src in rows and new not in rows and gen:
+            cmds.append(["lvrename", "-q", ctx.names.vg, src, new])
         if gen and (new not in rows or {REFERENCE_TAG, f"gen_{gen}"} - rows[new].tags):
             # also when a killed run renamed it but did not retag it
-            cmds.append(["lvchange", "-q", "--deltag", ROLE_TAG["S_A"], "--addtag", REFERENCE_TAG,
+            cmds.append(["lvchange", "-q", "--deltag", ROLE_TAG[ctx.model.source],
+                         "--addtag", REFERENCE_TAG,
                          "--addtag", f"gen_{gen}", ctx.vg_lv(new)])
         if gen:
             new_refs.append(new)
-            disk.S_A_exists = False  # the reference now, not this run's artifact
+            disk.set_exists(ctx.model.source, False)  # the reference now, not the run's
             out.append({"vm": v, "disk": d, "lv": new, "generation": gen, "replaced": old})
     rows = ctx.view.batch(cmds, present=new_refs, absent=old_refs)
     untagged = [r for r, o in zip(new_refs, out, strict=True)

@@ -18,38 +18,36 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hvlab.backup import thinmeta
-from hvlab.flow import steps as S
 from hvlab.flow.context import Ctx, thin_ids
 from hvlab.lab import runs
 from hvlab.lab.record import Command, Event
 from hvlab.sys.run import program_log
 from hvlab.sys.uevents import watch
 
-# Where the invariants need content: B and A at T0 (after the thaw, outside the window), A
-# after auto-recovery, B and S before the merge.
-FINGERPRINT_AFTER = {8: "T0", 10: "after auto-recovery", 13: "before the merge"}
-# Hashed in the background, from the pool's metadata as it was when the step ended: after 8,
-# B cannot change (the controller maps C) and A not until step 10 writes it; after 10, A
-# is left alone until step 12 removes it. Only B's and A's devices are read.
-BACKGROUND = {8, 10}
-# A hash still running ends first: nothing runs beside a freeze window or a guard's fork
-# (step 4), and step 11 suspends A and B to snapshot them (step 12 then removes A).
-FLUSH_BEFORE = {4, 11}
+# Where the invariants need content is each model's steps' `mark` (2012 R2: B and A at T0,
+# after the thaw and outside the window; A after auto-recovery; B and S before the merge).
+# Hashed in the background, from the pool's metadata as it was when the step ended: after
+# the thaw B cannot change (the controller maps C) and A not until auto-recovery writes it;
+# after auto-recovery, A is left alone until it is removed. Only B's and A's devices are read.
+BACKGROUND = ("T0", "after auto-recovery")
+# A hash still running ends first where a step's `flush_before` says so: nothing runs beside
+# a freeze window or a guard's fork, nor beside a step that suspends or removes what it reads.
 
 
 def run_step(ctx: Ctx, n: int, vm: str | None) -> Event:
     """Run step n's action for vm (None: the job) and record its event, also on failure."""
-    st = S.step(n)
+    model = ctx.model
+    st = model.step(n)
     ev = Event(run=ctx.run.id, step=n, name=st.name, vm=vm, veeam=st.veeam, lab=st.lab,
                in_freeze=st.in_freeze, start=time.time(), end=0.0)
     ok = False
-    if n in FLUSH_BEFORE:
+    if st.flush_before:
         flush(ctx)
     try:
         with watch(settle=0.0) as rec, program_log() as commands:
             ctx.obs.uevents = rec
             try:
-                ev.detail = S.ACTIONS[n](ctx, vm)
+                ev.detail = model.actions[n](ctx, vm)
                 ok = True
             except BaseException as exc:
                 ev.error = f"{type(exc).__name__}: {exc}"
@@ -61,14 +59,14 @@ def run_step(ctx: Ctx, n: int, vm: str | None) -> Event:
         ev.devices_removed = rec.removed()
         ev.commands = [Command(c.argv, c.returncode, c.seconds) for c in commands]
         ev.writes_to = writes_to(ctx, vm)
-        if ok and ctx.obs.fingerprints and n in FINGERPRINT_AFTER:
+        if ok and ctx.obs.fingerprints and st.mark:
             flush(ctx)  # a hash still running in the background fills the cache first
-            if n in BACKGROUND:
-                ev.fingerprints_note = f"{FINGERPRINT_AFTER[n]}: hashed in the background"
+            if st.mark in BACKGROUND:
+                ev.fingerprints_note = f"{st.mark}: hashed in the background"
                 in_background(ctx, ev, vm)
             else:
                 ev.fingerprints = fingerprints(ctx, vm)
-                ev.fingerprints_note = FINGERPRINT_AFTER[n]
+                ev.fingerprints_note = st.mark
         ctx.obs.last_dump = None
         ev.observed_s = round(time.time() - ev.end, 4)
         runs.append_event(ctx.names, ctx.run.id, ev, durable=not ctx.in_window)
@@ -105,7 +103,7 @@ def flush(ctx: Ctx) -> None:
     (ev, pool), future = ctx.obs.pending, ctx.obs.pending_future
     ctx.obs.pending, ctx.obs.pending_future = None, None
     try:
-        fps, note = future.result(), FINGERPRINT_AFTER[ev.step or 0]
+        fps, note = future.result(), ctx.model.step(ev.step or 1).mark
     except Exception as exc:  # the run goes on; the event says why it has no hash
         fps, note = None, f"not hashed: {type(exc).__name__}: {exc}"
     finally:

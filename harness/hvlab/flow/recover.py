@@ -25,9 +25,12 @@ from hvlab.sys.lvm import LvRow
 HYPERV = {"C": "lingering backup checkpoint (GUID.avhdx): merged if the guest wrote to it",
           "A": "leftover auto-recovery checkpoint (GUID-AutoRecovery.avhdx, KB3175561)",
           "S_B": "external snapshot (host shadow copy) of B",
-          "S_A": "external snapshot (host shadow copy) of A"}
+          "S_A": "external snapshot (host shadow copy) of A",
+          "D": "the guest's shadow copy diff area (2012)",
+          "S_D": "external snapshot (host shadow copy) of the diff area D (2012)"}
 ROLE_ART: dict[str, list[Artifact]] = {ROLE_TAG["C"]: ["C"], ROLE_TAG["A"]: ["A"],
-                                       ROLE_TAG["S_B"]: ["S_B", "S_A"]}
+                                       ROLE_TAG["S_B"]: ["S_B", "S_A", "S_D"],
+                                       ROLE_TAG["D"]: ["D"]}
 
 
 @dataclass

@@ -31,6 +31,7 @@ class BackupRequest:
     app_aware: str = "try"
     mode: str | None = None  # None: not given (a new run is on-host)
     incremental: bool = False
+    model: str | None = None  # None: not given (a new run is 2012r2)
     metadata_limit: int | None = None  # None: not given (preflight's default)
     inject: str | None = None
 
@@ -55,12 +56,17 @@ class BackupRequest:
                            f"{', '.join(APP_AWARE)}")
         if self.mode is not None and self.mode not in MODES:
             raise BadInput(f"invalid --mode {self.mode!r}: one of {', '.join(MODES)}")
+        model = S.model(self.model or S.DEFAULT)  # BadInput naming the models
         if self.metadata_limit is not None:
             preflight.check_limit(self.metadata_limit)
         if self.inject is not None:
             faults.parse(self.inject)
         self._check_combinations()
-        S.pause_position(list(self.vms) or ["vm"], self.pause_after)
+        if self.kind == "start":
+            model.pause_position(list(self.vms), self.pause_after)
+        elif self.pause_after is not None and not 1 <= self.pause_after < S.LAST:
+            # the run's model checks it exactly when it resumes
+            raise BadInput(f"--pause-after must be a step number, got {self.pause_after}")
         if self.dest is not None and self.kind == "start":
             backup_dir.check(Path(os.path.abspath(self.dest)))  # again when the run starts
         return self
@@ -71,9 +77,10 @@ class BackupRequest:
                            "--no-fingerprints)")
         if self.resume and self.dest:
             raise BadInput("--dest is fixed when a run starts; --resume cannot change it")
-        if self.kind != "start" and (self.mode is not None or self.incremental):
-            raise BadInput("--mode and --incremental are fixed when a run starts; not with "
-                           "--resume or --abort")
+        if self.kind != "start" and (self.mode is not None or self.incremental
+                                     or self.model is not None):
+            raise BadInput("--mode, --model and --incremental are fixed when a run starts; "
+                           "not with --resume or --abort")
         if self.kind != "start" and self.metadata_limit is not None:
             raise BadInput("--metadata-limit is checked when a run starts; not with --resume "
                            "or --abort")

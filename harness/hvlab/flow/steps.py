@@ -1,30 +1,20 @@
-"""Veeam's 14 steps of a Hyper-V 2012 R2 on-host backup, as data, and the lab action of each
-(ACTIONS: one explicit table).
+"""The steps of a host-level Hyper-V backup, as data, and the lab action of each: one
+`Model` per Hyper-V generation (`MODELS`: 2012, 2012r2, 2016), each with its own step texts
+and an explicit table of actions built from the same functions where the generations agree.
 
-The wording is Veeam's, as users quote it. Steps 1-10 run per VM (each VM its own
-freeze window, steps 4-7); 11-14 run once for the whole job (one external snapshot set).
+2012 R2 (the default) is Veeam's 14 steps in Veeam's wording, as users quote it: steps 1-10
+per VM (each VM its own freeze window, steps 4-7), 11-14 once for the whole job. The other
+two generations are in hvlab's words (generations.py), checked against Microsoft's and
+Veeam's descriptions; docs/generations.md says where a model is inferred.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import replace
 
 from hvlab.errors import BadInput
-from hvlab.flow import actions, job
-from hvlab.flow.context import Ctx
-
-
-@dataclass(frozen=True)
-class Step:
-    number: int
-    name: str
-    veeam: str
-    lab: str
-    per_vm: bool
-    in_freeze: bool = False
-
+from hvlab.flow import actions, faults, generations, job
+from hvlab.flow.model import Action, Model, Step
 
 STEPS: tuple[Step, ...] = (
     Step(1, "request",
@@ -99,7 +89,22 @@ STEPS: tuple[Step, ...] = (
          "maps C: no interruption)", False),
 )
 
-Action = Callable[[Ctx, Any], dict[str, Any]]
+def _with(steps: tuple[Step, ...], phases: dict[int, str], marks: dict[int, str],
+          flush: set[int]) -> tuple[Step, ...]:
+    return tuple(replace(st, phase=phases[st.number], mark=marks.get(st.number),
+                         flush_before=st.number in flush) for st in steps)
+
+
+STEPS = _with(STEPS, {1: "request", 2: "guest", 3: "guest", 4: "freeze", 5: "checkpoint",
+                      6: "checkpoint", 7: "T0", 8: "thaw", 9: "thaw", 10: "auto-recovery",
+                      11: "host snapshot", 12: "cleanup", 13: "read", 14: "cleanup"},
+              # B and A at T0 (after the thaw, outside the window), A after auto-recovery,
+              # B and S before the merge.
+              {8: "T0", 10: "after auto-recovery", 13: "before the merge"},
+              # step 4 opens a window; step 11 suspends A and B to snapshot them.
+              {4, 11})
+
+
 # What the lab does at each step: steps 1-10 for one VM (actions.py), 11-14 for the job (job.py).
 ACTIONS: dict[int, Action] = {
     1: actions.request,
@@ -118,35 +123,37 @@ ACTIONS: dict[int, Action] = {
     14: job.merge,
 }
 
-BY_NUMBER = {s.number: s for s in STEPS}
-FREEZE_STEPS = frozenset(s.number for s in STEPS if s.in_freeze)
-LAST = STEPS[-1].number
+MODELS: dict[str, Model] = {
+    "2012r2": Model("2012r2", "Hyper-V 2012 R2: backup checkpoint C and auto-recovery "
+                    "checkpoint A, host shadow copy S of B and A, C merged",
+                    STEPS, ACTIONS, ("C", "A"), "S_A", "S_B",
+                    points=tuple(p for p in faults.INSIDE if p[0] in "sf")),
+    "2012": generations.MODEL_2012,
+    "2016": generations.MODEL_2016,
+}
+DEFAULT = "2012r2"
 
+
+def model(name: str) -> Model:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise BadInput(f"unknown Hyper-V model {name!r}: one of "
+                       f"{', '.join(sorted(MODELS))}") from None
+
+
+BY_NUMBER = {s.number: s for s in STEPS}
+FREEZE_STEPS = MODELS[DEFAULT].freeze_steps
+LAST = STEPS[-1].number
 
 
 def step(number: int) -> Step:
     return BY_NUMBER[number]
 
 
-def plan(vms: list[str]) -> list[tuple[int, str | None]]:
-    """The order of execution: steps 1-10 per VM (VM by VM), then 11-14 once for the job."""
-    out: list[tuple[int, str | None]] = []
-    for vm in vms:
-        out += [(s.number, vm) for s in STEPS if s.per_vm]
-    out += [(s.number, None) for s in STEPS if not s.per_vm]
-    return out
+def plan(vms: list[str], name: str = DEFAULT) -> list[tuple[int, str | None]]:
+    return model(name).plan(vms)
 
 
-def pause_position(vms: list[str], after: int | None) -> int | None:
-    """Index in plan(vms) after which to pause (the last VM's step N), or None."""
-    if after is None:
-        return None
-    if after in FREEZE_STEPS:
-        raise BadInput(f"cannot pause after step {after}: steps {min(FREEZE_STEPS)}-"
-                       f"{max(FREEZE_STEPS)} are inside the guest's freeze window, and a paused "
-                       f"run must never hold a guest frozen")
-    if not 1 <= after < LAST:
-        raise BadInput(f"--pause-after must be a step from 1 to {LAST - 1} (not 4-7), "
-                       f"got {after}")
-    p = plan(vms)
-    return max(i for i, (n, _) in enumerate(p) if n == after)
+def pause_position(vms: list[str], after: int | None, name: str = DEFAULT) -> int | None:
+    return model(name).pause_position(vms, after)

@@ -23,7 +23,7 @@ from hvlab.lab.record import Artifact, Command, Event, Run
 from hvlab.sys import dm
 from hvlab.sys.run import program_log
 
-Kind = Literal["detach", "remove", "promote", "retag", "remove-dest", "keep-dest"]
+Kind = Literal["detach", "shadow", "remove", "promote", "retag", "remove-dest", "keep-dest"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,10 @@ def plan(run: Run, facts: Facts, *, was_done: bool) -> list[Undo]:
         key = f"{v}/{d}"
         if disk.ar_ctl and disk.ar_ctl in facts.ar_devices:
             out.append(Undo("detach", v, d, disk.ar_ctl, f"removed {disk.ar_ctl}"))
-        removable: tuple[Artifact, ...] = ("S_A", "S_B", "A")
+        if disk.D or disk.shadow:  # 2012: the guest's shadow copy and its diff area first
+            out.append(Undo("shadow", v, d, disk.D or "", "removed the guest's shadow copy "
+                                                          "and its diff area"))
+        removable: tuple[Artifact, ...] = ("S_A", "S_B", "A", "S_D")
         for a in removable:
             lv = disk.lv(a)
             if lv and lv in facts.lvs:
@@ -107,6 +110,8 @@ def resume_controllers(ctx: Ctx) -> None:
         dm.run_resume(ctx.names.dm_lv_name(disk.B))
     for _, _, disk in ctx.disks():
         dm.run_resume(disk.ctl)
+        if disk.shadow:  # 2012: held with its controller in step 9
+            dm.run_resume(disk.shadow)
     ctx.sync_live()
 
 
@@ -127,6 +132,13 @@ def carry_out(ctx: Ctx, steps: list[Undo]) -> list[str]:
         if u.kind == "detach":
             ctx.detach_ar(u.lv)
             done.add(i)
+    shadows = [i for i, u in enumerate(steps) if u.kind == "shadow"]
+    if shadows:
+        from hvlab.flow.shadow import drop_shadow_copies
+
+        drop_shadow_copies(ctx, [(steps[i].vm, steps[i].disk,
+                                  ctx.vm(steps[i].vm).disks[steps[i].disk]) for i in shadows])
+        done.update(shadows)
     removes = [i for i, u in enumerate(steps) if u.kind == "remove"]
     ctx.view.remove_lvs([steps[i].lv for i in removes])
     done.update(removes)
@@ -148,7 +160,7 @@ def carry_out(ctx: Ctx, steps: list[Undo]) -> list[str]:
             continue
         notes.append(u.note)
     for _, _, disk in ctx.disks():
-        for a in ("S_A", "S_B", "A", "C"):
+        for a in ("S_A", "S_B", "A", "C", "D", "S_D"):
             setattr(disk, f"{a}_exists", False)
     ctx.save()
     return notes

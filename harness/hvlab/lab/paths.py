@@ -102,23 +102,27 @@ BACKUPS = "backups"
 # What each LV is, as its LVM tag says (every LV of a lab has exactly one role tag).
 ROLE_TAG: dict[Artifact, str] = {"B": "role_base", "C": "role_checkpoint",
                                  "A": "role_autorecovery", "S_B": "role_external",
-                                 "S_A": "role_external"}
+                                 "S_A": "role_external", "D": "role_diffarea",
+                                 "S_D": "role_external"}
 REFERENCE_TAG = "role_reference"  # an incremental chain's reference point (hvlab's RCT)
 ROLE_LABEL: dict[str, str] = {
     "role_base": "live disk (B)",
     "role_checkpoint": "backup checkpoint (C)",
     "role_autorecovery": "auto-recovery checkpoint (A)",
     "role_external": "external snapshot (S)",
+    "role_diffarea": "guest shadow copy's diff area (D, 2012)",
     REFERENCE_TAG: "reference point of an incremental chain (RCT)",
 }
 # Each artifact of a disk, in a few words (the explain picture's lanes).
 ARTIFACT_ROLE: dict[Artifact, str] = {"B": "live disk", "C": "backup checkpoint",
                                       "A": "auto-recovery ckpt", "S_B": "host snapshot of B",
-                                      "S_A": "host snapshot of A"}
+                                      "S_A": "host snapshot of A", "D": "guest's diff area",
+                                      "S_D": "host snapshot of D"}
 # The roles only a backup run gives (a lab between runs has none of them).
-RUN_ROLES = ("role_checkpoint", "role_autorecovery", "role_external")
+RUN_ROLES = ("role_checkpoint", "role_autorecovery", "role_external", "role_diffarea")
 # A run's artifact LV: <vm>_<disk>_<kind>_<run id>.
-KIND: dict[Artifact, str] = {"C": "c", "A": "a", "S_B": "sb", "S_A": "sa"}
+KIND: dict[Artifact, str] = {"C": "c", "A": "a", "S_B": "sb", "S_A": "sa", "D": "d",
+                             "S_D": "sd"}
 
 
 def role_of(tags: frozenset[str] | set[str]) -> str:
@@ -204,6 +208,14 @@ class Names:
     def ar_ctl(self, vm: str, disk: str) -> str:
         """The device that attaches A to the guest in step 10."""
         return f"{self.vg}_ar_{vm}_{disk}"
+
+    def shadow(self, vm: str, disk: str) -> str:
+        """2012: the guest's own shadow copy of the disk (dm-snapshot of B, its store on D)."""
+        return f"{self.vg}_gs_{vm}_{disk}"
+
+    def revert(self, vm: str, disk: str) -> str:
+        """2012: the host's roll-back of S_B to the guest's shadow copy (snapshot-merge)."""
+        return f"{self.vg}_rv_{vm}_{disk}"
 
     @property
     def dm_prefixes(self) -> tuple[str, str]:

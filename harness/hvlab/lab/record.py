@@ -5,8 +5,9 @@ Stored as `runs/<id>/run.json` (see `runs.py`); the JSON keys are the field name
 read these types; nothing reads the JSON by string keys.
 
 Artifacts per disk: B (the live disk, frozen at T0), C (backup checkpoint), A (auto-recovery
-checkpoint), S_B and S_A (the external snapshot set). `<art>` names the LV, `<art>_exists` says
-whether the run made it and has not removed it.
+checkpoint), S_B and S_A (the external snapshot set); in the 2012 model also D (the guest's
+shadow copy's diff area, on the VM's storage) and S_D (the host's snapshot of it). `<art>`
+names the LV, `<art>_exists` says whether the run made it and has not removed it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-Artifact = Literal["B", "C", "A", "S_B", "S_A"]
-ARTIFACTS: tuple[Artifact, ...] = ("B", "C", "A", "S_B", "S_A")
+Artifact = Literal["B", "C", "A", "S_B", "S_A", "D", "S_D"]
+ARTIFACTS: tuple[Artifact, ...] = ("B", "C", "A", "S_B", "S_A", "D", "S_D")
 ACTIVE = ("running", "paused", "aborting")
 FINAL = ("done", "failed", "aborted")
 
@@ -61,6 +62,12 @@ class Disk:
     S_B_exists: bool = False
     S_A: str | None = None
     S_A_exists: bool = False
+    D: str | None = None  # 2012: the guest's diff area (its shadow copy's copy-on-write store)
+    D_exists: bool = False
+    S_D: str | None = None
+    S_D_exists: bool = False
+    shadow: str | None = None  # 2012: the guest's shadow copy (a dm-snapshot of B on D)
+    reverted: dict[str, Any] | None = None  # 2012: S_B rolled back to the guest's snapshot
     # Allocated before the window: artifact -> {lv, thin_id, uuid} (flow/checkpoint.py).
     slots: dict[str, dict[str, Any]] = field(default_factory=dict)
     skew_s: float | None = None  # C taken this long after the VM's first C (same suspension)
@@ -139,6 +146,7 @@ class Run:
     vm: dict[str, Vm]
     state: str = "running"  # running | paused | aborting | done | failed | aborted
     mode: str = "on-host"
+    model: str = "2012r2"  # the Hyper-V generation (flow/steps.py MODELS)
     incremental: bool = False  # asked for: each disk says what it got (images[..]["chain"])
     app_aware: str = "try"  # require | try | off: Veeam's application-aware processing
     pos: int = 0  # index into the plan of the next step

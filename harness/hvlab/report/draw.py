@@ -20,10 +20,11 @@ from matplotlib.text import Annotation
 
 from hvlab.flow import steps as S
 from hvlab.lab.paths import ARTIFACT_ROLE
-from hvlab.lab.record import ARTIFACTS, Event, Run
+from hvlab.lab.record import Event, Run
 from hvlab.report.geometry import Timeline, Window, build, stack
 
-COLOR = {"B": "#2e7d32", "C": "#ef8f00", "A": "#8e24aa", "S_B": "#1565c0", "S_A": "#4f9fe8"}
+COLOR = {"B": "#2e7d32", "C": "#ef8f00", "A": "#8e24aa", "S_B": "#1565c0", "S_A": "#4f9fe8",
+         "D": "#795548", "S_D": "#90a4ae"}
 WRITES = "#d32f2f"
 FROZEN = "#26c6da"
 STEP_GREY = "0.45"
@@ -121,9 +122,10 @@ def _draw_main(ax: Axes, tl: Timeline, width_px: float) -> _Labels:
     marks = [(m.start, f"{m.label} {m.vm}" if several and m.label == "1" else m.label)
              for m in tl.steps]
     marks.append((tl.t_end, tl.end_label))
-    half = (len(S.STEPS) + 1) // 2
+    steps = S.model(tl.model).steps
+    half = (len(steps) + 1) // 2
     names = ["    ".join(f"{s.number} {s.name}" for s in part)
-             for part in (S.STEPS[:half], S.STEPS[half:])]
+             for part in (steps[:half], steps[half:])]
     labels = _Labels(ax, 8.5, title="steps:  " + names[0] + "\n" + names[1])
     seen: dict[str, int] = {}
     for i, (x, label) in enumerate(marks):  # SVG ids step-5, step-5-2 (a second VM), end
@@ -214,7 +216,7 @@ def _draw_zoom(ax: Axes, tl: Timeline, w: Window, width_px: float) -> _Labels:
     for m in mine:
         x0, x1 = m.start - w.start, m.end - w.start
         _bar(ax, x0, x1, 0, 0.42, color=ZOOM_STEPS[m.label], lw=0.6, ec="0.2", zorder=3)
-        name = S.step(int(m.label)).name
+        name = S.model(tl.model).step(int(m.label)).name
         labels.add((x0 + x1) / 2, f"{m.label} {name} {x1 - x0:.2f} s")
     if w.t0 is not None:
         ax.axvline(w.t0 - w.start, color="0.1", lw=1.0, zorder=4)
@@ -245,7 +247,7 @@ def figure(tl: Timeline) -> Figure:
         labels.append(_draw_zoom(fig.add_subplot(grid[1 + i]), tl, w, width_px))
 
     handles: list[Artist] = [Patch(color=COLOR[a], alpha=0.5, label=f"{a}: {ARTIFACT_ROLE[a]}")
-                             for a in ARTIFACTS]
+                             for a in S.model(tl.model).artifacts]
     handles += [
         Patch(color=WRITES, label="the guest's writes go here (controller's target)"),
         Patch(color=FROZEN, label="guest frozen (flush-and-hold, steps 4-8)"),

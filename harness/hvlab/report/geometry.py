@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from hvlab.flow import steps as S
 from hvlab.flow.consistency import CRASH
 from hvlab.lab.paths import ARTIFACT_ROLE
-from hvlab.lab.record import ARTIFACTS, Event, Run
+from hvlab.lab.record import Event, Run
 
 FLUSH_AND_HOLD_S = 10.0  # Hyper-V's flush-and-hold limit, when the run did not record it
 
@@ -68,6 +69,7 @@ class Timeline:
     guest_notes: dict[str, str] = field(default_factory=dict)  # vm -> text (no freeze)
     merged: list[Span] = field(default_factory=list)  # C lanes merged into B at `end`
     end_label: str = "end"  # the run's state where the record ends
+    model: str = "2012r2"  # the run's Hyper-V generation (its step names)
 
 
 def _lanes(ev: Event, what: str, art_of: dict[str, str]) -> list[str]:
@@ -95,17 +97,19 @@ def build(run: Run, events: list[Event], state: str | None = None) -> Timeline:
         return max(0.0, x - origin)
 
     t_end = max([t(ev.end) for ev in events] + [1e-3])
+    model = S.model(run.model)
     lanes: list[tuple[str, str]] = [("steps", "job steps")]
     art_of: dict[str, str] = {}  # LV name -> lane
     for vm in run.vms:
         v = run.vm[vm]
         lanes.append((f"{vm} guest", f"{vm} guest ({v.profile})"))
         for disk, info in v.disks.items():
-            for a in ARTIFACTS:
+            for a in model.artifacts:
                 lanes.append((f"{vm}/{disk} {a}", f"{disk}  {a}  {ARTIFACT_ROLE[a]}"))
                 if lv := info.lv(a):
                     art_of[lv] = f"{vm}/{disk} {a}"
-    tl = Timeline(title=title_of(run, state), t_end=t_end, lanes=lanes, end_label=state)
+    tl = Timeline(title=title_of(run, state), t_end=t_end, lanes=lanes, end_label=state,
+                  model=run.model)
     keys = [f"{vm}/{d}" for vm, d, _ in run.disks()]
     born: dict[str, float] = {f"{k} B": 0.0 for k in keys}  # lane -> start of its bar
     target = {k: ("B", 0.0) for k in keys}  # disk -> (artifact the guest writes, since)
@@ -142,10 +146,14 @@ def build(run: Run, events: list[Event], state: str | None = None) -> Timeline:
                 if cur in ("B", "C"):
                     tl.writes.append(Span(f"{k} {cur}", since, e))
                 target[k] = (now, e)
-        if ev.step == 10 and not ev.detail.get("skipped") and not ev.error:
-            tl.recovery += [Span(f"{k} A", s, e) for k in keys if k.startswith(f"{ev.vm}/")]
-        if ev.step == 13 and not ev.error:
-            tl.reads += [Span(f"{k} S_A", s, e) for k in keys]
+        phase = model.step(ev.step).phase if ev.step else ""
+        if phase == "auto-recovery" and not ev.detail.get("skipped") and not ev.error:
+            # what the fix-ups write: A; in 2012 the guest's store D, then the host's S_B
+            fixed = "A" if "A" in model.artifacts else "D" if ev.vm else "S_B"
+            tl.recovery += [Span(f"{k} {fixed}", s, e) for k in keys
+                            if ev.vm is None or k.startswith(f"{ev.vm}/")]
+        if phase == "read" and not ev.error:
+            tl.reads += [Span(f"{k} {model.source}", s, e) for k in keys]
     for lane in list(born):
         close(lane, t_end, open_end=state != "done")
     for k, (cur, since) in target.items():
