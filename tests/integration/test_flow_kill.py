@@ -20,7 +20,9 @@ import pytest
 from hvlab.backup import restore as rst
 from hvlab.backup import thinmeta
 from hvlab.errors import BadInput
-from hvlab.flow import actions, engine, faults, recover
+from hvlab.flow import actions, engine, recover
+from hvlab.flow import steps as S
+from hvlab.flow.model import Model
 from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient
 from hvlab.lab import guests, live, runs
@@ -40,17 +42,19 @@ ONE_VM = one_vm_lab()
 HOLD_S = 4.0
 
 
-def _backup(h: LabHandle, inject: str = "", patch: str = "") -> list[str]:
+def _backup(h: LabHandle, inject: str = "", patch: str = "", model: str = S.DEFAULT
+            ) -> list[str]:
     """`hvlab backup vm01` (the CLI's main, --inject for a fault point) in a new process
     whose flush-and-hold limit is HOLD_S; patch: code run first (die() kills it)."""
     return [sys.executable, "-c", SCRIPT.format(hold=HOLD_S, patch=patch), "backup", "vm01",
-            "-n", h.defn.name, "--no-fingerprints", *(["--inject", inject] if inject else [])]
+            "-n", h.defn.name, "--no-fingerprints", "--model", model,
+            *(["--inject", inject] if inject else [])]
 
 
-def _killed_run(h: LabHandle, point: str, patch: str = "") -> Run:
+def _killed_run(h: LabHandle, point: str, patch: str = "", model: str = S.DEFAULT) -> Run:
     """A backup killed (SIGKILL) at a named fault point, through the CLI's hidden --inject;
     with patch, by the patch (which changes the guest's side first)."""
-    proc = subprocess.run(_backup(h, f"{point}:kill" if point else "", patch),
+    proc = subprocess.run(_backup(h, f"{point}:kill" if point else "", patch, model),
                           env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stdout + proc.stderr
     (run_,) = runs.all_runs(h.names)
@@ -68,28 +72,38 @@ def die():
 {patch}
 cli.main(sys.argv[1:])
 """
-# Killed there, the run is inside the guest's freeze window: resume is refused, abort it.
-IN_FREEZE = {"step-05", "step-06", "step-07", "step-08", "s05-one", "s05-snapshots",
-             "s05-reloaded", "s06-one"}
+# Killed at one of these inside a step, the run is inside the guest's freeze window.
+INSIDE_FREEZE = {"s05-one", "s05-snapshots", "s05-reloaded", "s06-one", "gs-made", "gs-origin"}
 
 
-@pytest.mark.parametrize("point", list(faults.POINTS))
-def test_killed_at_every_fault_point(lab_factory: Callable[..., LabHandle], point: str) -> None:
-    """Every named fault point: killed there, the next command recovers the run (resume, or
-    abort inside the freeze window), the live disk keeps what the guest committed, the LV set
-    is as before, and the backup (or the next one) verifies."""
+def _in_freeze(model: Model, point: str) -> bool:
+    """Killed there, the guest is frozen: resume is refused, abort it. A boundary is inside
+    when the step before it opened or held the window."""
+    if point.startswith("step-"):
+        return int(point[5:]) - 1 in model.freeze_steps
+    return point in INSIDE_FREEZE
+
+
+@pytest.mark.parametrize(("model", "point"), [(m, p) for m in S.MODELS
+                                              for p in S.MODELS[m].fault_points])
+def test_killed_at_every_fault_point(lab_factory: Callable[..., LabHandle], model: str,
+                                     point: str) -> None:
+    """Every named fault point of every Hyper-V generation: killed there, the next command
+    recovers the run (resume, or abort inside the freeze window), the live disk keeps what
+    the guest committed, the LV set is as before, and the backup (or the next one)
+    verifies."""
     h = lab_factory(ONE_VM, start_guests=True)
     client = GuestClient(guests.socket_path(h.names, "vm01"))
     pre = h.lv_names()
-    run_ = _killed_run(h, point)
+    run_ = _killed_run(h, point, model=model)
     acked = client.status()["committed_txid"]  # what the guest acknowledged by the kill
-    if point in IN_FREEZE:
+    if _in_freeze(S.MODELS[model], point):
         _thaws_within_its_watchdog(h, client)
         with pytest.raises(BadInput, match="inside a freeze window"):
             engine.resume(h.defn.name, run_.id, fingerprints=False)
         engine.abort(h.defn.name, run_.id)
         assert runs.load(h.names, run_.id).state == "aborted"
-        run_ = engine.start(h.defn.name, ["vm01"], fingerprints=False)
+        run_ = engine.start(h.defn.name, ["vm01"], fingerprints=False, model=model)
     else:
         done = engine.resume(h.defn.name, run_.id, fingerprints=False)
         assert done.state == "done"

@@ -61,6 +61,12 @@ class Model:
     def freeze_steps(self) -> frozenset[int]:
         return frozenset(s.number for s in self.steps if s.in_freeze)
 
+    @property
+    def fault_points(self) -> list[str]:
+        """Every fault point a run of this model passes: the step boundaries, the end, and
+        the points inside its steps."""
+        return [f"step-{s.number:02d}" for s in self.steps] + ["finish", *self.points]
+
     def plan(self, vms: list[str]) -> list[tuple[int, str | None]]:
         """The order of execution: the per-VM steps VM by VM, then the job's steps once."""
         out: list[tuple[int, str | None]] = []
