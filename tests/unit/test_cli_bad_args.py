@@ -30,7 +30,9 @@ CASES: list[tuple[list[str], str]] = [
     (["guest", "start"], "Missing argument 'VM_NAME'"),
     (["backup", "vm01", "--dest"], "'--dest' requires an argument"),
     (["restore", "x"], "Missing option '--as'"),
-    (["explain"], "Missing argument 'RUN'"),
+    (["explain"], "Missing argument 'RUN [RUN ...]'"),
+    (["explain", "--compare", R], "--compare needs two runs or more"),
+    (["explain", R, R], "explain takes one run (2 given)"),
     (["vm", "run"], "Missing argument"),
     # lab names, on every command that takes one: empty, charset, length, newline, reserved
     *[([*cmd, "-n", bad], f"invalid lab name {shown}")

@@ -274,6 +274,14 @@ def _check_values(command: str, params: dict[str, object]) -> None:
     for key in ("resume_id", "abort_id", "run_id"):
         if isinstance(params.get(key), str):
             runs.check_id(str(params[key]))
+    ids = params.get("run_ids")
+    run_ids = ids if isinstance(ids, tuple) else ()  # explain RUN [RUN ...]
+    for run_id in run_ids:
+        runs.check_id(str(run_id))
+    if command == "explain":
+        from hvlab.cli.flow import explain_runs
+
+        explain_runs(len(run_ids), bool(params.get("compare")))
     if params.get("backup_ref") == "":
         raise BadInput("BACKUP must name a backup directory or a finished run id, not ''")
     if command == "backup":

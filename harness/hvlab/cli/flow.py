@@ -12,6 +12,7 @@ import click
 from hvlab.console import console as make_console
 from hvlab.errors import BadInput
 from hvlab.flow.request import BackupRequest
+from hvlab.lab.paths import Names
 from hvlab.lab.record import Run
 
 
@@ -249,8 +250,11 @@ out_file = click.Path(dir_okay=False, path_type=Path)
 
 
 @click.command()
-@click.argument("run_id", metavar="RUN")
+@click.argument("run_ids", metavar="RUN [RUN ...]", nargs=-1, required=True)
 @lab_opt
+@click.option("--compare", is_flag=True,
+              help="Runs of different Hyper-V generations (--model) side by side: a lane "
+                   "per run on a shared axis of phases, as a table (and --png/--svg).")
 @click.option("--json", "as_json", is_flag=True, help="The raw events.")
 @click.option("--png", type=out_file, default=None,
               help="Save the timeline picture (lanes over seconds, freeze window) as PNG.")
@@ -260,10 +264,11 @@ out_file = click.Path(dir_okay=False, path_type=Path)
 @click.option("--commands", "show_commands", is_flag=True,
               help="The exact commands each step ran (lvcreate, thin tools), ready to "
                    "copy; its device-mapper ioctls as comments.")
-def explain(run_id: str, lab_name: str | None, as_json: bool, show_commands: bool,
-            png: Path | None,
+def explain(run_ids: tuple[str, ...], lab_name: str | None, compare: bool, as_json: bool,
+            show_commands: bool, png: Path | None,
             svg: Path | None, table_svg: Path | None) -> None:
-    """The timeline of a run: what B, C, A, S held at each step, and where writes went."""
+    """The timeline of a run: what B, C, A, S held at each step, and where writes went;
+    with --compare, runs of the three Hyper-V generations side by side."""
     from rich.console import Console
 
     from hvlab.lab import runs
@@ -272,8 +277,15 @@ def explain(run_id: str, lab_name: str | None, as_json: bool, show_commands: boo
 
     png, svg = _out_path("--png", png), _out_path("--svg", svg)
     table_svg = _out_path("--table-svg", table_svg)
-    if as_json and (png or svg or table_svg or show_commands):
+    if as_json and (png or svg or table_svg or show_commands or compare):
         raise BadInput("--json prints the raw events; use it alone")
+    explain_runs(len(run_ids), compare)
+    if compare:
+        if show_commands:
+            raise BadInput("--commands shows one run; not with --compare")
+        _compare(Names(_lab(lab_name)), run_ids, png, svg, table_svg)
+        return
+    (run_id,) = run_ids
     names = Names(_lab(lab_name))
     record = runs.load(names, run_id)
     evs = runs.events(names, run_id)
@@ -301,6 +313,42 @@ def explain(run_id: str, lab_name: str | None, as_json: bool, show_commands: boo
 
             try:
                 draw.save(record, evs, path, fmt, state=runs.effective_state(record))
+            except OSError as exc:
+                raise BadInput(f"cannot write --{fmt} {path}: {exc.strerror or exc}") from None
+            saved.append(path)
+    for path in saved:
+        click.echo(f"saved {path}")
+
+
+def explain_runs(n: int, compare: bool) -> None:
+    """One run, or (--compare) two or more."""
+    if compare and n < 2:
+        raise BadInput("--compare needs two runs or more (one per Hyper-V generation)")
+    if not compare and n != 1:
+        raise BadInput(f"explain takes one run ({n} given): --compare for several")
+
+
+def _compare(names: Names, run_ids: tuple[str, ...], png: Path | None, svg: Path | None,
+             table_svg: Path | None) -> None:
+    from rich.console import Console
+
+    from hvlab.lab import runs
+    from hvlab.report import compare
+
+    ls = compare.lanes([(runs.load(names, r), runs.events(names, r)) for r in run_ids])
+    width = int(os.environ.get("COLUMNS", "0") or 0) or 60 + 44 * len(ls)
+    con = Console(width=width, record=table_svg is not None)
+    con.print(compare.table(ls))
+    saved = []
+    if table_svg is not None:
+        con.save_svg(str(table_svg), title="hvlab explain --compare")
+        saved.append(table_svg)
+    for fmt, path in (("png", png), ("svg", svg)):
+        if path is not None:
+            from hvlab.report import compare_draw
+
+            try:
+                compare_draw.save(ls, path, fmt)
             except OSError as exc:
                 raise BadInput(f"cannot write --{fmt} {path}: {exc.strerror or exc}") from None
             saved.append(path)
