@@ -32,6 +32,7 @@ from typing import Any
 from hvlab.bench import floor as bench_floor
 from hvlab.bench import flow as bench_flow
 from hvlab.bench import incr as bench_incr
+from hvlab.bench import models as bench_models
 from hvlab.bench import plots
 from hvlab.bench import read as bench_read
 from hvlab.bench import report as bench_report
@@ -46,10 +47,13 @@ class Config:
     floor_repeat: int
     read_repeat: int
     job_repeat: int
+    model_rounds: int  # backups of each Hyper-V generation
 
 
-FULL = Config(window=(1, 2, 4, 8), jobs=(1, 4, 8), floor_repeat=5, read_repeat=3, job_repeat=5)
-QUICK = Config(window=(1, 2), jobs=(1, 2), floor_repeat=2, read_repeat=1, job_repeat=1)
+FULL = Config(window=(1, 2, 4, 8), jobs=(1, 4, 8), floor_repeat=5, read_repeat=3, job_repeat=5,
+              model_rounds=3)
+QUICK = Config(window=(1, 2), jobs=(1, 2), floor_repeat=2, read_repeat=1, job_repeat=1,
+               model_rounds=1)
 
 
 def runner_name() -> str:
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         "floor": None, "window": {"limit_s": bench_report.WINDOW_LIMIT_S,
                                   "disk_size": bench_flow.DISK_SIZE, "fs": bench_flow.DISK_FS,
                                   "profile": bench_flow.PROFILE, "points": []},
-        "jobs": {"points": []}, "steps": None, "reader": None, "incremental": None, "goals": [],
+        "jobs": {"points": []}, "steps": None, "reader": None, "incremental": None,
+        "models": None, "goals": [],
         "errors": {}}
 
     def part(name: str, fn: Callable[[], Any]) -> Any:
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.read_repeat, paths.home() / "bench-read"))
         res["incremental"] = part("incremental", lambda: bench_incr.measure(
             paths.home() / "bench-incr"))
+        res["models"] = part("models", lambda: bench_models.measure(cfg.model_rounds))
     finally:  # an interrupt still leaves what was measured
         res["goals"] = bench_report.goals(res)
         (out / "bench.json").write_text(json.dumps(res, indent=2) + "\n")

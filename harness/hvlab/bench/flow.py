@@ -76,14 +76,15 @@ def step_times(events: list[Event]) -> list[dict[str, Any]]:
             for e in events]
 
 
-def backup(lab: str, vms: list[str]) -> dict[str, Any]:
-    """One backup with the CLI's defaults; what its run record says (also when it failed)."""
+def backup(lab: str, vms: list[str], model: str = "2012r2") -> dict[str, Any]:
+    """One backup with the CLI's defaults (of `model`); what its run record says (also when
+    it failed)."""
     names = Names(lab)
     before = {r.id for r in runs.all_runs(names)}
     t = time.perf_counter()
     error = None
     try:
-        engine.start(lab, vms)
+        engine.start(lab, vms, model=model)
     except HvlabError as exc:  # failed and unwound (or refused): the record says how far
         error = f"{type(exc).__name__}: {exc}"
     wall = time.perf_counter() - t

@@ -37,8 +37,8 @@ def _axes(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Axes]:
 
 
 def plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
-    """window.png, jobs.png, steps.png, reader.png, incremental.png (a part without data:
-    no plot)."""
+    """window.png, jobs.png, steps.png, reader.png, incremental.png, models.png (a part
+    without data: no plot)."""
     made: list[Path] = []
     pts = (res.get("window") or {}).get("points", [])
     if pts:
@@ -121,5 +121,17 @@ def plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_xticks(xs, [f"{p['share']:.0%}" for p in pts])
         ax.legend()
         made.append(out_dir / "incremental.png")
+        _save(fig, made[-1])
+    pts = [p for p in (res.get("models") or {}).get("points", []) if p.get("wall_s")]
+    if pts:
+        fig, ax = _axes("the Hyper-V generations on the same lab (median)", "model", "seconds")
+        xs = list(range(len(pts)))
+        ax.bar([x - 0.2 for x in xs], [p.get("window_s") or 0 for p in pts], 0.4,
+               label="freeze window", color="#26c6da")
+        ax.bar([x + 0.2 for x in xs], [p["wall_s"] for p in pts], 0.4, label="job wall time",
+               color="#1565c0")
+        ax.set_xticks(xs, [p["model"] for p in pts])
+        ax.legend()
+        made.append(out_dir / "models.png")
         _save(fig, made[-1])
     return made

@@ -279,6 +279,19 @@ def tables(res: dict[str, Any]) -> list[Table]:
                       f"{p['read_bytes'] / 2**20:.1f}", _x(p["ratio"]), str(p["extents"]),
                       _s(p["thin_delta_s"]), _s(p["read_s"]))
         out.append(t)
+    mo = res.get("models") or {}
+    if mo.get("points"):
+        t = Table(title=f"5. the Hyper-V generations on the default lab, backup of "
+                        f"{mo.get('vm', 'vm01')}, median of {mo.get('rounds', '?')} (order "
+                        f"rotated each round)")
+        for col in ("model", "steps", "freeze window", "job wall", "windows", "walls", "note"):
+            t.add_column(col)
+        for p in mo["points"]:
+            t.add_row(p["model"], str(p["steps"]), _s(p.get("window_s")), _s(p.get("wall_s")),
+                      " / ".join(f"{w:.2f}" for w in p.get("windows_s") or []) or "-",
+                      " / ".join(f"{w:.1f}" for w in p.get("walls_s") or []) or "-",
+                      _err(p.get("error")))
+        out.append(t)
     return out
 
 
