@@ -91,8 +91,10 @@ soak: deps
 
 # docs/walkthrough.md from a real session: a private lab `walk`, its own HVLAB_HOME and lab VM
 # directory unless set (HVLAB_WALK_DIR, default /var/tmp/hvlab-walkthrough). Fails if any step does.
+# Then docs/generations.md (and its picture) from a real run of each Hyper-V generation.
 docs: deps
 	$(SUDO) $(VENV)/bin/python docs/walkthrough.py $(if $(HVLAB_WALK_DIR),--work-dir $(HVLAB_WALK_DIR))
+	$(IN_LAB) $(abspath $(VENV)/bin/python) $(abspath docs/generations.py)
 
 # A new user's path from a fresh clone of HEAD, timed: .ci/fresh-check says what it runs.
 fresh-check:
