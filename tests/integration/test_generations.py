@@ -7,6 +7,9 @@ fault point of each: test_flow_kill.py; eight disks: test_eight_disks.py.)"""
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from hvlab.lab import runs
 from hvlab.lab.record import Run
 from hvlab.sys import fs
 from hvlab.sys.run import run
+from hvlab_fixtures.pictures import check_png, check_svg
 from hvlab_fixtures.plugin import LabHandle, one_vm_lab
 
 pytestmark = pytest.mark.integration
@@ -120,3 +124,27 @@ def test_2016_incrementals_from_reference_points(lab_factory: Callable[..., LabH
 def _check_run(r: Run) -> None:
     assert r.state == "done" and r.model == "2016"
     assert not any(d.S_B or d.S_A for _, _, d in r.disks()), "2016 takes no host snapshot"
+
+
+def test_explain_compare_puts_real_runs_side_by_side(lab_factory: Callable[..., LabHandle],
+                                                     tmp_path: Path) -> None:
+    """`hvlab explain --compare` of a run of each generation, through the real command line:
+    one lane per run on the shared phases, what each holds, as a table and a picture."""
+    h = lab_factory(TWO_DISKS, start_guests=True)
+    ids = [engine.start(h.defn.name, ["vm01"], model=m, fingerprints=False).id
+           for m in ("2012", "2012r2", "2016")]
+    res = subprocess.run([sys.executable, "-m", "hvlab.cli", "explain", "--compare", *ids,
+                          "-n", h.defn.name, "--png", "c.png", "--svg", "c.svg"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for text in (*ids, "2012r2", "host snapshot", "fix-ups -> G (its store D)",
+                 "fix-ups -> S_B (rolled back to G)", "backup <- S_A (host)",
+                 "backup <- A (auto-recovery)", "C merged into B"):
+        assert text in out, (text, out[-3000:])
+    t0_row = next(ln for ln in out.splitlines() if ln.startswith("│ T0 "))
+    assert t0_row.count("internal snapshot") == 3, t0_row  # T0 in every lane
+    check_png(tmp_path / "c.png", (1200, 500))
+    check_svg(tmp_path / "c.svg", [*ids, "backup: S_A: A (B at T0 + fix-ups) in the host's "
+                                   "snapshot"])

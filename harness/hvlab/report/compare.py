@@ -31,7 +31,7 @@ class Cell:
     merged: list[str] = field(default_factory=list)
     writes: str = ""  # what the live VM writes to after the phase (B, C)
     t0: bool = False
-    fixups: str = ""  # where the guest's fix-ups land
+    fixups: list[str] = field(default_factory=list)  # where the guest's fix-ups land
     reads: str = ""  # what the backup is read from
 
     def lines(self) -> list[str]:
@@ -40,8 +40,7 @@ class Cell:
             out.append("T0")
         out += [f"+{x}" for x in self.made] + [f"-{x}" for x in self.removed]
         out += [f"{x} merged into B" for x in self.merged]
-        if self.fixups:
-            out.append(f"fix-ups -> {self.fixups}")
+        out += [f"fix-ups -> {x}" for x in self.fixups]
         if self.reads:
             out.append(f"backup <- {self.reads}")
         if self.writes:
@@ -86,8 +85,8 @@ def lane(run: Run, events: list[Event]) -> Lane:
         if "t0" in ev.detail or st.phase == "T0":
             c.t0 = True
         if st.phase == "auto-recovery" and not ev.detail.get("skipped") and not ev.error:
-            c.fixups = ("A (a fork of B at T0)" if "A" in m.artifacts else
-                        "G, kept in D" if ev.vm else "S_B (rolled back to G)")
+            c.fixups.append("A (a fork of B at T0)" if "A" in m.artifacts else
+                            "G (its store D)" if ev.vm else "S_B (rolled back to G)")
         if st.phase == "read" and not ev.error:
             c.reads = NAMES[m.source]
     holds = {"2012": "S_B rolled back to the guest's shadow copy: B at T0 + fix-ups",
