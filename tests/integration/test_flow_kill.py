@@ -310,3 +310,30 @@ def test_recover_cleans_what_dead_runs_left(lab_factory: Callable[..., LabHandle
     assert len(rep.left) == 1 and paused.id in rep.left[0] and "paused" in rep.left[0]
     engine.abort(h.defn.name, paused.id)
     assert recover.recover(h.defn.name).left == []
+
+
+@pytest.mark.parametrize("point", ["gs-recovered", "rv-merging"])
+def test_recover_cleans_what_a_dead_2012_run_left(lab_factory: Callable[..., LabHandle],
+                                                  point: str) -> None:
+    """2012: killed with the guest's shadow copy in place (the controller B's snapshot-origin,
+    G on D) or in the middle of the host's roll-back, its run record lost: `hvlab recover`
+    finds the diff area by its tags, puts each controller back on B, removes G, the roll-back
+    device, S and D; the guest's writes stayed on B all along."""
+    h = lab_factory(ONE_VM, start_guests=True)
+    pre = h.lv_names()
+    client = GuestClient(guests.socket_path(h.names, "vm01"))
+    run_ = _killed_run(h, point, model="2012")
+    assert dm.table(h.names.ctl("vm01", "disk0")).split()[2] == "snapshot-origin"
+    shutil.rmtree(h.names.runs_dir / run_.id)
+    acked = client.status()["committed_txid"]
+    res = subprocess.run([sys.executable, "-m", "hvlab.cli", "recover", "-n", h.defn.name],
+                         capture_output=True, text=True, timeout=300, env=os.environ)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "the guest's shadow copy diff area (2012)" in res.stdout, res.stdout
+    assert h.lv_names() == pre and h.controller_maps_base("vm01", "disk0")
+    assert dm.table(h.names.ctl("vm01", "disk0")).split()[2] == "linear"
+    assert not dm.devices_with_prefix(f"{h.names.vg}_gs_")
+    assert not dm.devices_with_prefix(f"{h.names.vg}_rv_")
+    assert _live_txid(h) >= acked
+    done = engine.start(h.defn.name, ["vm01"], fingerprints=False, model="2012")
+    assert rst.verify(h.defn.name, done.id)["ok"]
