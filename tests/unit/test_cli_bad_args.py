@@ -33,6 +33,10 @@ CASES: list[tuple[list[str], str]] = [
     (["explain"], "Missing argument 'RUN [RUN ...]'"),
     (["explain", "--compare", R], "--compare needs two runs or more"),
     (["explain", R, R], "explain takes one run (2 given)"),
+    (["backup", "vm01", "--model", "2008"], "unknown Hyper-V model '2008'"),
+    (["backup", "vm01", "--model", "2012", "--incremental"], "--incremental with --model 2012"),
+    (["backup", "vm01", "--model", "2012", "--pause-after", "12"], "from 1 to 11"),
+    (["backup", "--resume", R, "--model", "2016"], "fixed when a run starts"),
     (["vm", "run"], "Missing argument"),
     # lab names, on every command that takes one: empty, charset, length, newline, reserved
     *[([*cmd, "-n", bad], f"invalid lab name {shown}")

@@ -22,7 +22,8 @@ from typing import Any
 
 from hvlab.backup import restore, thinmeta
 from hvlab.errors import BadInput
-from hvlab.flow import engine, faults, recover
+from hvlab.flow import engine, recover
+from hvlab.flow import steps as S
 from hvlab.guest import ledger
 from hvlab.guest.client import GuestClient
 from hvlab.lab import definition, guests, runs, substrate, teardown
@@ -70,19 +71,20 @@ def live_txids(lab: Lab) -> dict[str, int]:
 def cycle(lab: Lab, rng: random.Random, base: set[str]) -> dict[str, Any]:
     names = [v.name for v in lab.state.definition.vms]
     vms = sorted(rng.sample(names, rng.randint(1, len(names))))
-    point = rng.choice([*faults.POINTS, None])
+    model = rng.choice(list(S.MODELS))  # each Hyper-V generation, its own fault points
+    point = rng.choice([*S.model(model).fault_points, None])
     action = rng.choice(["kill", "kill", "kill", "raise"])
-    mode = rng.choice(["on-host", "off-host"])  # step 13 either way
+    mode = rng.choice(["on-host", "off-host"])  # the read either way
     before = acked(lab)
     known = {x.id for x in runs.all_runs(lab.names)}
     argv = [sys.executable, "-m", "hvlab.cli", "backup", *vms, "-n", lab.name,
-            "--no-fingerprints", "--mode", mode]
+            "--no-fingerprints", "--mode", mode, "--model", model]
     if point:
         argv += ["--inject", f"{point}:{action}"]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=900,
                          stdin=subprocess.DEVNULL)
     new = [x for x in runs.all_runs(lab.names) if x.id not in known]
-    out: dict[str, Any] = {"vms": vms, "mode": mode, "point": point,
+    out: dict[str, Any] = {"vms": vms, "mode": mode, "model": model, "point": point,
                            "action": action if point else None, "exit": res.returncode}
     if len(new) != 1:
         raise SoakFailure(f"{len(new)} runs recorded: {res.stderr.strip()[-300:]}")
@@ -142,7 +144,7 @@ def main() -> int:
         for i in range(args.cycles):
             c = cycle(lab, rng, base)
             result["cycles"].append(c)
-            print(f"[{i + 1}/{args.cycles}] {' '.join(c['vms'])} ({c['mode']}) "
+            print(f"[{i + 1}/{args.cycles}] {' '.join(c['vms'])} ({c['model']}, {c['mode']}) "
                   f"{c['point'] or '-'}:{c['action'] or '-'} -> {c['state']}"
                   f"{' -> ' + c['recovered_by'] if 'recovered_by' in c else ''} "
                   f"-> {c['final']}", flush=True)

@@ -57,6 +57,9 @@ class BackupRequest:
         if self.mode is not None and self.mode not in MODES:
             raise BadInput(f"invalid --mode {self.mode!r}: one of {', '.join(MODES)}")
         model = S.model(self.model or S.DEFAULT)  # BadInput naming the models
+        if self.incremental and model.name == "2012":
+            raise BadInput("--incremental with --model 2012: the 2012 model keeps no reference "
+                           "point (its host snapshot is deleted whole); use 2012r2 or 2016")
         if self.metadata_limit is not None:
             preflight.check_limit(self.metadata_limit)
         if self.inject is not None:
