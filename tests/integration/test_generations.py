@@ -7,6 +7,7 @@ fault point of each: test_flow_kill.py; eight disks: test_eight_disks.py.)"""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -14,12 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from hvlab.backup import restore as rst
 from hvlab.flow import engine
 from hvlab.flow import steps as S
 from hvlab.lab import runs
 from hvlab.lab.record import Run
+from hvlab.report import draw, explain
 from hvlab.sys import fs
 from hvlab.sys.run import run
 from hvlab_fixtures.pictures import check_png, check_svg
@@ -92,6 +95,13 @@ def test_each_generation_backs_up_verifies_and_restores(
         if model == "2012":  # the host rolled S_B back: the guest wrote after T0
             assert disk.reverted and disk.reverted["chunks"] > 0, disk.reverted
         assert img["source"] == disk.lv(m.source)
+    # `hvlab explain` of the run, as tables and as a picture.
+    con = Console(width=200, file=io.StringIO(), record=True)
+    explain.render_explain(done, evs, con)
+    text = con.export_text()
+    assert all(f"vm01/disk0 {a}" in text for a in m.artifacts), text[-2000:]
+    draw.save(done, evs, tmp_path / "run.png")
+    check_png(tmp_path / "run.png", (1200, 500))
     # A restore is the image, bit for bit.
     rec = rst.restore(lab, done.id, "rest", vm="vm01")
     h.expect_extra(lvs=rec["lvs"], dm=rec["controllers"])
@@ -148,3 +158,27 @@ def test_explain_compare_puts_real_runs_side_by_side(lab_factory: Callable[..., 
     check_png(tmp_path / "c.png", (1200, 500))
     check_svg(tmp_path / "c.svg", [*ids, "backup: S_A: A (B at T0 + fix-ups) in the host's "
                                    "snapshot"])
+
+
+def test_a_paused_2012_run_shows_its_devices(lab_factory: Callable[..., LabHandle]) -> None:
+    """`hvlab backup --model 2012 --pause-after 9`, through the command line: the run stops
+    with the host's snapshot taken and not yet rolled back, and names every device to poke
+    at (G, D, S_B, S_D); `--resume` finishes it."""
+    h = lab_factory(TWO_DISKS, start_guests=True)
+
+    def hvlab(*args: str) -> str:
+        res = subprocess.run([sys.executable, "-m", "hvlab.cli", *args, "-n", h.defn.name],
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "COLUMNS": "200"})
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    out = hvlab("backup", "vm01", "--model", "2012", "--pause-after", "9",
+                "--no-fingerprints")
+    for text in ("paused after step 9", "G the guest's shadow copy (2012)",
+                 "D the guest's diff area (2012)", "S external snapshot of B",
+                 "S external snapshot of D"):
+        assert text in out, (text, out)
+    (paused,) = runs.all_runs(h.names)
+    assert hvlab("backup", "--resume", paused.id).count("done") >= 1
+    assert runs.load(h.names, paused.id).state == "done"

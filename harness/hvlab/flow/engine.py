@@ -284,10 +284,14 @@ def abort(lab_name: str, run_id: str, *, say: Say = quiet) -> Run:
 def describe_devices(run: Run, names: Names) -> list[tuple[str, str, str]]:
     """(device path, role, note) of every artifact of a run that exists now."""
     labels = {"C": "C backup checkpoint", "A": "A auto-recovery checkpoint",
-              "S_B": "S external snapshot of B", "S_A": "S external snapshot of A"}
+              "S_B": "S external snapshot of B", "S_A": "S external snapshot of A",
+              "D": "D the guest's diff area (2012)", "S_D": "S external snapshot of D"}
     out = []
     for vm, d, disk in run.disks():
         out.append((f"/dev/mapper/{disk.ctl}", f"controller {vm}/{d}", "guest writes here"))
+        if disk.shadow and disk.D_exists:
+            out.append((f"/dev/mapper/{disk.shadow}", "G the guest's shadow copy (2012)",
+                        "B at T0, its store on D"))
         out.append((names.lv_path(disk.B), "B live disk / frozen at T0"
                     if disk.redirected and not disk.merged else "B live disk", ""))
         for a, lv in disk.present().items():

@@ -100,7 +100,8 @@ def kernel_note(ev: Event, vm: str, disk: str) -> str:
     return " ".join(out)
 
 
-LANE_STYLE = {"B": "green", "C": "yellow", "A": "magenta", "S_B": "blue", "S_A": "blue"}
+LANE_STYLE = {"B": "green", "C": "yellow", "A": "magenta", "S_B": "blue", "S_A": "blue",
+              "D": "red", "S_D": "blue"}
 
 
 def lanes(run: Run, events: list[Event]) -> list[Table]:
