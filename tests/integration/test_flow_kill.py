@@ -326,6 +326,9 @@ def test_recover_cleans_what_a_dead_2012_run_left(lab_factory: Callable[..., Lab
     assert dm.table(h.names.ctl("vm01", "disk0")).split()[2] == "snapshot-origin"
     shutil.rmtree(h.names.runs_dir / run_.id)
     acked = client.status()["committed_txid"]
+    # Found and reported, never reused: the next backup names it and the way out.
+    with pytest.raises(BadInput, match=r"diff area vm01_disk0_d_.*`hvlab recover`"):
+        engine.start(h.defn.name, ["vm01"], model="2012")
     res = subprocess.run([sys.executable, "-m", "hvlab.cli", "recover", "-n", h.defn.name],
                          capture_output=True, text=True, timeout=300, env=os.environ)
     assert res.returncode == 0, res.stdout + res.stderr

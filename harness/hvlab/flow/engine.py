@@ -36,7 +36,8 @@ LEFTOVER_TEXT = {
     ROLE_TAG["C"]: "the VM has a backup checkpoint {lv} (run {run}) that must be merged first",
     ROLE_TAG["A"]: "the auto-recovery checkpoint {lv} exists (run {run}): 'the file exists', "
                   "0x800423FB (KB3175561)",
-    ROLE_TAG["S_B"]: "an external snapshot {lv} of run {run} still exists"}
+    ROLE_TAG["S_B"]: "an external snapshot {lv} of run {run} still exists",
+    ROLE_TAG["D"]: "the guest's shadow copy diff area {lv} of run {run} still exists (2012)"}
 
 
 class FlowFailed(HvlabError):
