@@ -124,10 +124,10 @@ def lab_problems() -> list[str]:
 
 def pick_moment(rng: random.Random) -> tuple[str, str | float]:
     """A named fault point (the backup hangs there) or a delay after the backup starts."""
-    from hvlab.flow import faults
+    from hvlab.flow import steps
 
-    if rng.random() < 0.5:
-        return "point", rng.choice(sorted(faults.POINTS))
+    if rng.random() < 0.5:  # the default model's points: the backup below is 2012 R2's
+        return "point", rng.choice(sorted(steps.model(steps.DEFAULT).fault_points))
     return "delay", round(rng.uniform(1.0, 30.0), 1)
 
 
