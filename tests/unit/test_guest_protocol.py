@@ -296,3 +296,14 @@ def test_a_thawed_session_survives_a_guest_restart(g: Running) -> None:
     g.client.freeze(timeout_s=0.2)  # thawed by the watchdog: still a thawed session
     wait_for(lambda: g.client.status()["timed_out"])
     assert post_snapshot_code() == "bad_args"
+
+
+def test_the_ack_log_holds_the_last_acknowledged_transaction(g: Running) -> None:
+    """Each durable commit is acknowledged in the guest's run folder (outside its disks):
+    paused, its last line is the ledger's last transaction and hash."""
+    from hvlab.guest.writers import last_ack
+
+    wait_for(lambda: g.client.status()["committed_txid"] >= 3)
+    g.client.workload(pause=True)
+    st = g.client.status()
+    assert last_ack(g.guest.cfg.run_dir) == (st["committed_txid"], st["committed_hash"])

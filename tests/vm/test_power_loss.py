@@ -4,9 +4,13 @@ After step 5 the guest writes into the backup checkpoint C. A restart of the lab
 again (not B, which holds T0), the run must resume to a backup that verifies, and the killed
 VM's helper processes must not outlive the next `hvlab up`.
 
-Then power losses at seeded random moments of a backup, on one lab: at a named fault point
-(armed to hang, so the moment is known) or after a random delay. HVLAB_POWER_SEED=N replays
-a seed; the seed in use is printed (and named in every failure).
+Then power cuts at seeded random moments with the guest's writers running, on one lab: at a
+named fault point of a backup (armed to hang, so the moment is known), after a random delay
+into one, or between backups. Every transaction the guest acknowledged before the cut (asked
+just before it, and the last line of the guest's own ack log, kept outside its disks) must
+be committed on the live disks with its chain whole. HVLAB_POWER_SEED=N replays a seed,
+HVLAB_POWER_CYCLES=N runs more cycles; the seed is printed (and named in every failure),
+and so are the moments tried per step.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from hvlab_fixtures.waits import wait_for
 
 pytestmark = pytest.mark.vm
 SEED_ENV = "HVLAB_POWER_SEED"
+CYCLES_ENV = "HVLAB_POWER_CYCLES"
 CYCLES = 3  # CI's share: each cycle is a lab VM boot, a lab restart and a backup or two
 
 LAB = lab_toml(one_vm_lab([("256M", "ext4"), ("320M", "xfs")], name="pl", backing="2G",
@@ -123,12 +128,16 @@ def lab_problems() -> list[str]:
 
 
 def pick_moment(rng: random.Random) -> tuple[str, str | float]:
-    """A named fault point (the backup hangs there) or a delay after the backup starts."""
+    """A named fault point (the backup hangs there), a delay after the backup starts, or a
+    delay with no backup running (between runs)."""
     from hvlab.flow import steps
 
-    if rng.random() < 0.5:  # the default model's points: the backup below is 2012 R2's
+    x = rng.random()
+    if x < 0.5:  # the default model's points: the backup below is 2012 R2's
         return "point", rng.choice(sorted(steps.model(steps.DEFAULT).fault_points))
-    return "delay", round(rng.uniform(1.0, 30.0), 1)
+    if x < 0.85:
+        return "delay", round(rng.uniform(1.0, 30.0), 1)
+    return "idle", round(rng.uniform(0.5, 5.0), 1)
 
 
 def start_backup(moment: tuple[str, str | float]) -> tuple[subprocess.Popen[str], list[str],
@@ -166,51 +175,94 @@ class Phases:
         self.t = now
 
 
-def killed_at(home: Path) -> str:
-    """Where the newest run stood when the power went, as its record says (on hostfs)."""
-    recs = sorted((home / "pl" / "runs").glob("r*/run.json"))
+def killed_at(home: Path, known: set[str]) -> tuple[str, str]:
+    """Where the cycle's run stood when the power went, as its record says (on hostfs): a
+    text, and the step it was in (`between runs` when the cycle started none)."""
+    recs = [r for r in sorted((home / "pl" / "runs").glob("r*/run.json"))
+            if r.parent.name not in known]
     if not recs:
-        return "no run"
+        return "no run", "between runs"
     r = json.loads(recs[-1].read_text())
-    return f"run {r['id']} {r['state']} after step {r.get('last_step')}"
+    last = r.get("last_step")
+    step = "done" if r["state"] == "done" else f"step {(last or 0) + 1}"
+    return f"run {r['id']} {r['state']} after step {last}", step
 
 
-def test_power_loss_at_random_moments_of_a_backup(vm_env: Path) -> None:
-    """Each cycle: a backup while the guest commits; the lab VM loses power at the cycle's
-    moment; `hvlab up` brings the lab back with its pool active and its metadata clean, the
-    guest's acknowledged transactions all there; `hvlab recover` cleans what the run left,
-    and the next backup verifies."""
+def grab(pattern: str, text: str) -> str:
+    m = re.search(pattern, text)
+    assert m is not None, f"no {pattern!r} in {text}"
+    return m.group(1)
+
+
+def acked_on_disk(where: str, before: dict[str, Any], ack: tuple[int, str] | None) -> int:
+    """After the restart: the ledger read back from the live disks (the writers paused, so
+    it stands still) is consistent, and holds every transaction acknowledged before the cut:
+    the guest's answer just before it, and its ack log's last line (the same hash when the
+    ledger ends there). Returns the last committed txid."""
+    from hvlab.lab.paths import Names
+
+    ok("guest", "workload", "vm01", "-n", "pl", "--pause")
+    after = guest()
+    mounts = [str(Names("pl").mountpoint("vm01", d)) for d in ("disk0", "disk1")]
+    check = ok("vm", "run", "--", sys.executable, "-m", "hvlab.cli", "guest", "check",
+               *mounts)  # exit 1 when the chain is broken
+    last = int(grab(r"last committed txid (\d+)", check))
+    assert last == after["committed_txid"], f"{where}: the guest says {after}, disk {check}"
+    acked = max(int(before["committed_txid"]), ack[0] if ack else 0)
+    assert last >= acked, (f"{where}: acknowledged transactions lost: acked {acked} "
+                           f"(guest {before['committed_txid']}, ack log {ack}), on disk {last}")
+    if ack and last == ack[0]:
+        assert after["committed_hash"] == ack[1], f"{where}: chain differs at txid {last}"
+    ok("guest", "workload", "vm01", "-n", "pl", "--resume")
+    return last
+
+
+def test_power_cuts_at_random_moments_with_the_writers_running(vm_env: Path) -> None:
+    """Each cycle: the guest commits all along; the lab VM loses power at the cycle's moment
+    (in a backup, or between backups); `hvlab up` brings the lab back with its pool active
+    and its metadata clean, every acknowledged transaction on the live disks; `hvlab recover`
+    cleans what the run left, and the next backup verifies."""
+    from hvlab.guest.writers import last_ack
+    from hvlab.lab.paths import Names
+
     seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(1_000_000))
+    cycles = int(os.environ.get(CYCLES_ENV) or CYCLES)
     rng = random.Random(seed)
-    print(f"power-loss seed {seed} ({SEED_ENV}={seed} replays it)")
+    print(f"power-cut seed {seed} ({SEED_ENV}={seed} replays it), {cycles} cycles")
     lab_file = vm_env / "pl.toml"
     lab_file.write_text(LEAN_LAB)
     ok("up", "--lab", str(lab_file))
     ok("guest", "workload", "vm01", "-n", "pl", "--resume")
-    for cycle in range(CYCLES):
+    guest_dir = Names("pl").guest_dir("vm01")
+    tried: dict[str, int] = {}
+    for cycle in range(cycles):
         moment = pick_moment(rng)
-        where = f"seed {seed}, cycle {cycle}, power loss at {moment[0]} {moment[1]}"
+        where = f"seed {seed}, cycle {cycle}, power cut at {moment[0]} {moment[1]}"
         spent = Phases()
-        proc, lines, hung = start_backup(moment)
-        if moment[0] == "point":
-            assert hung.wait(300), f"{where}: never got there:\n{''.join(lines)}"
+        known = {p.name for p in (vm_env / "home" / "pl" / "runs").glob("r*")}
+        proc = None
+        if moment[0] == "idle":
+            time.sleep(float(moment[1]))  # the writers commit meanwhile: that is the point
         else:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(float(moment[1]))
-        ok("guest", "workload", "vm01", "-n", "pl", "--pause")  # to compare exactly
-        before = guest()
+            proc, lines, hung = start_backup(moment)
+            if moment[0] == "point":
+                assert hung.wait(300), f"{where}: never got there:\n{''.join(lines)}"
+            else:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(float(moment[1]))
+        before = guest()  # acknowledged so far; the writers go on until the cut
         helpers = power_loss()
-        proc.wait(60)
-        where += f" ({killed_at(vm_env / 'home')})"
+        if proc is not None:
+            proc.wait(60)
+        text, step = killed_at(vm_env / "home", known)
+        tried[step] = tried.get(step, 0) + 1
+        where += f" ({text})"
         spent("backup")
         ok("up", "--lab", str(lab_file))
         spent("up")
         assert not [p for p in helpers if psutil.pid_exists(p)], \
             f"{where}: helpers of the killed lab VM outlived `hvlab up`"
-        after = guest()
-        assert (after["committed_txid"], after["committed_hash"]) == (
-            before["committed_txid"], before["committed_hash"]), \
-            f"{where}: acknowledged transactions lost ({before} -> {after})"
+        last = acked_on_disk(where, before, last_ack(guest_dir))
         # What a restart may find: the dead run's checkpoints (B gone while its merge was
         # half done: C took its place); never damaged metadata, disagreeing transaction ids,
         # a missing controller or mount.
@@ -222,12 +274,13 @@ def test_power_loss_at_random_moments_of_a_backup(vm_env: Path) -> None:
         assert res.returncode == 0, f"{where}: recover: {res.stdout}{res.stderr}"
         assert lab_problems() == [], f"{where}: left after recover: {res.stdout}"
         spent("recover")
-        ok("guest", "workload", "vm01", "-n", "pl", "--resume")
         out = ok("backup", "vm01", "-n", "pl", "--no-fingerprints")
         run_id = re.findall(r"\br\d{14}[0-9a-f]{4}\b", out)[0]
         spent("next backup")
         ok("verify", run_id, "-n", "pl")
         spent("verify")
-        assert guest()["committed_txid"] > before["committed_txid"], where
+        assert guest()["committed_txid"] > last, where
         print(f"{where}: {', '.join(spent.spent)}")
+    print(f"power-cut seed {seed}: moments tried per step: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(tried.items())))
     ok("down", "-n", "pl")

@@ -35,6 +35,7 @@ from hvlab.guest import autorecovery, protocol, quiesce, service
 from hvlab.guest.config import GuestConfig
 from hvlab.guest.protocol import ProtocolError, Server, one_line
 from hvlab.guest.writers import (
+    ACK_LOG,
     AppendWriter,
     LedgerWriter,
     ScratchWriter,
@@ -106,7 +107,8 @@ class Guest:
         self._restore_session()
         wl = self.cfg.workload
         windows = self.cfg.profile == "windows"
-        self.writers = [LedgerWriter(self.roots, wl, vss_aware=windows, seed=wl.seed)]
+        self.writers = [LedgerWriter(self.roots, wl, vss_aware=windows, seed=wl.seed,
+                                     ack_log=self.cfg.run_dir / ACK_LOG)]
         if windows:
             self.writers.append(ScratchWriter(self.mounts, wl, seed=wl.seed + 1))
         self.writers.append(AppendWriter(self.mounts[0], wl, seed=wl.seed + 2))

@@ -60,6 +60,23 @@ class Workload:
         return Workload(**dict(d))
 
 
+ACK_LOG = "acks.log"  # in the guest's run folder
+ACK_LOG_MAX = 1 << 20
+
+
+def last_ack(run_dir: Path) -> tuple[int, str] | None:
+    """The last transaction the guest acknowledged (its ack log's last whole line)."""
+    try:
+        tail = (run_dir / ACK_LOG).read_bytes()[-512:].splitlines()
+    except OSError:
+        return None
+    for line in reversed(tail):
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit():
+            return int(parts[0]), parts[1].decode()
+    return None
+
+
 class Writer(threading.Thread):
     vss_aware = True
     kind = "writer"
@@ -215,7 +232,8 @@ class LedgerWriter(Writer):
     kind = "ledger"
 
     def __init__(
-        self, roots: Mapping[str, Path], w: Workload, *, vss_aware: bool = True, seed: int = 0
+        self, roots: Mapping[str, Path], w: Workload, *, vss_aware: bool = True, seed: int = 0,
+        ack_log: Path | None = None,
     ) -> None:
         super().__init__("ledger", w.ops_per_s, seed)
         self.vss_aware = vss_aware
@@ -224,6 +242,19 @@ class LedgerWriter(Writer):
         self.ledger = Ledger(
             roots, accounts=w.accounts, initial=w.initial, wal_max_bytes=w.wal_max_bytes
         )
+        # What the writer acknowledged, as its clients would have heard it: "txid hash" per
+        # durable commit, appended outside the VM's disks (the guest's run folder), so that a
+        # power cut of the lab VM cannot take it back. Only its last line matters: cut short
+        # past ACK_LOG_MAX.
+        self._ack_fd = (os.open(ack_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                                0o600) if ack_log is not None else None)
+
+    def _ack(self) -> None:
+        if self._ack_fd is None:
+            return
+        if os.fstat(self._ack_fd).st_size > ACK_LOG_MAX:
+            os.ftruncate(self._ack_fd, 0)
+        os.write(self._ack_fd, f"{self.ledger.last_txid} {self.ledger.last_hash}\n".encode())
 
     def _ops(self) -> list[Op]:
         ops: list[Op] = []
@@ -238,6 +269,7 @@ class LedgerWriter(Writer):
         # (An fsync per page write cost the lab VM's one CPU 5 ms per transaction.)
         self.ledger.begin(self._ops(), self.rng.randbytes(self.w.value_size))
         self.ledger.commit()
+        self._ack()
 
     def on_freeze(self) -> None:
         # Every op() ends with an fsync'ed COMMIT, so the store is already flushed.
@@ -248,12 +280,15 @@ class LedgerWriter(Writer):
     def on_thaw(self) -> None:
         if self.ledger.open_txn is not None:
             self.ledger.commit()
+            self._ack()
 
     def run(self) -> None:
         try:
             super().run()
         finally:
             self.ledger.close()
+            if self._ack_fd is not None:
+                os.close(self._ack_fd)
 
     def components(self) -> list[dict[str, Any]]:
         return [
