@@ -335,9 +335,16 @@ def auto_recovery(ctx: Ctx, vm: str) -> dict[str, Any]:
     finally:
         for _, d, _disk in ctx.disks(vm):
             ctx.detach_ar(ctx.names.ar_ctl(vm, d))
-    v.auto_recovery_result = {k: rep.get(k) for k in ("auto_recovery", "repaired", "check")}
+    return {"attached": devices, **recovered(ctx, vm, rep, "A")}
+
+
+def recovered(ctx: Ctx, vm: str, rep: dict[str, Any], what: str) -> dict[str, Any]:
+    """The guest's post_snapshot answer, recorded; fix-ups that left `what` inconsistent
+    fail the step."""
+    ctx.vm(vm).auto_recovery_result = {k: rep.get(k)
+                                       for k in ("auto_recovery", "repaired", "check")}
     check = rep.get("check") or {}
     if check and not check.get("consistent"):
-        raise HvlabError(f"{vm}: auto-recovery left A inconsistent: {check.get('problems')}")
-    return {"attached": devices, "repaired": rep.get("repaired"),
-            "consistent_after": check.get("consistent")}
+        raise HvlabError(f"{vm}: auto-recovery left {what} inconsistent: "
+                         f"{check.get('problems')}")
+    return {"repaired": rep.get("repaired"), "consistent_after": check.get("consistent")}

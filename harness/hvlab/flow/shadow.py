@@ -18,7 +18,7 @@ from typing import Any
 from hvlab.errors import HvlabError
 from hvlab.flow import consistency as S
 from hvlab.flow import faults
-from hvlab.flow.actions import _left, art
+from hvlab.flow.actions import _left, art, recovered
 from hvlab.flow.context import Ctx
 from hvlab.lab.paths import ROLE_TAG
 from hvlab.lab.record import Artifact, Disk
@@ -115,12 +115,7 @@ def guest_auto_recovery(ctx: Ctx, vm: str) -> dict[str, Any]:
     devices = {d: f"/dev/mapper/{disk.shadow}" for _, d, disk in ctx.disks(vm)}
     rep = ctx.client(vm).post_snapshot(devices)
     faults.point("gs-recovered")
-    v.auto_recovery_result = {k: rep.get(k) for k in ("auto_recovery", "repaired", "check")}
-    check = rep.get("check") or {}
-    if check and not check.get("consistent"):
-        raise HvlabError(f"{vm}: auto-recovery left G inconsistent: {check.get('problems')}")
-    return {"recovered": devices, "repaired": rep.get("repaired"),
-            "consistent_after": check.get("consistent")}
+    return {"recovered": devices, **recovered(ctx, vm, rep, "G")}
 
 
 def external_snapshot(ctx: Ctx, _: None) -> dict[str, Any]:
