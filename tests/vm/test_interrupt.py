@@ -36,11 +36,19 @@ def runs() -> list[dict[str, Any]]:
     return rows
 
 
+def ctrl_c_heard() -> None:
+    """The client as a terminal starts it: a job started with `&` by a shell without job
+    control (make, nohup, a CI script) inherits SIGINT ignored, and Python then never installs
+    its Ctrl-C handler, so the SIGINT below would be lost and the client wait for ever."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def hanging_backup() -> subprocess.Popen[str]:
     """A backup started from the host that hangs inside step 11 (one S made): returned once
     the backup says it hangs at the fault point (its stderr line, read as it comes)."""
     proc = subprocess.Popen([sys.executable, "-m", "hvlab.cli", *HANG], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ,
+                            preexec_fn=ctrl_c_heard)
     assert proc.stderr is not None
     fd, seen = proc.stderr.fileno(), b""  # raw reads: a line may come in any chunk
     deadline = time.monotonic() + 180
