@@ -178,13 +178,20 @@ class Phases:
 def killed_at(home: Path, known: set[str]) -> tuple[str, str]:
     """Where the cycle's run stood when the power went, as its record says (on hostfs): a
     text, and the step it was in (`between runs` when the cycle started none)."""
+    from hvlab.flow import steps
+
     recs = [r for r in sorted((home / "pl" / "runs").glob("r*/run.json"))
             if r.parent.name not in known]
     if not recs:
         return "no run", "between runs"
     r = json.loads(recs[-1].read_text())
     last = r.get("last_step")
-    step = "done" if r["state"] == "done" else f"step {(last or 0) + 1}"
+    if r["state"] == "done":
+        step = "done"
+    elif (last or 0) >= steps.LAST:
+        step = "finishing"  # every step done, the record not yet closed
+    else:
+        step = f"step {(last or 0) + 1:2d}"
     return f"run {r['id']} {r['state']} after step {last}", step
 
 
