@@ -136,7 +136,7 @@ def pick_moment(rng: random.Random) -> tuple[str, str | float]:
     if x < 0.5:  # the default model's points: the backup below is 2012 R2's
         return "point", rng.choice(sorted(steps.model(steps.DEFAULT).fault_points))
     if x < 0.85:
-        return "delay", round(rng.uniform(1.0, 30.0), 1)
+        return "delay", round(rng.uniform(0.3, 6.0), 1)  # a backup here takes 3-5 s
     return "idle", round(rng.uniform(0.5, 5.0), 1)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from hvlab.backup.thinmeta import Range, merge
 from hvlab.lab.paths import REFERENCE_TAG, Names
 from hvlab.lab.state import write_json_atomic
+from hvlab.sys import dirfd
 from hvlab.sys.lvm import LvRow
 
 FILE = "chains.json"
@@ -46,8 +47,7 @@ def load(names: Names) -> dict[str, dict[str, Any]]:
 def updating(names: Names) -> Iterator[dict[str, dict[str, Any]]]:
     """chains.json read, changed by the block and written back atomically, under a lock of
     its own (blocking: the update is short; runs of other VMs of the lab make theirs)."""
-    fd = os.open(names.dir / ".chains.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                 | os.O_CLOEXEC, 0o600)
+    fd = dirfd.open_file(names.dir / ".chains.lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         chains = load(names)

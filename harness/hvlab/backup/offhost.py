@@ -63,14 +63,15 @@ class Proxy:
     link: Link
     server: subprocess.Popen[bytes]
 
-    def read(self, disks: list[dict[str, Any]],
-             progress: Callable[[int], None]) -> tuple[list[dict[str, Any]], int]:
-        """Have the proxy read each disk's ranges; (images, bytes read over NBD)."""
+    def read(self, disks: list[dict[str, Any]], progress: Callable[[int], None],
+             pass_fds: tuple[int, ...] = ()) -> tuple[list[dict[str, Any]], int]:
+        """Have the proxy read each disk's ranges; (images, bytes read over NBD). pass_fds:
+        the backup folder held for the run, which the images' paths name."""
         argv = _in(self.link.proxy.ns, [sys.executable, "-m", "hvlab.backup.proxy"])
         job = {"address": self.link.lab.address, "port": self.link.port, "disks": disks}
         start = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
+                                stderr=subprocess.PIPE, text=True, pass_fds=pass_fds,
                                 preexec_fn=_die_with_parent)
         images: list[dict[str, Any]] = []
         done: dict[str, Any] | None = None

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hvlab.backup.thinmeta import Mapping, read_ranges
+from hvlab.sys import dirfd
 
 Progress = Callable[[int], None]
 
@@ -66,7 +67,7 @@ def write_chunks(chunks: Iterable[tuple[int, bytes]], m: Mapping, size: int, des
     h = hashlib.sha256()
     hashed = 0  # the logical image is hashed up to here
     start = time.monotonic()
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the VM's data: root's
+    fd = dirfd.open_file(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # the VM's data: root's
     try:
         try:
             os.ftruncate(fd, size)
@@ -88,7 +89,7 @@ def write_chunks(chunks: Iterable[tuple[int, bytes]], m: Mapping, size: int, des
         finally:
             os.close(fd)
     except BaseException:
-        dest.unlink(missing_ok=True)  # we made it (O_EXCL): never leave half an image
+        dirfd.unlink(dest, missing_ok=True)  # we made it (O_EXCL): never half an image
         raise
     return {"sha256": h.hexdigest(), "bytes_read": read, "bytes_written": written,
             "size": size, "mapped_blocks": m.mapped_blocks, "block_bytes": m.block_bytes,

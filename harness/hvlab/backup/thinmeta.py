@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from hvlab.errors import HvlabError
 from hvlab.lab.paths import Names
-from hvlab.sys import dmioctl
+from hvlab.sys import dirfd, dmioctl
 from hvlab.sys.dmioctl import DmError
 from hvlab.sys.run import run
 
@@ -153,8 +153,8 @@ def metadata_snap(names: Names) -> Iterator[MetadataSnap]:
     Holding the flock means no live holder exists, so a reservation left by a killed process
     is released and taken again."""
     tpool = tpool_name(names)
-    names.dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(names.dir / "metadata-snap.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    dirfd.make_dirs(names.dir)
+    fd = dirfd.open_file(names.dir / "metadata-snap.lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # short waits: other holders only read metadata
         try:

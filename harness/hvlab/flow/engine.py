@@ -11,6 +11,7 @@ A `<vm>_<disk>_a_<run>`, S_B / S_A `<vm>_<disk>_sb_<run>` / `_sa_<run>`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
@@ -29,6 +30,7 @@ from hvlab.lab.handle import Lab
 from hvlab.lab.paths import ROLE_TAG, Names
 from hvlab.lab.record import Disk, Event, Run, Vm
 from hvlab.lab.state import locked
+from hvlab.sys import dirfd
 from hvlab.sys.lvm import LvRow
 
 # What Hyper-V answers when a backup finds an orphan of an earlier one (it never reuses it).
@@ -64,8 +66,14 @@ def _say_event(ctx: Ctx, ev: Event) -> None:
 
 def execute(ctx: Ctx) -> Run:
     """Run from run.pos to the pause point or the end. Any failure thaws and unwinds."""
-    with ctx.guards:  # they end with the run's steps (an early failure leaves some standing)
-        return _execute(ctx)
+    # The lab's folder and the backup directory held for the run: what it writes there is
+    # reached from them, never through a symlink planted after the start's checks.
+    with contextlib.ExitStack() as held:
+        held.enter_context(dirfd.hold(ctx.names.dir))
+        if ctx.run.dest_made and backup_dir.owns(Path(ctx.run.dest), ctx.run.id):
+            held.enter_context(dirfd.hold(Path(ctx.run.dest)))
+        with ctx.guards:  # they end with the run's steps (an early failure leaves some)
+            return _execute(ctx)
 
 
 def _execute(ctx: Ctx) -> Run:
@@ -174,7 +182,7 @@ def start(lab_name: str, vms: list[str], *, dest: Path | None = None,
     pause_at = S.model(model).pause_position(vms, pause_after)
     where = (dest or lab.names.backups_dir / run_id).absolute()
     backup_dir.check(where)
-    with runs.VmLocks(lab.names, vms):
+    with dirfd.hold(lab.names.dir), runs.VmLocks(lab.names, vms):
         with locked(lab.name):
             ctx = _register(lab, run_id, vmdefs, where, pause_at, pause_after, say,
                             fingerprints, metadata_limit, model)
@@ -247,7 +255,7 @@ def resume(lab_name: str, run_id: str, *, say: Say = quiet, fingerprints: bool =
         raise BadInput(f"run {run_id} is already past step {pause_after}: "
                        f"--pause-after must name a later step")
     lab = Lab.open(lab_name)
-    with runs.VmLocks(names, run.vms):
+    with dirfd.hold(names.dir), runs.VmLocks(names, run.vms):
         run.pause_at = pos
         if run.pauses and not run.pauses[-1][1]:
             run.pauses[-1][1] = time.time()
@@ -276,7 +284,7 @@ def abort(lab_name: str, run_id: str, *, say: Say = quiet) -> Run:
         raise BadInput(f"run {run_id} is running in process {run.pid}; "
                        f"interrupt it (Ctrl-C unwinds it)")
     lab = Lab.open(lab_name)
-    with runs.VmLocks(names, run.vms):
+    with dirfd.hold(names.dir), runs.VmLocks(names, run.vms):
         ctx = Ctx(lab, run, say, fingerprints=False, model=S.model(run.model))
         unwind.unwind(ctx, final="aborted", post=lambda: snapshot_state(ctx))
     return run

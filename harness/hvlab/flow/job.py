@@ -20,6 +20,7 @@ from hvlab.flow.context import Ctx, thin_ids
 from hvlab.lab import links, live
 from hvlab.lab.paths import REFERENCE_TAG, ROLE_TAG
 from hvlab.lab.record import Artifact, Disk
+from hvlab.sys import dirfd
 from hvlab.sys.uevents import wait_node
 
 
@@ -137,7 +138,7 @@ def read(ctx: Ctx, _: None) -> dict[str, Any]:
             prog.update(task, advance=n)
 
     for v, d, *_others in members:
-        (where / f"{v}_{d}.img").unlink(missing_ok=True)  # a resumed step 13 starts over
+        dirfd.unlink(where / f"{v}_{d}.img", missing_ok=True)  # a resumed step 13 starts over
     if ctx.run.mode == "off-host":
         results = _read_off_host(ctx, members, what, where, advance)
     else:
@@ -236,13 +237,16 @@ def _read_off_host(ctx: Ctx, members: list[tuple[str, str, Disk, str, str]],
     link = ctx.run.link = offhost.describe(links.plan(ctx.names, ctx.run.id))
     ctx.save()  # said before it exists: explain and a reader of the record see the link
     exports = {f"{v}_{d}": ctx.lv_dev(sa) for v, d, _, _, sa in members}
+    # The proxy writes into the folder this run holds, handed as its fd (not its path).
+    held = dirfd.held_fd(where)
+    into = Path(f"/proc/self/fd/{held}") if held is not None else where
     disks: list[dict[str, Any]] = [{"export": f"{v}_{d}", "dev_id": maps[sa].dev_id,
               "block_bytes": maps[sa].block_bytes, "ranges": maps[sa].ranges,
-              "size": _dev_size(ctx.lv_dev(sa)), "dest": str(where / f"{v}_{d}.img")}
+              "size": _dev_size(ctx.lv_dev(sa)), "dest": str(into / f"{v}_{d}.img")}
              for v, d, _, _, sa in members]
     with offhost.link(ctx.names, ctx.run.id, exports) as proxy:
         with writing_to(where, "the images"):
-            got, nbd_bytes = proxy.read(disks, advance)
+            got, nbd_bytes = proxy.read(disks, advance, () if held is None else (held,))
         link_bytes = proxy.link_bytes()
         server_bytes = proxy.server_bytes()  # nbdkit's own count, MiB to 2 decimals
     by_export = {img.pop("export"): img for img in got}

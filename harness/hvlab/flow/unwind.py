@@ -106,13 +106,18 @@ def resume_controllers(ctx: Ctx) -> None:
     """Resume every controller of the run, and B under it: one left suspended by a killed
     step 5 holds the guest's writes. A table loaded before the kill (C) becomes live, which
     is what step 5 had decided; what is live now is recorded for a restart."""
+    resume_devices(ctx)
+    ctx.sync_live()
+
+
+def resume_devices(ctx: Ctx) -> None:
+    """Resume every controller of the run and B under it (nothing recorded)."""
     for _, _, disk in ctx.disks():  # origins first: step 5 holds them under the controllers
         dm.run_resume(ctx.names.dm_lv_name(disk.B))
     for _, _, disk in ctx.disks():
         dm.run_resume(disk.ctl)
         if disk.shadow:  # 2012: held with its controller in step 9
             dm.run_resume(disk.shadow)
-    ctx.sync_live()
 
 
 def thaw_all(ctx: Ctx) -> list[str]:
@@ -177,13 +182,18 @@ def unwind(ctx: Ctx, final: str, *, record: bool = True,
     was_done = run.state == "done"
     run.state = "aborting"
     runs.mark_self(run)
-    ctx.save()
     start = time.time()
     with program_log() as commands:
         # Resume before thawing: ext4's thaw writes its superblock, and on a controller left
         # suspended (a kill inside step 5) that write, and the thaw with it, would never end.
-        resume_controllers(ctx)
-        notes = thaw_all(ctx)
+        # Then thaw whatever the records do: a run folder or live record that cannot be
+        # written (a link planted there) fails the unwind, never keeps a guest frozen.
+        resume_devices(ctx)
+        try:
+            ctx.save()
+            ctx.sync_live()
+        finally:
+            notes = thaw_all(ctx)
         try:  # a link that will not go is said, and the unwind goes on
             notes += [f"removed off-host link {x}" for x in links.clean(ctx.names, run.id)]
         except (HvlabError, OSError) as exc:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from hvlab.lab.paths import Names
+from hvlab.sys import dirfd
 
 
 def _file(names: Names, vm: str, disk: str) -> Path:
@@ -29,22 +30,18 @@ def recorded(names: Names, vm: str, disk: str) -> str | None:
 def record(names: Names, vm: str, disk: str, lv: str) -> None:
     """Durably record lv as the disk's live LV (B clears the record)."""
     path = _file(names, vm, disk)
+    dirfd.make_dirs(path.parent)
     if lv == names.lv(vm, disk):
-        path.unlink(missing_ok=True)
+        dirfd.unlink(path, missing_ok=True)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w") as f:
+        fd = dirfd.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(fd, "w") as f:
             f.write(lv + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY) if path.parent.exists() else None
-    if dfd is not None:
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        dirfd.replace(tmp, path)
+    dirfd.fsync_dir(path.parent)
 
 
 def lv_to_map(names: Names, vm: str, disk: str, existing: set[str]) -> str:

@@ -21,7 +21,7 @@ from hvlab.lab.definition import shown
 from hvlab.lab.paths import Names, refuse_links
 from hvlab.lab.record import ACTIVE, FINAL, Event, Run
 from hvlab.lab.state import write_json_atomic
-from hvlab.sys import private
+from hvlab.sys import dirfd, private
 
 __all__ = ["ACTIVE", "FINAL", "Run"]
 
@@ -112,8 +112,7 @@ def append_event(names: Names, run_id: str, event: Event | dict[str, Any], *,
     `events` folds into an earlier event (fingerprints hashed after their step)."""
     data = event.to_dict() if isinstance(event, Event) else event
     path = run_dir(names, run_id) / "events.jsonl"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+    fd = dirfd.open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     with os.fdopen(fd, "a") as f:
         f.write(json.dumps(data, sort_keys=True) + "\n")
         f.flush()
@@ -160,7 +159,7 @@ class VmLocks:
         private.make_dirs(d)
         try:
             for vm in self.vms:
-                fd = os.open(d / f"{vm}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                fd = dirfd.open_file(d / f"{vm}.lock", os.O_RDWR | os.O_CREAT)
                 self.fds.append(fd)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -14,7 +14,7 @@ from typing import Any
 from hvlab.errors import HvlabError
 from hvlab.lab.definition import LabDef
 from hvlab.lab.paths import Names, refuse_links, refuse_links_in_lab
-from hvlab.sys import private
+from hvlab.sys import dirfd, private
 
 
 def write_json_atomic(path: Path, data: Any, *, durable: bool = True,
@@ -29,14 +29,9 @@ def write_json_atomic(path: Path, data: Any, *, durable: bool = True,
         f.flush()
         if durable:
             os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if not durable:
-        return
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    dirfd.replace(tmp, path)
+    if durable:
+        dirfd.fsync_dir(path.parent)
 
 
 @dataclass
@@ -75,7 +70,7 @@ def locked(lab: str) -> Iterator[None]:
     refuse_links_in_lab(names)
     private.make_dirs(names.dir)  # 0700: the lab's files are root's only
     private.tighten(names.dir, private.DIR_MODE)  # a lab made by an older hvlab
-    fd = os.open(names.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = dirfd.open_file(names.lock_file, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

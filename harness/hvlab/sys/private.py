@@ -11,37 +11,28 @@ import stat
 import time
 from pathlib import Path
 
+from hvlab.sys import dirfd
+
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
 
 def make_dirs(path: Path) -> None:
-    """`mkdir -p` where every folder it makes is 0700; folders already there are left alone."""
-    missing: list[Path] = []
-    p = path
-    while not p.is_dir():
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, DIR_MODE)
-        except FileExistsError:
-            if not stat.S_ISDIR(os.lstat(d).st_mode):  # a symlink planted meanwhile: not ours
-                raise
+    """`mkdir -p` where every folder it makes is 0700; folders already there are left alone
+    (below a folder held for a run, reached without following links: sys/dirfd.py)."""
+    dirfd.make_dirs(path)
 
 
 def make_dir(path: Path) -> None:
     """One new folder, 0700 (its parents made 0700 as needed); FileExistsError if it is there."""
-    make_dirs(path.parent)
-    os.mkdir(path, DIR_MODE)
+    with dirfd.parent(path, make=True) as (dfd, name):
+        os.mkdir(name, DIR_MODE, dir_fd=dfd)
 
 
 def open_file(path: Path, flags: int) -> int:
     """os.open for writing a file only root may read: created 0600, and an existing file
-    opened with it is made 0600 too."""
-    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    opened with it is made 0600 too. Never through a symlink (sys/dirfd.py)."""
+    fd = dirfd.open_file(path, flags | os.O_CREAT, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)
     except BaseException:
