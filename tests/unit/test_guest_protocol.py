@@ -307,3 +307,50 @@ def test_the_ack_log_holds_the_last_acknowledged_transaction(g: Running) -> None
     g.client.workload(pause=True)
     st = g.client.status()
     assert last_ack(g.guest.cfg.run_dir) == (st["committed_txid"], st["committed_hash"])
+
+
+@pytest.mark.parametrize("where", ["page", "commit"])
+def test_a_writer_survives_io_errors_with_no_half_commit(g: Running, where: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """EIO (a full pool in error-when-full mode) in a page write or the COMMIT's fsync: the
+    transaction fails as a whole and is never acknowledged, the writer goes on (state
+    `failing`, the error and the count in its status), the store restarts from what is on
+    disk, and once the disk works again it commits where it stood."""
+    import errno
+
+    from hvlab.guest import store
+    from hvlab.guest.writers import last_ack
+
+    wait_for(lambda: g.client.status()["committed_txid"] >= 3)
+    failures = [4]
+    real = store.Ledger.step if where == "page" else store.Ledger._append
+
+    def failing(self: store.Ledger, *a: Any, **kw: Any) -> Any:
+        if failures[0] > 0 and (where == "page" or a[0].get("k") == "commit"):
+            failures[0] -= 1
+            if where == "page":  # half the transaction's pages written, then the error
+                t = self.open_txn
+                assert t is not None
+                pg = t.steps[t.done]
+                import os
+
+                os.pwrite(self._pages, ledger.encode_page(pg), pg.no * ledger.PAGE_SIZE)
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(store.Ledger, "step" if where == "page" else "_append", failing)
+    w = g.guest.ledger_writer
+    assert w is not None
+    wait_for(lambda: w.failed_ops >= 4, 30, "four failed transactions")
+    monkeypatch.undo()
+    wait_for(lambda: w.io_error is None and w.ledger.last_txid > 0, 30, "commits again")
+    assert w.is_alive() and w.error is None
+    st = g.client.status()
+    (row,) = [x for x in st["writers"] if x["name"] == "ledger"]
+    assert row["failed_ops"] == 4 and row["state"] == "running"
+    g.client.workload(pause=True)
+    st = g.client.status()
+    res = ledger.check(g.guest.roots)  # what is on disk: whole, up to the last ack
+    assert not res.problems and res.unfinished is None
+    assert (res.last_txid, res.last_hash) == (st["committed_txid"], st["committed_hash"])
+    assert last_ack(g.guest.cfg.run_dir) == (res.last_txid, res.last_hash)

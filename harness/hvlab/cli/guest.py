@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -53,11 +53,21 @@ def guest_status(lab_name: str | None, as_json: bool) -> None:
     for vm in defn.vms:
         r = rows[vm.name]
         st = r.get("status") or {}
-        writers = ", ".join(f"{w.get('name')}:{w.get('ops', '')}" for w in st.get("writers", []))
+        writers = ", ".join(_writer_cell(w) for w in st.get("writers", []))
         table.add_row(vm.name, vm.profile, str(r.get("alive")), str(r.get("pid") or "-"),
                       str(st.get("state", "-")), str(st.get("frozen", "-")),
                       str(st.get("committed_txid", "-")), str(st.get("ops_per_s", "-")), writers)
     make_console().print(table)
+
+
+def _writer_cell(w: dict[str, Any]) -> str:
+    """name:ops, and what fails while a writer's ops fail on I/O errors (a full pool)."""
+    cell = f"{w.get('name')}:{w.get('ops', '')}"
+    if w.get("io_error"):
+        cell += f" FAILING ({w['io_error']}, {w.get('failed_ops')} failed)"
+    elif w.get("failed_ops"):
+        cell += f" ({w['failed_ops']} failed)"
+    return cell
 
 
 @guest.command("start")
@@ -74,6 +84,30 @@ def guest_start(vm_name: str, lab_name: str | None) -> None:
     names.guest_dir(vm_name).mkdir(parents=True, exist_ok=True)
     pid = start_guest(guests.config_for(defn, names, vm_name))
     _echo(f"guest {vm_name} running (pid {pid})")
+
+
+@guest.command("reboot")
+@click.argument("vm_name")
+@lab_name_opt
+def guest_reboot(vm_name: str, lab_name: str | None) -> None:
+    """Reboot VM after a filesystem error (ext4 read-only after an I/O error, xfs shut
+    down): its guest stopped, each disk unmounted, repaired (e2fsck -fy, xfs_repair) and
+    mounted again, its guest started. Refused while the VM is in a backup."""
+    from hvlab.lab import guests, runs
+    from hvlab.lab.state import locked
+
+    lab = _lab(lab_name)
+    defn, names = lab.state.definition, lab.names
+    defn.vm(vm_name)  # BadInput for a VM the lab does not have
+    with runs.VmLocks(names, [vm_name]), locked(lab.name):
+        busy = [r.id for r in runs.active_runs(names) if vm_name in r.vms]
+        if busy:
+            raise BadInput(f"VM {vm_name} is in backup {busy[0]} "
+                           f"({runs.effective_state(runs.load(names, busy[0]))}): finish or "
+                           f"abort it first (`hvlab backup --abort {busy[0]}`)")
+        for line in guests.reboot(defn, names, vm_name):
+            _echo(line)
+    _echo(f"guest {vm_name} rebooted")
 
 
 def _finite(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:

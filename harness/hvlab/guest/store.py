@@ -90,9 +90,12 @@ class Ledger:
             _fsync_dir(d)
 
     def close(self) -> None:
-        for fd in (self._wal, self._pages):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """Close the files; again is a no-op (a number closed twice may be another file's)."""
+        fds, self._wal, self._pages = (self._wal, self._pages), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _append(self, rec: dict[str, Any]) -> None:
         os.write(self._wal, encode_record(rec))

@@ -9,6 +9,8 @@ visible next to the application-consistent ledger.
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import logging
 import os
 import random
@@ -60,6 +62,7 @@ class Workload:
         return Workload(**dict(d))
 
 
+IO_RETRY_S = 1.0  # after an op failed on an I/O error
 ACK_LOG = "acks.log"  # in the guest's run folder
 ACK_LOG_MAX = 1 << 20
 
@@ -88,6 +91,10 @@ class Writer(threading.Thread):
         self.ops_per_s = ops_per_s
         self.ops = 0
         self.error: str | None = None
+        # I/O errors (EIO from a full pool in error-when-full mode, ENOSPC, EROFS): the op
+        # failed as a whole and the writer goes on, as an application on a VM does.
+        self.failed_ops = 0
+        self.io_error: str | None = None  # the last one while they go on; None once an op works
         self._cv = threading.Condition()
         self._stop_req = False
         self._paused = False
@@ -105,6 +112,18 @@ class Writer(threading.Thread):
 
     def on_thaw(self) -> None:
         """Leave the quiescent state (called in the writer thread)."""
+
+    def on_io_error(self) -> None:
+        """An op failed with an I/O error: get back to a state that is whole (in the writer
+        thread; it may raise OSError again, which counts as the same failure)."""
+
+    def _io_failed(self, exc: OSError) -> None:
+        self.failed_ops += 1
+        self.io_error = f"{errno.errorcode.get(exc.errno or 0, 'OSError')}: {exc.strerror or exc}"
+        log.warning("writer %s: %s (op failed; %d so far)", self.wname, self.io_error,
+                    self.failed_ops)
+        with contextlib.suppress(OSError):
+            self.on_io_error()
 
     def components(self) -> list[dict[str, Any]]:
         return []
@@ -139,21 +158,34 @@ class Writer(threading.Thread):
                 if action == "stop":
                     return
                 if action in ("freeze", "thaw"):
-                    (self.on_freeze if action == "freeze" else self.on_thaw)()
+                    # Quiesced either way: a failed freeze or thaw op is rolled back, and
+                    # nothing is in flight after it.
+                    try:
+                        (self.on_freeze if action == "freeze" else self.on_thaw)()
+                    except OSError as exc:
+                        self._io_failed(exc)
                     with self._cv:
                         self._held = action == "freeze"
                         self._cv.notify_all()
                     continue
+                ok = True
                 try:
                     self.op()
+                except OSError as exc:
+                    ok = False
+                    self._io_failed(exc)
                 finally:
                     with self._cv:
                         self._in_op = False
                         self._cv.notify_all()
-                self.ops += 1
                 now = time.monotonic()
-                self._recent.append(now)
-                due = max(due + 1.0 / max(self.ops_per_s, 0.01), now - 1.0)
+                if ok:
+                    self.ops += 1
+                    self.io_error = None
+                    self._recent.append(now)
+                    due = max(due + 1.0 / max(self.ops_per_s, 0.01), now - 1.0)
+                else:  # try again later, not at the op rate: the disk is failing
+                    due = now + IO_RETRY_S
                 with self._cv:
                     self._cv.wait_for(self._wake, timeout=max(0.0, due - now))
         except Exception as exc:
@@ -201,6 +233,8 @@ class Writer(threading.Thread):
     def state(self) -> str:
         if self.error:
             return "failed"
+        if self.io_error and self.is_alive():
+            return "failing"
         if not self.is_alive():
             return "stopped"
         if self._held:
@@ -221,6 +255,8 @@ class Writer(threading.Thread):
             "ops_per_s": round(rate, 2),
             "target_ops_per_s": self.ops_per_s,
             "error": self.error,
+            "failed_ops": self.failed_ops,
+            "io_error": self.io_error,
             **self.info(),
         }
 
@@ -239,9 +275,9 @@ class LedgerWriter(Writer):
         self.vss_aware = vss_aware
         self.w = w
         self.hold_open_txn = w.hold_open_txn and vss_aware
-        self.ledger = Ledger(
-            roots, accounts=w.accounts, initial=w.initial, wal_max_bytes=w.wal_max_bytes
-        )
+        self.roots = roots
+        self.ledger = self._open()
+        self._broken = False  # the store failed on an I/O error and is not open again yet
         # What the writer acknowledged, as its clients would have heard it: "txid hash" per
         # durable commit, appended outside the VM's disks (the guest's run folder), so that a
         # power cut of the lab VM cannot take it back. Only its last line matters: cut short
@@ -264,7 +300,33 @@ class LedgerWriter(Writer):
             ops.append((src, dst, self.rng.randint(1, 100)))
         return ops
 
+    def _open(self) -> Ledger:
+        w = self.w
+        return Ledger(self.roots, accounts=w.accounts, initial=w.initial,
+                      wal_max_bytes=w.wal_max_bytes)
+
+    def on_io_error(self) -> None:
+        """A transaction failed on an I/O error. Its fsync is never retried (Linux marks the
+        pages that failed clean: a second fsync says yes for data that is not on disk, the
+        PostgreSQL "fsyncgate" of 2018). The store restarts as the application would, from
+        what is on disk: its files' page cache dropped, then the open transaction rolled
+        back from the WAL's before-images. Nothing of the failed transaction was
+        acknowledged. While the disk still fails, each op tries the restart again."""
+        self.ledger.close()
+        self._broken = True
+        for path in (self.ledger.wal_path, self.ledger.pages_path):
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        self.ledger = self._open()
+        self._broken = False
+
     def op(self) -> None:
+        if self._broken:
+            self.on_io_error()
         # The store's protocol: BEGIN, fsync; every page write, one fsync; COMMIT, fsync.
         # (An fsync per page write cost the lab VM's one CPU 5 ms per transaction.)
         self.ledger.begin(self._ops(), self.rng.randbytes(self.w.value_size))
@@ -273,12 +335,12 @@ class LedgerWriter(Writer):
 
     def on_freeze(self) -> None:
         # Every op() ends with an fsync'ed COMMIT, so the store is already flushed.
-        if self.hold_open_txn:
+        if self.hold_open_txn and not self._broken:
             self.ledger.begin(self._ops(), self.rng.randbytes(self.w.value_size))
             self.ledger.step(1)  # debit written, credit not: the invariant is visibly broken
 
     def on_thaw(self) -> None:
-        if self.ledger.open_txn is not None:
+        if self.ledger.open_txn is not None and not self._broken:
             self.ledger.commit()
             self._ack()
 

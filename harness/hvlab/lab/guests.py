@@ -68,3 +68,24 @@ def stop_all(names: Names) -> None:
 
     for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         stop_guest(run_dir, 10.0)
+
+
+def reboot(defn: LabDef, names: Names, vm: str) -> list[str]:
+    """What a reboot does to a VM whose filesystem failed (ext4 read-only after its journal
+    aborted on an I/O error, xfs shut down): the guest stopped (thawed first), each disk
+    unmounted, checked and repaired, mounted again, the guest started; its applications
+    recover from what is on disk. Returns what was done, a line per disk."""
+    from hvlab.guest.supervise import start_guest, stop_guest
+    from hvlab.sys import fs
+
+    v = defn.vm(vm)
+    stop_guest(names.guest_dir(vm), 15.0)
+    done = []
+    for d in v.disks:
+        mp, dev = names.mountpoint(vm, d.name), f"/dev/mapper/{names.ctl(vm, d.name)}"
+        if fs.is_mounted(mp):
+            fs.umount(mp)
+        done.append(fs.repair(dev, d.fs, mp))
+        fs.mount(dev, mp, d.fs)
+    start_guest(config_for(defn, names, vm))
+    return done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -89,6 +90,11 @@ def refuse_links_in_lab(names: Names) -> None:
                 st = e.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
+            except OSError as exc:  # a guest's disk that failed (xfs shut down): its own
+                if exc.errno in (errno.EIO, errno.EUCLEAN) and e.path.startswith(
+                        str(names.mnt_dir)):
+                    continue
+                raise
             if stat.S_ISLNK(st.st_mode):
                 refuse_links(Path(e.path), "in the lab folder,")
             if stat.S_ISDIR(st.st_mode) and st.st_dev == top.st_dev:

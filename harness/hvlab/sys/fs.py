@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvlab.errors import LeakError
+from hvlab.errors import HvlabError, LeakError
 from hvlab.sys.run import Result, run
 
 FILESYSTEMS = ("ext4", "xfs")
@@ -102,6 +102,26 @@ def fsck_readonly(dev: str, fstype: str) -> Result:
     if fstype == "xfs":
         return run(["xfs_repair", "-n", dev], check=False, timeout=600)
     return run(["fsck.ext4", "-n", "-f", dev], check=False, timeout=600)
+
+
+def repair(dev: str, fstype: str, scratch: Path) -> str:
+    """Check and repair an unmounted filesystem, as a boot does after an error: ext4's
+    e2fsck replays the journal and fixes (exit 1: fixed; 2: fixed, reboot); xfs_repair
+    wants the log replayed first, by a mount (at `scratch`, an empty folder). Returns what
+    it did, one line; HvlabError when it could not."""
+    if fstype == "xfs":
+        mount_call(dev, scratch, fstype, "nouuid")
+        umount_call(scratch)
+        res = run(["xfs_repair", dev], check=False, timeout=600)
+        ok = res.returncode == 0
+    else:
+        res = run(["fsck.ext4", "-f", "-y", dev], check=False, timeout=600)
+        ok = res.returncode in (0, 1, 2)
+    if not ok:
+        raise HvlabError(f"{fstype} repair of {dev} failed (exit {res.returncode}): "
+                         f"{(res.stdout + res.stderr).strip().splitlines()[-1:]}")
+    fixed = fstype == "ext4" and res.returncode != 0
+    return f"{dev}: {fstype} {'repaired' if fixed else 'clean'}"
 
 
 def freeze(target: Path) -> None:
