@@ -104,7 +104,7 @@ def _execute(ctx: Ctx) -> Run:
         return run
     except BaseException as exc:
         observe.flush(ctx)  # never unwind under a hash still reading B
-        err = f"{type(exc).__name__}: {exc}"
+        err = f"{type(exc).__name__}: {exc}" + _pool_full(ctx)
         run.error = err
         if os.environ.get("HVLAB_VERBOSE"):  # where, for a bug report
             ctx.say("".join(traceback.format_exception(exc)).rstrip())
@@ -119,6 +119,19 @@ def _execute(ctx: Ctx) -> Run:
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise FlowFailed(f"run {run.id} failed and was unwound: {err}") from exc
+
+
+def _pool_full(ctx: Ctx) -> str:
+    """Said with a failure when the pool has no chunk left: an EIO anywhere in the run (a
+    guest's write, auto-recovery's mount) then is the pool's, in error-when-full mode."""
+    try:
+        used, total = thinmeta.pool_usage(ctx.names)
+    except Exception:  # the pool's own state unreadable: the failure says enough
+        return ""
+    if total and used >= total:
+        return (f" (thin pool {ctx.names.vg}/{ctx.names.pool} is full: {used} of {total} "
+                f"chunks; extend it, e.g. lvextend)")
+    return ""
 
 
 def finish(ctx: Ctx) -> None:
