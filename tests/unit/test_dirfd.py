@@ -84,3 +84,16 @@ def test_a_proxy_writes_through_the_held_fd(tmp_path: Path) -> None:
         os.rename(dest, tmp_path / "moved")
         write(Path(f"/proc/self/fd/{fd}") / "disk0.img", "image")
     assert (tmp_path / "moved" / "disk0.img").read_text() == "image"
+
+
+def test_a_forked_copy_forgets_the_holds(tmp_path: Path) -> None:
+    """The hold guard is a fork that closes what it inherited: it must not write through
+    a number that names another file there."""
+    lab = tmp_path / "lab"
+    with dirfd.hold(lab) as fd:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if dirfd.held_fd(lab) is None else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert dirfd.held_fd(lab) == fd

@@ -27,6 +27,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # Held folders, by absolute path as given: a stack each (holds nest, a resume inside a run).
 _held: dict[Path, list[int]] = {}
+# A forked copy (the step-5 hold guard) closes what it inherited: its numbers may name other
+# files there, so it forgets the holds and opens by path, as outside a run.
+os.register_at_fork(after_in_child=_held.clear)
 
 
 class PlantedLink(OSError):
