@@ -84,10 +84,16 @@ bench: deps
 	$(IN_LAB) $(abspath $(VENV)/bin/python) -m hvlab.bench
 
 # Random backups killed at random fault points, recovered at random (SEED replays one).
+# CUTS=N: N of the cycles end in a power cut of the lab VM (driven from here, the host).
 CYCLES ?= 15
 SEED ?=
+CUTS ?= 0
 soak: deps
+ifeq ($(CUTS),0)
 	$(IN_LAB) $(abspath $(VENV)/bin/python) -m hvlab.bench.soak --cycles $(CYCLES) $(if $(SEED),--seed $(SEED))
+else
+	$(SUDO) $(VENV)/bin/python -m hvlab.bench.soakcuts --cycles $(CYCLES) --cuts $(CUTS) $(if $(SEED),--seed $(SEED))
+endif
 
 # docs/walkthrough.md from a real session: a private lab `walk`, its own HVLAB_HOME and lab VM
 # directory unless set (HVLAB_WALK_DIR, default /var/tmp/hvlab-walkthrough). Fails if any step does.

@@ -58,6 +58,7 @@ def test_a_pool_lvm_reports_unhealthy_is_refused_whatever_the_limit(health: str)
     msg = refused([pool_row(lv_health_status=health, data_percent="", metadata_percent=""),
                    disk_row()], limit=100)
     assert health in msg
+    assert ("lvextend" if health == "out_of_data" else "hvlab recover") in msg
 
 
 def test_full_data_space_is_refused() -> None:

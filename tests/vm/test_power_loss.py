@@ -20,7 +20,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -66,17 +65,10 @@ def guest(vm: str = "vm01") -> dict[str, Any]:
 
 
 def power_loss() -> set[int]:
-    """The UML kernel process dies at once (SIGKILL); its helper processes linger. Returns
-    the helpers, which the next `hvlab up` must end."""
+    """The lab VM loses power; returns its lingering helpers (`hvlab up` must end them)."""
     from hvlab.vm import control
 
-    main = control.pid()
-    assert main is not None
-    helpers = {p.pid for p in control._uml_processes(control.persistent_paths())} - {main}
-    os.kill(main, signal.SIGKILL)
-    with contextlib.suppress(psutil.Error):
-        psutil.Process(main).wait(timeout=10)
-    return helpers
+    return control.power_cut()
 
 
 def test_power_loss_after_step_11_loses_no_committed_transaction(vm_env: Path) -> None:

@@ -124,48 +124,92 @@ def cycle(lab: Lab, rng: random.Random, base: set[str]) -> dict[str, Any]:
     return out
 
 
+def cycle_rng(seed: int, k: int) -> random.Random:
+    """Cycle k's own generator: a soak resumed at cycle k (after a power cut) replays it."""
+    return random.Random(f"{seed}:{k}")
+
+
+def journal_line(path: Path | None, **line: Any) -> None:
+    """One line of the soak's journal, on disk before the cycle goes on: what the power-cut
+    driver (bench/soakcuts) reads after the lab VM is killed."""
+    if path is None:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def finish(lab: Lab) -> dict[str, Any]:
+    """The end of a soak: every finished backup of the lab verifies, the pool's metadata is
+    clean."""
+    done = [r.id for r in runs.all_runs(lab.names) if runs.effective_state(r) == "done"]
+    for rid in done:
+        rep = restore.verify(lab.name, rid)
+        check(rep["ok"], f"backup {rid} does not verify")
+    problems = thinmeta.check(lab.names)
+    check(not problems, f"thin_check: {problems}")
+    return {"verified": len(done), "thin_check": "clean"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="hvlab.bench.soak")
     ap.add_argument("--cycles", type=int, default=15)
     ap.add_argument("--seed", type=int, default=None)
+    # Used by the power-cut driver (bench/soakcuts), which runs a soak in parts around cuts:
+    ap.add_argument("--first", type=int, default=0, help="number of the first cycle")
+    ap.add_argument("--attach", action="store_true", help="the lab is up: use it as it is")
+    ap.add_argument("--keep", action="store_true", help="leave the lab up, no final checks")
+    ap.add_argument("--journal", type=Path, default=None)
+    ap.add_argument("--after-cut", action="store_true",
+                    help="print the live disks' last txids and the lab's problems as JSON")
     args = ap.parse_args()
+    if args.after_cut:
+        lab = Lab.open(definition.parse(LAB).name)
+        print(json.dumps({"live": live_txids(lab), "problems": lab_extras(LabHandle(lab))}))
+        return 0
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
-    rng = random.Random(seed)
     os.environ.setdefault("HVLAB_HOME", "/var/tmp/hvlab-soak")
     out_dir = Path("soak-results")
     out_dir.mkdir(exist_ok=True)
     defn = definition.parse(LAB)
-    teardown.down(defn.name, missing_ok=True, purge=True)
-    lab = substrate.up(defn, start_guests=True)
-    base = set(lab.lvs())
-    result: dict[str, Any] = {"seed": seed, "cycles": [], "ok": False}
+    if args.attach:
+        lab = Lab.open(defn.name)
+    else:
+        teardown.down(defn.name, missing_ok=True, purge=True)
+        lab = substrate.up(defn, start_guests=True)
+    base = set(lab.lvs())  # with --attach, the driver checked first that nothing else is
+    result: dict[str, Any] = {"seed": seed, "first": args.first, "cycles": [], "ok": False}
     start = time.time()
+    last = args.first + args.cycles
     try:
-        for i in range(args.cycles):
-            c = cycle(lab, rng, base)
+        for k in range(args.first, last):
+            journal_line(args.journal, cycle=k, event="start", acked=acked(lab),
+                         runs=len(runs.all_runs(lab.names)), clock=time.time())
+            c = cycle(lab, cycle_rng(seed, k), base)
             result["cycles"].append(c)
-            print(f"[{i + 1}/{args.cycles}] {' '.join(c['vms'])} ({c['model']}, {c['mode']}) "
+            journal_line(args.journal, cycle=k, event="end", result=c)
+            print(f"[{k + 1}/{last}] {' '.join(c['vms'])} ({c['model']}, {c['mode']}) "
                   f"{c['point'] or '-'}:{c['action'] or '-'} -> {c['state']}"
                   f"{' -> ' + c['recovered_by'] if 'recovered_by' in c else ''} "
                   f"-> {c['final']}", flush=True)
-        done = [c["run"] for c in result["cycles"] if c["final"] == "done"]
-        for rid in done:
-            rep = restore.verify(lab.name, rid)
-            check(rep["ok"], f"backup {rid} does not verify")
-        problems = thinmeta.check(lab.names)
-        check(not problems, f"thin_check: {problems}")
-        result.update(ok=True, verified=len(done), thin_check="clean")
+        if not args.keep:
+            result.update(finish(lab))
+        result["ok"] = True
     except Exception as exc:
-        result["failure"] = f"cycle {len(result['cycles']) + 1}: {type(exc).__name__}: {exc}"
+        result["failure"] = f"cycle {args.first + len(result['cycles']) + 1}: " \
+                            f"{type(exc).__name__}: {exc}"
         print(f"SOAK FAILED (seed {seed}): {result['failure']}", flush=True)
     finally:
         result["seconds"] = round(time.time() - start, 1)
-        try:
-            teardown.down(defn.name, missing_ok=True, purge=True)
-        except Exception as exc:
-            result["ok"] = False
-            result["teardown"] = str(exc)
-        (out_dir / f"soak-{seed}.json").write_text(json.dumps(result, indent=1))
+        if not args.keep:
+            try:
+                teardown.down(defn.name, missing_ok=True, purge=True)
+            except Exception as exc:
+                result["ok"] = False
+                result["teardown"] = str(exc)
+        name = f"soak-{seed}" + (f"-from-{args.first}" if args.first else "")
+        (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
     n = len(result["cycles"])
     print(f"soak seed {seed}: {n} cycles, {result.get('verified', 0)} backups verified, "
           f"thin_check {result.get('thin_check', 'not run')}, {result['seconds']} s: "

@@ -25,7 +25,7 @@ from hvlab.flow import faults, observe, preflight, unwind
 from hvlab.flow import steps as S
 from hvlab.flow.context import Ctx, Say, quiet
 from hvlab.flow.request import BackupRequest
-from hvlab.lab import runs
+from hvlab.lab import poolhealth, runs
 from hvlab.lab.handle import Lab
 from hvlab.lab.paths import ROLE_TAG, Names
 from hvlab.lab.record import Disk, Event, Run, Vm
@@ -104,7 +104,7 @@ def _execute(ctx: Ctx) -> Run:
         return run
     except BaseException as exc:
         observe.flush(ctx)  # never unwind under a hash still reading B
-        err = f"{type(exc).__name__}: {exc}" + _pool_full(ctx)
+        err = f"{type(exc).__name__}: {exc}" + _pool_state(ctx)
         run.error = err
         if os.environ.get("HVLAB_VERBOSE"):  # where, for a bug report
             ctx.say("".join(traceback.format_exception(exc)).rstrip())
@@ -114,6 +114,10 @@ def _execute(ctx: Ctx) -> Run:
         except Exception as exc2:
             run.unwind_error = str(exc2)
             ctx.save()
+            if isinstance(exc2, unwind.PoolFailed):  # the failure already names the pool
+                raise FlowFailed(f"run {run.id} failed ({err}); the guests are thawed on "
+                                 f"their live disks, and the rest of the unwind waits for "
+                                 f"the pool (`hvlab recover`)") from exc
             raise FlowFailed(f"run {run.id} failed ({err}) and unwinding failed: "
                              f"{exc2}") from exc
         if isinstance(exc, KeyboardInterrupt):
@@ -121,9 +125,13 @@ def _execute(ctx: Ctx) -> Run:
         raise FlowFailed(f"run {run.id} failed and was unwound: {err}") from exc
 
 
-def _pool_full(ctx: Ctx) -> str:
-    """Said with a failure when the pool has no chunk left: an EIO anywhere in the run (a
-    guest's write, auto-recovery's mount) then is the pool's, in error-when-full mode."""
+def _pool_state(ctx: Ctx) -> str:
+    """Said with a failure when the pool is the cause: failed by the kernel (a pool message
+    refused, every I/O failing), or with no chunk left (an EIO anywhere in the run, a guest's
+    write or auto-recovery's mount, is then the pool's, in error-when-full mode)."""
+    why = poolhealth.failure(ctx.names)
+    if why:
+        return f" ({why})"
     try:
         used, total = thinmeta.pool_usage(ctx.names)
     except Exception:  # the pool's own state unreadable: the failure says enough

@@ -97,8 +97,10 @@ def refusal(pool: Pool, mapped: Sequence[int], limit: int) -> str | None:
     """Why a backup of disks mapping `mapped` chunks must not start, or None."""
     p = pool.name
     if pool.health:
+        way = ("extend it (lvextend) first" if pool.health == "out_of_data" else
+               "`hvlab recover` activates it again (LVM's thin_check) first")
         return (f"thin pool {p} is {pool.health} (LVM's lv_health_status): not starting the "
-                f"backup; extend or repair the pool first")
+                f"backup; {way}")
     if pool.data_percent >= 100:
         return (f"thin pool {p} data space is {pool.data_percent:.2f}% full: no room for the "
                 f"backup's checkpoints; extend the pool (lvextend) first")

@@ -15,7 +15,7 @@ from hvlab.backup import chain, thinmeta
 from hvlab.flow import engine, unwind
 from hvlab.flow.context import Ctx, Say, quiet
 from hvlab.guest.quiesce import recover_after_crash
-from hvlab.lab import links, runs
+from hvlab.lab import links, poolhealth, runs
 from hvlab.lab.handle import Lab
 from hvlab.lab.paths import REFERENCE_TAG, ROLE_TAG, Names
 from hvlab.lab.record import Artifact, Disk, Run, Vm
@@ -50,14 +50,28 @@ def recover(lab_name: str, *, say: Say = quiet) -> Report:
     lab = Lab.open(lab_name)
     rep = Report()
     pending: set[str] = set()
-    for r in runs.all_runs(lab.names):
-        state = runs.effective_state(r)
+    states = [(r, runs.effective_state(r)) for r in runs.all_runs(lab.names)]
+    for r, state in states:
         if state in ("running", "paused"):
             how = (f"running in process {r.pid}" if state == "running"
                    else "paused on purpose: `hvlab backup --resume` or `--abort` it")
             rep.left.append(f"run {r.id} ({', '.join(r.vms)}) {how}")
             pending.add(r.id)
-        elif state == "interrupted":
+    pool = poolhealth.health(lab.names)
+    failed = pool.describe(lab.names) if pool is not None and pool.failed else None
+    if failed and any(state == "running" for _, state in states):
+        rep.left.append(f"{failed}: not repaired while a backup process runs")
+        return rep
+    if failed:
+        say(f"{failed}: stopping the lab and bringing it up again (LVM checks the pool's "
+            f"metadata as it activates it)")
+        poolhealth.repair(lab.names, say)
+        rep.done.append(f"thin pool {lab.names.vg}/{lab.names.pool} had failed in the kernel: "
+                        f"the lab was stopped and brought up again (LVM's thin_check passed, "
+                        f"the pool writes again)")
+        lab = Lab.open(lab_name)
+    for r, state in states:
+        if state == "interrupted":
             notes = engine.abort(lab.name, r.id, say=say).unwound or []
             rep.done.append(f"run {r.id} died after step {r.last_step or 0}: aborted it "
                             f"({'; '.join(notes) or 'nothing left to undo'})")

@@ -18,12 +18,17 @@ from hvlab.backup import chain
 from hvlab.errors import HvlabError
 from hvlab.flow import dest
 from hvlab.flow.context import Ctx
-from hvlab.lab import links, live, runs
+from hvlab.lab import links, live, poolhealth, runs
 from hvlab.lab.record import Artifact, Command, Event, Run
 from hvlab.sys import dm
 from hvlab.sys.run import program_log
 
 Kind = Literal["detach", "shadow", "remove", "promote", "retag", "remove-dest", "keep-dest"]
+LVM_KINDS = ("shadow", "remove", "promote", "retag")  # what needs LVM and the pool
+
+
+class PoolFailed(HvlabError):
+    """The pool cannot take the unwind's LVM work: the run waits for `hvlab recover`."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,10 @@ def carry_out(ctx: Ctx, steps: list[Undo]) -> list[str]:
     in one lvremove, every C to merge in one merge, the retags, the folder."""
     from hvlab.flow.job import merge_into, retag_bases  # the job's merge, done the same way
 
+    # A pool the kernel failed serves no pool message: LVM would write its metadata and then
+    # fail to delete the thin devices, leaving the two disagreeing. Stop before any of it.
+    if any(u.kind in LVM_KINDS for u in steps) and (why := poolhealth.failure(ctx.names)):
+        raise PoolFailed(why)
     done: set[int] = set()
     for i, u in enumerate(steps):
         if u.kind == "detach":

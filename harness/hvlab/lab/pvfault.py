@@ -6,6 +6,8 @@ target and back. The pool and the LVs above see only what a failing disk would s
         ...
     with pvfault.bad_blocks(names, 0, [1234]):          # reads of those 4 KiB blocks fail
         ...
+    with pvfault.lv_fails(names, "pool_tmeta"):         # the pool's metadata disk fails
+        ...
 
 The swap suspends the PV with a bound (dmioctl.suspended): from a thread other than the main
 one, call dmioctl.prepare_interrupts() in the main thread first.
@@ -13,7 +15,7 @@ one, call dmioctl.prepare_interrupts() in the main thread first.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,6 +27,7 @@ from hvlab.sys.dmioctl import Target
 from hvlab.sys.run import run
 
 DUST_BLOCK = 4096
+SECTOR = 512
 
 
 def _require_target(kind: str) -> None:
@@ -46,19 +49,51 @@ def _swap(pv: str, table: list[Target]) -> None:
 
 
 @contextmanager
-def fault(names: Names, i: int, kind: str, args: str) -> Iterator[str]:
-    """PV i maps through a `kind` target (its args after the size) for the block; the plain
-    linear table is back however the block ends. Yields the PV's dm name."""
+def _swapped(names: Names, i: int, kind: str,
+             table: Callable[[list[Target]], list[Target]]) -> Iterator[str]:
+    """PV i maps `table(its linear table)` for the block; the linear table is back however
+    the block ends. Yields the PV's dm name."""
     pv = names.pv(i)
     if not any(d.name == pv and d.uuid == names.pv_uuid(i) for d in dm.list_devices()):
         raise HvlabError(f"lab {names.lab!r} has no PV {pv} (is it up?)")
     _require_target(kind)
     linear = dmioctl.table(pv)
-    _swap(pv, [Target(0, sum(t.length for t in linear), kind, args)])
+    _swap(pv, table(linear))
     try:
         yield pv
     finally:
         _swap(pv, linear)
+
+
+@contextmanager
+def fault(names: Names, i: int, kind: str, args: str) -> Iterator[str]:
+    """PV i maps through a `kind` target (its args after the size) for the block."""
+    with _swapped(names, i, kind,
+                  lambda linear: [Target(0, sum(t.length for t in linear), kind, args)]) as pv:
+        yield pv
+
+
+@contextmanager
+def lv_fails(names: Names, lv: str) -> Iterator[str]:
+    """Every I/O to the extents of `lv` (hidden, linear, one segment: e.g. `pool_tmeta`,
+    the pool's metadata) fails with EIO, as a disk failing under it would; the rest of its PV,
+    the pool's data and LVM's own metadata with it, maps as before."""
+    rows = names.lvm().report("lvs", "lv_size,seg_count", "-a", f"{names.vg}/{lv}")
+    if len(rows) != 1 or int(rows[0]["seg_count"]) != 1:
+        raise HvlabError(f"LV {lv} of lab {names.lab!r} is not one linear segment: {rows}")
+    at = locate(names, lv, 0)
+    first, n = at.offset // SECTOR, int(rows[0]["lv_size"]) // SECTOR
+
+    def table(linear: list[Target]) -> list[Target]:
+        if len(linear) != 1 or linear[0].type != "linear":
+            raise HvlabError(f"PV {names.pv(at.pv)} is not a plain linear map: {linear}")
+        lo, base = linear[0].params.split()
+        end, at0 = linear[0].length, int(base)
+        return [Target(0, first, "linear", f"{lo} {at0}"), Target(first, n, "error", ""),
+                Target(first + n, end - first - n, "linear", f"{lo} {at0 + first + n}")]
+
+    with _swapped(names, at.pv, "error", table) as pv:
+        yield pv
 
 
 def _below(names: Names, i: int) -> str:

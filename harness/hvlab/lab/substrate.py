@@ -89,7 +89,7 @@ def up(defn: LabDef, *, start_guests: bool = True, progress: Progress = _quiet) 
                                f"use the same lab file, or `hvlab down` it first")
             if st.phase == "up" and inventory.of(defn.name).loops:
                 raise BadInput(f"lab {defn.name!r} is already up (hvlab status shows it)")
-            st = _restart(st, names, start_guests, progress)
+            st = restart(st, names, start_guests=start_guests, progress=progress)
         else:
             st = _create(defn, names, start_guests, progress)
     return Lab(names, st, names.lvm())
@@ -166,7 +166,11 @@ def _go_live(st: State, names: Names, undo: _Undo, start_guests: bool) -> None:
     st.save()
 
 
-def _restart(st: State, names: Names, start_guests: bool, progress: Progress) -> State:
+def restart(st: State, names: Names, *, start_guests: bool = True,
+            progress: Progress = _quiet) -> State:
+    """Bring a stopped lab back (the caller holds its lock): loops, PVs, the VG (LVM checks
+    the pool's metadata as it activates it), the LVs the guests write to, controllers,
+    mounts and guests."""
     defn = st.definition
     with _Undo() as undo:
         missing = [names.backing_file(i) for i in range(defn.backing_files)

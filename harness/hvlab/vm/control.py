@@ -8,6 +8,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -58,6 +59,19 @@ def _uml_processes(paths: VmPaths) -> list[psutil.Process]:
         if mark in cmd and any("linux.uml" in a for a in cmd[:1]):
             out.append(p)
     return out
+
+
+def power_cut() -> set[int]:
+    """Cut the lab VM's power: its kernel process dies at once (SIGKILL), with nothing
+    flushed. Returns its helper processes, which linger until the next `up` ends them."""
+    main = pid()
+    if main is None:
+        raise HvlabError("the lab VM is not running: nothing to cut")
+    helpers = {p.pid for p in _uml_processes(persistent_paths())} - {main}
+    os.kill(main, signal.SIGKILL)
+    with contextlib.suppress(psutil.Error):
+        psutil.Process(main).wait(timeout=10)
+    return helpers
 
 
 def _kill_strays(paths: VmPaths) -> int:
