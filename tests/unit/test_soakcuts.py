@@ -3,12 +3,15 @@ and what a restart may find before `hvlab recover`."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 from pathlib import Path
 
 import pytest
 
-from hvlab.bench.soakcuts import LEFT_BY_A_RUN, journal, moment
+from hvlab.bench.soak import SoakFailure
+from hvlab.bench.soakcuts import GAP, LEFT_BY_A_RUN, journal, lost, moment, plan
 from hvlab.lab.paths import Names
 
 
@@ -29,19 +32,46 @@ START = {"cycle": 3, "event": "start", "acked": {"vm01": 7}, "runs": 1}
 
 def test_a_cut_is_placed_by_the_cycles_run(names: Names) -> None:
     _run(names, "r20261206100000aaaa", "done", 14)  # an earlier cycle's
-    assert moment([START], 3, names) == "before the backup"
+    assert moment([START], names) == (3, "before the backup")
     _run(names, "r20261206100100bbbb", "running", 4)
-    assert moment([START], 3, names) == "step  5"
+    assert moment([START], names) == (3, "step  5")
     _run(names, "r20261206100200cccc", "running", 14)
-    assert moment([START], 3, names) == "finishing"
+    assert moment([START], names) == (3, "finishing")
 
 
 def test_after_the_run_and_after_the_cycle(names: Names) -> None:
     _run(names, "r20261206100000aaaa", "done", 14)
     _run(names, "r20261206100100bbbb", "aborted", 9)
-    assert moment([START], 3, names).startswith("after a aborted run")
+    assert moment([START], names) == (3, "the cycle's recovery and checks (its run aborted)")
     end = {"cycle": 3, "event": "end", "result": {}}
-    assert moment([START, end], 3, names) == "between cycles"
+    assert moment([START, end], names) == (3, "between cycles")
+    nxt = {**START, "cycle": 4, "runs": 2}
+    assert moment([START, end, nxt], names) == (4, "before the backup")
+
+
+def test_cuts_are_aimed_apart_and_inside_the_soak() -> None:
+    for seed in range(50):
+        aims = plan(random.Random(seed), 100, 20)
+        assert len(aims) == 20 and aims == sorted(aims) and aims[0] >= 0 and aims[-1] < 100
+        assert all(b - a > GAP for a, b in itertools.pairwise(aims))
+    with pytest.raises(SoakFailure, match="need at least"):
+        plan(random.Random(1), 10, 3)
+
+
+LIVE = {"txid": 40, "hash": "h40", "consistent": True}
+
+
+@pytest.mark.parametrize(("acked", "ack", "live", "why"), [
+    (40, (40, "h40"), LIVE, None),
+    (38, (38, "h38"), LIVE, None),  # more survived than was acknowledged: fine
+    (41, (41, "h41"), LIVE, "acknowledged txid 41, on the live disks 40"),
+    (40, (40, "other"), LIVE, "chain hash h40 on disk, other acknowledged"),
+    (40, None, {**LIVE, "consistent": False}, "inconsistent"),
+])
+def test_what_a_restart_lost(acked: int, ack: tuple[int, str] | None,
+                             live: dict[str, object], why: str | None) -> None:
+    got = lost({"vm01": acked}, {"vm01": ack}, {"vm01": live})
+    assert (why in got["vm01"]) if why else not got
 
 
 def test_a_torn_last_line_is_not_read(tmp_path: Path) -> None:

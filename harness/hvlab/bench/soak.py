@@ -30,10 +30,12 @@ from hvlab.lab import definition, guests, runs, substrate, teardown
 from hvlab.lab.handle import Lab
 from hvlab_fixtures.plugin import LabHandle, lab_extras
 
+# The guests start with their writers paused (the soak lets them go): after a power cut the
+# restarted lab's ledgers stand still at what survived, so they compare exactly.
 LAB = {"lab": {"name": "soak", "backing_size": "1G"},
-       "vm": [{"name": "vm01", "profile": "windows",
+       "vm": [{"name": "vm01", "profile": "windows", "workload": {"paused": True},
                "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]},
-              {"name": "vm02", "profile": "linux",
+              {"name": "vm02", "profile": "linux", "workload": {"paused": True},
                "disk": [{"name": "disk0", "size": "64M", "fs": "ext4"}]}]}
 FREEZE = {"step-05", "step-06", "step-07", "step-08", "s05-one", "s05-snapshots",
           "s05-reloaded", "s06-one"}
@@ -58,14 +60,21 @@ def acked(lab: Lab) -> dict[str, int]:
     return out
 
 
+def live_ledgers(lab: Lab) -> dict[str, ledger.CheckResult]:
+    """Each VM's ledger read back from its live disks (through the mounts): what survived,
+    whatever the guest believes."""
+    return {vm.name: ledger.check({d.name: lab.names.mountpoint(vm.name, d.name)
+                                   for d in vm.disks})
+            for vm in lab.state.definition.vms}
+
+
 def live_txids(lab: Lab) -> dict[str, int]:
-    """The last committed transaction of each VM's ledger, read back from its live disks
-    (through the mounts): what survived, whatever the guest believes."""
-    out = {}
+    return {vm: c.last_txid for vm, c in live_ledgers(lab).items()}
+
+
+def writers(lab: Lab, *, pause: bool) -> None:
     for vm in lab.state.definition.vms:
-        roots = {d.name: lab.names.mountpoint(vm.name, d.name) for d in vm.disks}
-        out[vm.name] = ledger.check(roots).last_txid
-    return out
+        GuestClient(guests.socket_path(lab.names, vm.name)).workload(pause=pause)
 
 
 def cycle(lab: Lab, rng: random.Random, base: set[str]) -> dict[str, Any]:
@@ -131,7 +140,7 @@ def cycle_rng(seed: int, k: int) -> random.Random:
 
 def journal_line(path: Path | None, **line: Any) -> None:
     """One line of the soak's journal, on disk before the cycle goes on: what the power-cut
-    driver (bench/soakcuts) reads after the lab VM is killed."""
+    driver (bench/soakcuts) reads after the lab VM is killed. None: no journal."""
     if path is None:
         return
     with open(path, "a") as f:
@@ -164,9 +173,11 @@ def main() -> int:
     ap.add_argument("--after-cut", action="store_true",
                     help="print the live disks' last txids and the lab's problems as JSON")
     args = ap.parse_args()
-    if args.after_cut:
+    if args.after_cut:  # the guests' writers paused (the lab's definition): exact figures
         lab = Lab.open(definition.parse(LAB).name)
-        print(json.dumps({"live": live_txids(lab), "problems": lab_extras(LabHandle(lab))}))
+        live = {vm: {"txid": c.last_txid, "hash": c.last_hash, "consistent": c.consistent}
+                for vm, c in live_ledgers(lab).items()}
+        print(json.dumps({"live": live, "problems": lab_extras(LabHandle(lab))}))
         return 0
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     os.environ.setdefault("HVLAB_HOME", "/var/tmp/hvlab-soak")
@@ -179,13 +190,15 @@ def main() -> int:
         teardown.down(defn.name, missing_ok=True, purge=True)
         lab = substrate.up(defn, start_guests=True)
     base = set(lab.lvs())  # with --attach, the driver checked first that nothing else is
+    writers(lab, pause=False)
     result: dict[str, Any] = {"seed": seed, "first": args.first, "cycles": [], "ok": False}
     start = time.time()
     last = args.first + args.cycles
     try:
         for k in range(args.first, last):
-            journal_line(args.journal, cycle=k, event="start", acked=acked(lab),
-                         runs=len(runs.all_runs(lab.names)), clock=time.time())
+            if args.journal:
+                journal_line(args.journal, cycle=k, event="start", acked=acked(lab),
+                             runs=len(runs.all_runs(lab.names)), clock=time.time())
             c = cycle(lab, cycle_rng(seed, k), base)
             result["cycles"].append(c)
             journal_line(args.journal, cycle=k, event="end", result=c)

@@ -129,7 +129,10 @@ def _pool_state(ctx: Ctx) -> str:
     """Said with a failure when the pool is the cause: failed by the kernel (a pool message
     refused, every I/O failing), or with no chunk left (an EIO anywhere in the run, a guest's
     write or auto-recovery's mount, is then the pool's, in error-when-full mode)."""
-    why = poolhealth.failure(ctx.names)
+    try:
+        why = poolhealth.failure(ctx.names)
+    except Exception:  # never in the way of the unwind: the failure says enough
+        why = None
     if why:
         return f" ({why})"
     try:

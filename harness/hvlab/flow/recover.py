@@ -49,27 +49,28 @@ class _Orphans(Ctx):
 def recover(lab_name: str, *, say: Say = quiet) -> Report:
     lab = Lab.open(lab_name)
     rep = Report()
-    pending: set[str] = set()
     states = [(r, runs.effective_state(r)) for r in runs.all_runs(lab.names)]
+    pool = poolhealth.health(lab.names)
+    blocked = False  # a failed pool that cannot be repaired now: nothing of LVM's can be done
+    if pool is not None and pool.failed:
+        blocked = any(state in ("running", "aborting") for _, state in states)
+        if blocked:
+            rep.left.append(f"{pool.describe(lab.names)}: not repaired while a backup "
+                            f"process runs")
+        else:
+            lab = _repair_pool(lab, pool, rep, say)
+            # A paused run cannot go on: the restart took down what it held (snapshots,
+            # off-host links, attach devices). It ends like a dead one.
+            states = [(r, "interrupted" if s == "paused" else s) for r, s in states]
+    pending: set[str] = set()
     for r, state in states:
         if state in ("running", "paused"):
             how = (f"running in process {r.pid}" if state == "running"
                    else "paused on purpose: `hvlab backup --resume` or `--abort` it")
             rep.left.append(f"run {r.id} ({', '.join(r.vms)}) {how}")
             pending.add(r.id)
-    pool = poolhealth.health(lab.names)
-    failed = pool.describe(lab.names) if pool is not None and pool.failed else None
-    if failed and any(state == "running" for _, state in states):
-        rep.left.append(f"{failed}: not repaired while a backup process runs")
+    if blocked:
         return rep
-    if failed:
-        say(f"{failed}: stopping the lab and bringing it up again (LVM checks the pool's "
-            f"metadata as it activates it)")
-        poolhealth.repair(lab.names, say)
-        rep.done.append(f"thin pool {lab.names.vg}/{lab.names.pool} had failed in the kernel: "
-                        f"the lab was stopped and brought up again (LVM's thin_check passed, "
-                        f"the pool writes again)")
-        lab = Lab.open(lab_name)
     for r, state in states:
         if state == "interrupted":
             notes = engine.abort(lab.name, r.id, say=say).unwound or []
@@ -84,6 +85,19 @@ def recover(lab_name: str, *, say: Say = quiet) -> Report:
         if thawed:
             rep.done.append(f"{vm.name}: a dead guest's freeze marker: thawed {thawed}")
     return rep
+
+
+def _repair_pool(lab: Lab, pool: poolhealth.Health, rep: Report, say: Say) -> Lab:
+    """Stop the lab and bring it up again, with the VMs' locks held as a backup holds them
+    (none may start meanwhile). Returns the lab as it is now."""
+    say(f"{pool.describe(lab.names)}: stopping the lab and bringing it up again (LVM checks "
+        f"the pool's metadata as it activates it)")
+    with runs.VmLocks(lab.names, [vm.name for vm in lab.state.definition.vms]):
+        poolhealth.repair(lab.names, say)
+    rep.done.append(f"thin pool {lab.names.vg}/{lab.names.pool} had failed in the kernel "
+                    f"(mode {pool.mode}): the lab was stopped and brought up again, LVM's "
+                    f"thin_check passed and the pool writes again")
+    return Lab.open(lab.name)
 
 
 def _orphans(lab: Lab, pending: set[str], rep: Report, say: Say) -> None:

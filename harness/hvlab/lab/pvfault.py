@@ -89,8 +89,9 @@ def lv_fails(names: Names, lv: str) -> Iterator[str]:
             raise HvlabError(f"PV {names.pv(at.pv)} is not a plain linear map: {linear}")
         lo, base = linear[0].params.split()
         end, at0 = linear[0].length, int(base)
-        return [Target(0, first, "linear", f"{lo} {at0}"), Target(first, n, "error", ""),
-                Target(first + n, end - first - n, "linear", f"{lo} {at0 + first + n}")]
+        parts = [Target(0, first, "linear", f"{lo} {at0}"), Target(first, n, "error", ""),
+                 Target(first + n, end - first - n, "linear", f"{lo} {at0 + first + n}")]
+        return [t for t in parts if t.length > 0]  # the LV at either end of the PV
 
     with _swapped(names, at.pv, "error", table) as pv:
         yield pv

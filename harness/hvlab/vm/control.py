@@ -62,16 +62,25 @@ def _uml_processes(paths: VmPaths) -> list[psutil.Process]:
 
 
 def power_cut() -> set[int]:
-    """Cut the lab VM's power: its kernel process dies at once (SIGKILL), with nothing
-    flushed. Returns its helper processes, which linger until the next `up` ends them."""
+    """Cut the lab VM's power: every process of it dies at once, nothing flushed. All of
+    them, not only the kernel's: UML runs each guest process as a host process it traces,
+    and a tracee whose tracer is gone runs on natively, making host system calls. The VM
+    starts in a session of its own, so one killpg reaches every process of it in one
+    system call. Returns the pids killed besides the kernel's."""
     main = pid()
     if main is None:
         raise HvlabError("the lab VM is not running: nothing to cut")
-    helpers = {p.pid for p in _uml_processes(persistent_paths())} - {main}
-    os.kill(main, signal.SIGKILL)
-    with contextlib.suppress(psutil.Error):
-        psutil.Process(main).wait(timeout=10)
-    return helpers
+    procs = _uml_processes(persistent_paths())
+    if os.getpgid(main) == main:
+        os.killpg(main, signal.SIGKILL)
+    for p in procs:  # any that left the group
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    if alive:
+        raise HvlabError(f"the lab VM's processes {[p.pid for p in alive]} outlived its "
+                         f"power cut")
+    return {p.pid for p in procs if p.pid != main}
 
 
 def _kill_strays(paths: VmPaths) -> int:
