@@ -9,6 +9,8 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
+
 from hvlab.guest import autorecovery
 from hvlab.guest.config import GuestConfig
 from hvlab.guest.protocol import Server
@@ -35,6 +37,11 @@ def atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def pid_line() -> str:
+    """guest.pid: the pid and its start time (supervise tells a recycled pid by it)."""
+    return f"{os.getpid()} {psutil.Process().create_time()!r}\n"
+
+
 def run(guest: Guest) -> None:
     """Serve the guest's channel (or, profile none, only its workloads) until SIGTERM/SIGINT;
     the pid file exists exactly while it runs."""
@@ -50,7 +57,7 @@ def run(guest: Guest) -> None:
     signal.signal(signal.SIGTERM, lambda *_: guest.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: guest.stop_event.set())
     pid_file = cfg.run_dir / "guest.pid"
-    atomic_write(pid_file, f"{os.getpid()}\n")
+    atomic_write(pid_file, pid_line())
     server: Server | None = None
     try:
         guest.start()

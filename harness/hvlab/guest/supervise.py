@@ -20,15 +20,31 @@ MODULE = "hvlab.guest.emulator"
 
 
 def _proc(run_dir: Path) -> psutil.Process | None:
-    """The live emulator recorded in run_dir, or None (a recycled pid does not count)."""
+    """The live emulator recorded in run_dir, or None. After a power cut the lab VM counts
+    pids from the start again, so the pid in the file can be another process's, or a
+    thread's of a guest started since (/proc answers for a thread id too): the start time
+    and the thread group tell them apart."""
     try:
-        pid = int((run_dir / "guest.pid").read_text().strip())
-        p = psutil.Process(pid)
+        fields = (run_dir / "guest.pid").read_text().split()
+        p = psutil.Process(int(fields[0]))
         if p.status() == psutil.STATUS_ZOMBIE or MODULE not in " ".join(p.cmdline()):
             return None
-        return p
-    except (OSError, ValueError, psutil.Error):
+        if len(fields) > 1 and abs(p.create_time() - float(fields[1])) > 0.5:
+            return None
+        return p if _leads_its_threads(p.pid) else None
+    except (OSError, ValueError, IndexError, psutil.Error):
         return None
+
+
+def _leads_its_threads(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        return any(line.split() == ["Tgid:", str(pid)] for line in f)
+
+
+def running(run_dir: Path | str) -> int | None:
+    """The pid of the guest emulator of run_dir, if it runs."""
+    p = _proc(Path(run_dir))
+    return p.pid if p else None
 
 
 def start_guest(config: dict[str, Any], timeout: float = 30.0) -> int:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 from hvlab.lab.paths import Names
 
 if TYPE_CHECKING:
@@ -31,25 +29,12 @@ def config_for(defn: LabDef, names: Names, vm: str, **knobs: Any) -> dict[str, A
 
 
 def running_pids(names: Names) -> list[int]:
-    pids = []
+    from hvlab.guest.supervise import running
+
     root = names.dir / "guests"
     if not root.exists():
         return []
-    for pidfile in root.glob("*/guest.pid"):
-        try:
-            pid = int(pidfile.read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if psutil.pid_exists(pid) and _is_guest(pid):
-            pids.append(pid)
-    return pids
-
-
-def _is_guest(pid: int) -> bool:
-    try:
-        return "hvlab.guest.emulator" in " ".join(psutil.Process(pid).cmdline())
-    except psutil.Error:
-        return False
+    return [p for d in sorted(root.iterdir()) if d.is_dir() and (p := running(d)) is not None]
 
 
 def start_all(defn: LabDef, names: Names, **knobs: Any) -> None:
