@@ -130,3 +130,25 @@ def test_a_background_hash_is_folded_into_its_steps_event(tmp_path: Path,
     assert [e.step for e in evs] == [8, 9]
     assert (evs[0].fingerprints or {})["vm01/disk0"]["B"]["sha256"] == "ab"
     assert explain.time_cost(evs) == "time: steps' own 2.0 s, wall 2.0 s (1.00x)"
+
+
+def test_a_suspend_timeout_does_not_ask_the_pool() -> None:
+    """After a suspend that timed out the disk below does not complete writes: the pool's
+    status would wait for its metadata commit there (minutes, measured under dm-delay), so the
+    failure is said without it and the unwind starts at once."""
+    from hvlab.flow import engine
+    from hvlab.sys.dmioctl import SuspendTimeout
+
+    asked: list[str] = []
+
+    class Spy:
+        @property
+        def names(self) -> Names:
+            asked.append("names")
+            raise AssertionError("the pool was asked")
+
+    exc = SuspendTimeout("suspend", "ctl0", 4, "suspend of ctl0 did not return within 4.00 s")
+    assert engine._pool_state(Spy(), exc) == ""  # type: ignore[arg-type]
+    assert asked == []
+    engine._pool_state(Spy(), RuntimeError("other"))  # type: ignore[arg-type]
+    assert asked  # any other failure: the pool is asked (and a failure to ask is quiet)

@@ -31,6 +31,7 @@ from hvlab.lab.paths import ROLE_TAG, Names
 from hvlab.lab.record import Disk, Event, Run, Vm
 from hvlab.lab.state import locked
 from hvlab.sys import dirfd
+from hvlab.sys.dmioctl import SuspendTimeout
 from hvlab.sys.lvm import LvRow
 
 # What Hyper-V answers when a backup finds an orphan of an earlier one (it never reuses it).
@@ -104,7 +105,7 @@ def _execute(ctx: Ctx) -> Run:
         return run
     except BaseException as exc:
         observe.flush(ctx)  # never unwind under a hash still reading B
-        err = f"{type(exc).__name__}: {exc}" + _pool_state(ctx)
+        err = f"{type(exc).__name__}: {exc}" + _pool_state(ctx, exc)
         run.error = err
         if os.environ.get("HVLAB_VERBOSE"):  # where, for a bug report
             ctx.say("".join(traceback.format_exception(exc)).rstrip())
@@ -125,10 +126,14 @@ def _execute(ctx: Ctx) -> Run:
         raise FlowFailed(f"run {run.id} failed and was unwound: {err}") from exc
 
 
-def _pool_state(ctx: Ctx) -> str:
+def _pool_state(ctx: Ctx, exc: BaseException) -> str:
     """Said with a failure when the pool is the cause: failed by the kernel (a pool message
     refused, every I/O failing), or with no chunk left (an EIO anywhere in the run, a guest's
-    write or auto-recovery's mount, is then the pool's, in error-when-full mode)."""
+    write or auto-recovery's mount, is then the pool's, in error-when-full mode). Not asked
+    after a suspend that timed out: the disk below does not complete writes, and the pool's
+    status waits for its metadata commit on that disk (seen: minutes before the unwind)."""
+    if isinstance(exc, SuspendTimeout):
+        return ""
     try:
         why = poolhealth.failure(ctx.names)
     except Exception:  # never in the way of the unwind: the failure says enough
