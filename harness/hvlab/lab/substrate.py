@@ -11,13 +11,13 @@ from types import TracebackType
 from typing import TypeVar
 
 from hvlab.errors import BadInput, CommandError, HvlabError
-from hvlab.lab import guests, inventory, live, teardown
+from hvlab.lab import guests, inventory, live, teardown, thinsync
 from hvlab.lab.definition import LabDef
 from hvlab.lab.handle import Lab
 from hvlab.lab.paths import ROLE_TAG, Names, refuse_links_in_lab
 from hvlab.lab.state import State, locked
 from hvlab.sys import dm, fs, loop, private
-from hvlab.sys.lvm import Lvm
+from hvlab.sys.lvm import Lvm, LvRow
 from hvlab.sys.run import Result
 from hvlab.sys.uevents import wait_node
 
@@ -193,9 +193,11 @@ def restart(st: State, names: Names, *, start_guests: bool = True,
         # The guest was writing to a backup checkpoint when the lab stopped: keep mapping it
         # (snapshots may carry the activation-skip flag: -K). All in one lvm process.
         checkpoints = [lv for (v, d), lv in targets.items() if lv != names.lv(v, d)]
-        _batch(names, lvm, [["vgchange", "-q", "-ay", names.vg],
-                            *[["lvchange", "-q", "-ay", "-K", f"{names.vg}/{lv}"]
-                              for lv in checkpoints]], list(targets.values()))
+        rows = _batch(names, lvm, [["vgchange", "-q", "-ay", names.vg],
+                                   *[["lvchange", "-q", "-ay", "-K", f"{names.vg}/{lv}"]
+                                     for lv in checkpoints]], list(targets.values()))
+        # A power cut inside an LVM change to the pool: send what LVM left queued.
+        thinsync.send_queued(names, rows, progress)
         for (v, d), lv in targets.items():
             if lv in checkpoints:
                 progress(f"{v}/{d}: the guest writes to {lv} (a backup's C)")
@@ -207,7 +209,7 @@ def restart(st: State, names: Names, *, start_guests: bool = True,
 
 
 def _batch(names: Names, lvm: Lvm, commands: list[list[str]], active: list[str],
-           error_when_full: str = "") -> None:
+           error_when_full: str = "") -> dict[str, LvRow]:
     """Commands in one lvm process (it exits 0 whatever they did), then one report: every LV
     of `active` must exist and be active (and the pool error_when_full set so), else one
     error naming them and what LVM said."""
@@ -224,6 +226,7 @@ def _batch(names: Names, lvm: Lvm, commands: list[list[str]], active: list[str],
         said = " | ".join(ln.strip() for ln in res.stderr.splitlines() if ln.strip())
         raise HvlabError(f"lvm ({', '.join(sorted({c[0] for c in commands}))}) left "
                          f"{', '.join(short)}: {said or 'lvm said nothing'}")
+    return rows
 
 
 def _controllers(defn: LabDef, names: Names, undo: _Undo,
