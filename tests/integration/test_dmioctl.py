@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from hvlab.backup import thinmeta
+from hvlab.lab import poolstatus
 from hvlab.sys import dmioctl, loop, uevents
 from hvlab.sys.dmioctl import DmError, Target
 from hvlab.sys.run import run
@@ -211,7 +212,7 @@ def test_pool_snapshots_by_message_with_metadata_clean_and_lvm_intact(
     assert origin_id is not None
     new_id = max(r.thin_id for r in rows.values() if r.thin_id is not None) + 1
     sectors = dmioctl.table(origin_dm)[0].length
-    tid = thinmeta.pool_transaction_id(n)
+    tid = poolstatus.transaction_id(n)
     mnt = h.mountpoint("vm01", "disk0")
     snap_dm = f"{n.vg}_dmtest_snap"
 
@@ -247,7 +248,7 @@ def test_pool_snapshots_by_message_with_metadata_clean_and_lvm_intact(
     lvm("lvcreate", "-q", "-s", "-ky", "-n", "dmtest_c", f"{n.vg}/{lv}", "--addtag", n.tag)
     c = lvm.lvs(n.vg)["dmtest_c"]
     assert c.thin_id is not None and c.major is None  # allocated, not active
-    tid = thinmeta.pool_transaction_id(n)  # LVM's lvcreate moved it once
+    tid = poolstatus.transaction_id(n)  # LVM's lvcreate moved it once
     with dmioctl.suspended(ctl, timeout=10):
         at_lvcreate = _sha(n.lv_path(lv))
     write("after-lvcreate.bin")
@@ -257,7 +258,7 @@ def test_pool_snapshots_by_message_with_metadata_clean_and_lvm_intact(
             dmioctl.message(pool_dm, f"delete {c.thin_id}")
             dmioctl.message(pool_dm, f"create_snap {c.thin_id} {origin_id}")
     write("after-window.bin")
-    assert thinmeta.pool_transaction_id(n) == tid and thinmeta.check(n) == ""
+    assert poolstatus.transaction_id(n) == tid and thinmeta.check(n) == ""
     lvm("lvchange", "-q", "-ay", "-K", f"{n.vg}/dmtest_c")
     try:
         assert _sha(n.lv_path("dmtest_c")) == at_t0 != at_lvcreate

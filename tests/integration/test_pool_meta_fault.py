@@ -45,14 +45,6 @@ def _hvlab(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[st
                             stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
 
 
-def _thin_ids(h: LabHandle) -> tuple[set[int], set[int]]:
-    """The thin ids LVM records, and the thin devices the pool's metadata holds."""
-    lvm_ids = {r.thin_id for r in h.lab.lvs().values() if r.thin_id is not None}
-    with thinmeta.metadata_snap(h.names) as snap:
-        kernel_ids = set(snap.dump()[1])
-    return lvm_ids, kernel_ids
-
-
 def test_the_second_checkpoint_refused_by_a_failing_metadata_disk(
         lab_factory: Callable[..., LabHandle], tmp_path: Path) -> None:
     h = lab_factory(LAB, start_guests=True)
@@ -117,7 +109,7 @@ def test_the_second_checkpoint_refused_by_a_failing_metadata_disk(
     (r,) = runs.all_runs(h.names)
     assert r.state == "aborted", r
     assert thinmeta.check(h.names) == ""
-    lvm_ids, kernel_ids = _thin_ids(h)
+    lvm_ids, kernel_ids = h.thin_ids()
     assert lvm_ids == kernel_ids, (lvm_ids, kernel_ids)
     # Every transaction the guest acknowledged is on its live disks, with its chain whole:
     # the restarted guest's writers are paused, so nothing since can hide a loss.

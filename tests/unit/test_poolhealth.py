@@ -19,12 +19,12 @@ LIVE = "1 110/1024 300/58880 - {mode} discard_passdown error_if_no_space {check}
     ("Fail", "Fail", True),
 ])
 def test_the_kernel_word_decides(params: str, mode: str, failed: bool) -> None:
-    h = parse(params)
+    h = parse(params.split())
     assert h is not None and h.mode == mode and h.failed is failed
 
 
 def test_nothing_said_is_no_pool() -> None:
-    assert parse("") is None
+    assert parse([]) is None
 
 
 def test_the_line_names_the_pool_and_its_mode() -> None:

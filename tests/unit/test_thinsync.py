@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from hvlab.errors import HvlabError
 from hvlab.lab import thinsync
+from hvlab.sys import dmioctl
 from hvlab.sys.lvm import LvRow
 
 
@@ -24,3 +27,20 @@ def test_the_pool_messages_for_a_queue() -> None:
                                                   "create_thin 6"]
     with pytest.raises(HvlabError, match="gone"):
         thinsync.pool_messages([("create", "gone")], rows)
+
+
+def test_only_the_answer_for_a_committed_message_counts_as_sent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = {"delete 5": errno.ENODATA, "create_thin 6": errno.EEXIST,
+               "create_snap 7 1": errno.EEXIST, "delete 8": errno.EEXIST}
+
+    def message(name: str, text: str) -> str:
+        if text in answers:
+            raise dmioctl.DmError("message", name, answers[text])
+        return ""
+
+    monkeypatch.setattr(dmioctl, "message", message)
+    assert thinsync._send("pool-tpool", "create_thin 9") is True
+    assert [thinsync._send("pool-tpool", t) for t in list(answers)[:3]] == [False] * 3
+    with pytest.raises(dmioctl.DmError):
+        thinsync._send("pool-tpool", "delete 8")  # EEXIST is not what a done delete says

@@ -16,6 +16,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from hvlab.errors import HvlabError
+from hvlab.lab import poolstatus
 from hvlab.lab.paths import Names
 from hvlab.sys import dirfd, dmioctl
 from hvlab.sys.dmioctl import DmError
@@ -24,13 +25,8 @@ from hvlab.sys.run import run
 SECTOR = 512
 
 
-def tpool_name(names: Names) -> str:
-    """The dm name of the pool's -tpool device (where its messages go)."""
-    return f"{names.dm_lv_name(names.pool)}-tpool"
-
-
 def tpool_dev(names: Names) -> str:
-    return f"/dev/mapper/{tpool_name(names)}"
+    return f"/dev/mapper/{poolstatus.tpool_name(names)}"
 
 
 def tmeta_dev(names: Names) -> str:
@@ -152,7 +148,7 @@ def metadata_snap(names: Names) -> Iterator[MetadataSnap]:
     """The pool's one metadata snapshot, shared by every process of the lab through a flock.
     Holding the flock means no live holder exists, so a reservation left by a killed process
     is released and taken again."""
-    tpool = tpool_name(names)
+    tpool = poolstatus.tpool_name(names)
     dirfd.make_dirs(names.dir)
     fd = dirfd.open_file(names.dir / "metadata-snap.lock", os.O_RDWR | os.O_CREAT)
     try:
@@ -206,37 +202,25 @@ def thin_tables() -> dict[str, list[str]]:
 
 
 def pool_status(names: Names, *, check: bool = True) -> list[str]:
-    """The words of the pool's status line (`dmsetup status --noflush` of its -tpool device);
-    [] when it cannot be had and not check."""
-    # noflush: a status must not commit the pool's metadata (a commit waits on the disk,
-    # and a disk that does not complete writes would hang the question, not just the answer)
+    """The pool's status words (lab.poolstatus.words); [] when they cannot be had and not
+    check."""
     try:
-        targets = dmioctl.status(tpool_name(names), noflush=True)
+        return poolstatus.words(names)
     except DmError:
         if check:
             raise
         return []
-    return targets[0].line.split() if targets else []
-
-
-def pool_transaction_id(names: Names) -> int | None:
-    """The transaction id the kernel's pool reports (LVM keeps its own: they must agree)."""
-    fields = pool_status(names, check=False)
-    try:
-        return int(fields[3])
-    except (IndexError, ValueError):
-        return None
 
 
 def pool_usage(names: Names) -> tuple[int, int]:
     """(used data blocks, total data blocks) from the pool's status line."""
     fields = pool_status(names)
     try:
-        used, total = fields[5].split("/")
+        used, total = fields[2].split("/")
         return int(used), int(total)
     except (IndexError, ValueError):
         raise HvlabError(f"thin pool {tpool_dev(names)} reports no usage (status: "
-                         f"{' '.join(fields[3:]) or 'empty'}); the pool may have failed") from None
+                         f"{' '.join(fields) or 'empty'}); the pool may have failed") from None
 
 
 # ------------------------------------------------------------------------------ block reads

@@ -164,7 +164,7 @@ def _stray_references(lab: Lab, pending: set[str], rep: Report) -> None:
 def _held(lab: Lab, rep: Report) -> None:
     """A pool metadata snapshot a killed process still holds (the pool has only one)."""
     fields = thinmeta.pool_status(lab.names, check=False)
-    if len(fields) > 6 and fields[6] != "-":
+    if len(fields) > 3 and fields[3] != "-":
         with thinmeta.metadata_snap(lab.names):
             pass  # taking it under the flock releases a stale one; leaving releases ours
         rep.done.append("pool metadata snapshot held by a dead process: released")

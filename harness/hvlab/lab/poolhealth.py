@@ -14,11 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hvlab.errors import HvlabError
-from hvlab.lab import substrate, teardown
+from hvlab.lab import poolstatus, substrate, teardown
 from hvlab.lab.paths import Names
 from hvlab.lab.state import State, locked
 from hvlab.lab.teardown import Progress
-from hvlab.sys import dmioctl
 from hvlab.sys.dmioctl import DmError
 
 
@@ -42,16 +41,14 @@ class Health:
 def health(names: Names) -> Health | None:
     """The pool's state from its status line; None when it is not active."""
     try:
-        targets = dmioctl.status(f"{names.dm_lv_name(names.pool)}-tpool", noflush=True)
+        return parse(poolstatus.words(names))
     except DmError:
         return None
-    return parse(targets[0].params) if targets else None
 
 
-def parse(params: str) -> Health | None:
-    """`<txid> <meta used/total> <data used/total> <held root> <mode> ... <needs_check|->
-    ...` of a live pool, or a single `Fail` (dm-thin's pool_status)."""
-    words = params.split()
+def parse(words: list[str]) -> Health | None:
+    """The status words `<txid> <meta used/total> <data used/total> <held root> <mode> ...
+    <needs_check|-> ...` of a live pool, or a single `Fail` (dm-thin's pool_status)."""
     if not words:
         return None
     if words[0] in ("Fail", "Error"):

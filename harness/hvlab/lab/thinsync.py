@@ -10,14 +10,19 @@ then `lvs` and the pool disagree (an LV LVM removed still holds the pool's chunk
 made has no thin device). `hvlab up` sends the queue at once, as LVM's library does
 (libdm's _thin_pool_node_send_messages): each message, then `set_transaction_id`. LVM's next
 change finds the kernel's id equal to its own, counts the messages as sent and drops them.
+The pool commits after each message, so a cut between two of them leaves a message committed
+and the transaction id not: such a message answers EEXIST (create) or ENODATA (delete) when
+sent again, and counts as sent, as libdm counts it.
 """
 
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Callable
 
 from hvlab.errors import HvlabError
+from hvlab.lab import poolstatus
 from hvlab.lab.paths import Names
 from hvlab.sys import dmioctl
 from hvlab.sys.lvm import LvRow
@@ -25,6 +30,9 @@ from hvlab.sys.lvm import LvRow
 # In LVM's text metadata, inside the thin-pool's segment: message1 { delete = 5 } or
 # message2 { create = "lv_name" }.
 _MESSAGE = re.compile(r'message\d+\s*\{\s*(?:delete\s*=\s*(\d+)|create\s*=\s*"([^"]+)")\s*\}')
+
+# What the pool answers for a message it has already committed.
+_DONE = {"delete": errno.ENODATA, "create_thin": errno.EEXIST, "create_snap": errno.EEXIST}
 
 
 def queued(metadata: str) -> list[tuple[str, str]]:
@@ -52,26 +60,13 @@ def pool_messages(todo: list[tuple[str, str]], rows: dict[str, LvRow]) -> list[s
     return out
 
 
-def kernel_transaction_id(names: Names) -> int | None:
-    """The transaction id of the kernel's pool (its status line's first word)."""
-    try:
-        targets = dmioctl.status(tpool_name(names), noflush=True)
-        return int(targets[0].params.split()[0]) if targets else None
-    except (dmioctl.DmError, IndexError, ValueError):
-        return None  # not active, or failed (its status is then `Fail`)
-
-
-def tpool_name(names: Names) -> str:
-    return f"{names.dm_lv_name(names.pool)}-tpool"
-
-
 def send_queued(names: Names, rows: dict[str, LvRow],
                 say: Callable[[str], None] = lambda _: None) -> list[str]:
     """If the kernel's pool is one transaction behind LVM and LVM holds queued messages, send
     them (a snapshot's origin suspended meanwhile, as LVM does) and the transaction id.
     rows: LVM's report of the VG. Returns the messages sent. Call with the pool active,
     before anything mounts its LVs."""
-    kernel_tid = kernel_transaction_id(names)
+    kernel_tid = poolstatus.transaction_id(names)
     pool = rows.get(names.pool)
     if pool is None or pool.transaction_id is None or kernel_tid is None \
             or pool.transaction_id != kernel_tid + 1:
@@ -85,21 +80,34 @@ def send_queued(names: Names, rows: dict[str, LvRow],
         path.unlink(missing_ok=True)
     if not todo:
         return []  # LVM itself refuses such a pool's next change: its error says so
-    tpool = tpool_name(names)
-    sent = []
+    tpool = poolstatus.tpool_name(names)
+    sent: list[str] = []
+    done: list[str] = []
     for text in pool_messages(todo, rows):
         origin = _origin_of(text, rows, names)
         if origin:
             with dmioctl.suspended(origin):
-                dmioctl.message(tpool, text)
+                fresh = _send(tpool, text)
         else:
-            dmioctl.message(tpool, text)
-        sent.append(text)
+            fresh = _send(tpool, text)
+        (sent if fresh else done).append(text)
     dmioctl.message(tpool, f"set_transaction_id {kernel_tid} {kernel_tid + 1}")
     sent.append(f"set_transaction_id {kernel_tid} {kernel_tid + 1}")
     say(f"sent what LVM had queued for pool {names.vg}/{names.pool} when the power went: "
-        f"{'; '.join(sent)}")
+        f"{'; '.join(sent)}"
+        + (f" (the pool had already committed {'; '.join(done)})" if done else ""))
     return sent
+
+
+def _send(tpool: str, text: str) -> bool:
+    """Send one message; False when the pool had already committed it."""
+    try:
+        dmioctl.message(tpool, text)
+    except dmioctl.DmError as exc:
+        if exc.errno != _DONE.get(text.split()[0]):
+            raise
+        return False
+    return True
 
 
 def _origin_of(message: str, rows: dict[str, LvRow], names: Names) -> str | None:
