@@ -80,7 +80,8 @@ def _agree_and_go_on(h: LabHandle, tmp_path: Path) -> None:
     h.names.lvm()("lvremove", "-q", "-y", f"{vg}/after")
     assert not thinsync.queued(_metadata(h, tmp_path))
     lvm_tid, kernel_tid = _tids(h)
-    assert lvm_tid == kernel_tid and h.thin_ids()[0] == h.thin_ids()[1]
+    lvm_ids, kernel_ids = h.thin_ids()
+    assert lvm_tid == kernel_tid and lvm_ids == kernel_ids
 
 
 def _thin_lv(h: LabHandle, name: str) -> int:
@@ -106,7 +107,8 @@ def test_a_queued_delete_is_sent_at_up(lab_factory: Callable[..., LabHandle],
     _restore(h, tmp_path, text)
     lvm_tid, kernel_tid = _tids(h)
     assert lvm_tid is not None and kernel_tid is not None and lvm_tid == kernel_tid + 1
-    assert gone in h.thin_ids()[1] - h.thin_ids()[0]  # what `lvs` does not show
+    lvm_ids, kernel_ids = h.thin_ids()
+    assert gone in kernel_ids - lvm_ids  # what `lvs` does not show
     said = _restart(h)
     _agree_and_go_on(h, tmp_path)
     _sent(said, [f"delete {gone}", f"set_transaction_id {kernel_tid} {lvm_tid}"])
@@ -132,7 +134,6 @@ def test_a_queued_snapshot_is_sent_at_up(lab_factory: Callable[..., LabHandle],
     _agree_and_go_on(h, tmp_path)
     _sent(said, [f"create_snap {snap} {origin}", f"set_transaction_id {lvm_tid - 1} {lvm_tid}"])
     h.names.lvm()("lvremove", "-q", "-y", f"{vg}/snap")
-
 
 
 def test_messages_the_pool_committed_before_the_cut_count_as_sent(
