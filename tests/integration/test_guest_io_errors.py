@@ -32,6 +32,10 @@ from hvlab_fixtures.waits import wait_for
 pytestmark = pytest.mark.integration
 
 FILLER = "filler"
+# Small: these tests write the pool full, and in the lab VM the backing file lives in its /run
+# tmpfs (half the VM's memory, 1 GiB): a 1 GiB pool left no room for what an earlier test in
+# the same VM still held there, and the fill stopped on the tmpfs's ENOSPC instead.
+BACKING = "384M"
 
 
 def _ledger_row(client: GuestClient) -> dict[str, object]:
@@ -108,7 +112,7 @@ def _acked_are_on_disk(h: LabHandle, client: GuestClient) -> None:
 def test_a_full_pool_fails_the_guests_writes_not_the_guest(
         fstype: str, lab_factory: Callable[..., LabHandle]) -> None:
     size = "320M" if fstype == "xfs" else "128M"  # mkfs.xfs's least
-    h = lab_factory(one_vm_lab(fs=fstype, backing="1G", size=size), start_guests=True)
+    h = lab_factory(one_vm_lab(fs=fstype, backing=BACKING, size=size), start_guests=True)
     client = GuestClient(guests.socket_path(h.names, "vm01"))
     wait_for(lambda: client.status()["committed_txid"] > 3, 30, "the guest committing")
     # A thin snapshot of the disk: every chunk shared, so each first write needs a new one.
@@ -133,7 +137,7 @@ def test_the_pool_fills_after_c_is_taken(lab_factory: Callable[..., LabHandle]) 
     """Paused after step 8 (thawed) the guest writes into C; the pool fills. The rest of the backup
     either completes (its image is T0's) or fails with the pool's state named and unwinds;
     nothing the guest acknowledged is lost; with room again the next backup verifies."""
-    h = lab_factory(one_vm_lab(backing="1G", size="128M"), start_guests=True)
+    h = lab_factory(one_vm_lab(backing=BACKING, size="128M"), start_guests=True)
     client = GuestClient(guests.socket_path(h.names, "vm01"))
     wait_for(lambda: client.status()["committed_txid"] > 3, 30, "the guest committing")
     pre = h.lv_names()
