@@ -44,7 +44,11 @@ def _commits_again(client: GuestClient, before: int) -> None:
     """The guest's workload commits again (when is its business: on a loaded machine it may
     not have yet; a minute is a hang guard)."""
     wait_for(lambda: client.status()["committed_txid"] > before, 60,
-             "the guest's workload committing again")
+             lambda: f"the guest's workload committing again: {_writers(client)}")
+
+
+def _writers(client: GuestClient) -> list[dict[str, object]]:
+    return list(client.status()["writers"])
 
 
 def test_a_suspend_that_does_not_return_is_bounded(lab_factory: Callable[..., LabHandle],
