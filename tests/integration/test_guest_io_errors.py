@@ -32,9 +32,11 @@ from hvlab_fixtures.waits import wait_for
 pytestmark = pytest.mark.integration
 
 FILLER = "filler"
-# Small: these tests write the pool full, and in the lab VM the backing file lives in its /run
-# tmpfs (half the VM's memory, 1 GiB): a 1 GiB pool left no room for what an earlier test in
-# the same VM still held there, and the fill stopped on the tmpfs's ENOSPC instead.
+# Small: these tests write the pool full. Run in the lab VM without --basetemp (make test's
+# shards give one on the host's /tmp), pytest's temp folder and so the backing file are in the
+# VM's /run tmpfs (TMPDIR=/run/tmp, half the VM's memory, 1 GiB): a 1 GiB pool left no room
+# for what an earlier test in the same VM still held there, and the fill stopped on the
+# tmpfs's ENOSPC instead of the pool's.
 BACKING = "384M"
 
 
